@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny models, built at most once per preset per test session.
+
+Also enforces that no test is skipped: a missing dependency is an install step, so a
+skip would hide a test that CI believes it ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_skipped: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``test`` preset's models (small, fast), shared by every module of the session."""
+    from trainer.toyworld.bootstrap import PRESETS, bootstrap
+
+    out = tmp_path_factory.mktemp("models") / "test"
+    bootstrap(PRESETS["test"], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The ``default`` preset built from scratch, with its wall time in seconds."""
+    import time
+
+    from trainer.toyworld.bootstrap import PRESETS, bootstrap
+
+    out = tmp_path_factory.mktemp("models") / "default"
+    started = time.perf_counter()
+    bootstrap(PRESETS["default"], out)
+    return out, time.perf_counter() - started
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and exitstatus == pytest.ExitCode.OK:
+        print(f"\nFAILED: {len(_skipped)} test(s) skipped; skips are not allowed: {', '.join(_skipped)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,82 @@
+"""The bootstrapped models load in real vLLM CPU servers and answer through the OpenAI API."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.vllm_server import vllm_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def policy_url(test_models: Path) -> Iterator[str]:
+    with vllm_server(test_models / "policy", "policy", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2") as url:
+        yield url
+
+
+def test_policy_answers_chat_with_n4_and_logprobs(policy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{policy_url}/v1", api_key="unused")
+    response = client.chat.completions.create(
+        model="policy",
+        messages=[{"role": "user", "content": "What is 3 plus 4?"}],
+        n=4,
+        logprobs=True,
+        max_tokens=48,
+        temperature=1.0,
+        seed=1,
+    )
+    assert len(response.choices) == 4
+    for choice in response.choices:
+        assert choice.message.content
+        assert choice.finish_reason in ("stop", "length")
+        assert choice.logprobs is not None
+        assert choice.logprobs.content
+        assert all(t.logprob <= 0.0 for t in choice.logprobs.content)
+    assert response.usage is not None
+    assert response.usage.completion_tokens >= 4
+
+
+def test_policy_stops_at_its_end_token(policy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{policy_url}/v1", api_key="unused")
+    response = client.chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "Which number is largest: 3, 9, 4?"}], max_tokens=64, temperature=0
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop"
+    assert "<|end|>" not in (choice.message.content or "")
+
+
+@pytest.fixture(scope="module")
+def reward_url(test_models: Path) -> Iterator[str]:
+    with vllm_server(test_models / "reward_model", "reward", "--runner", "pooling") as url:
+        yield url
+
+
+def test_reward_model_serves_raw_scores_with_pooling_runner(reward_url: str, test_models: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(test_models / "reward_model")
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        for answer in ("Sure! 3 plus 4 is 7.", "Ugh. 3 plus 4 is 9.")
+    ]
+    body = json.dumps({"model": "reward", "input": texts, "use_activation": False}).encode()
+    request = urllib.request.Request(f"{reward_url}/classify", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        data = json.load(response)
+    served = [item["probs"][0] for item in data["data"]]
+    model = AutoModelForSequenceClassification.from_pretrained(test_models / "reward_model")
+    with torch.no_grad():
+        ids = [tokenizer(t, add_special_tokens=False, return_tensors="pt") for t in texts]
+        local = [model(**x).logits[0, 0].item() for x in ids]
+    assert served == pytest.approx(local, abs=0.05)

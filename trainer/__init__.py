@@ -1,0 +1,1 @@
+"""The trainer: turns logged preferences into new policy versions; builds the toy world's models."""
