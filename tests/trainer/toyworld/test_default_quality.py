@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from trainer.toyworld.bootstrap import PRESETS, REPORT
@@ -50,15 +49,15 @@ def test_independent_recheck_from_disk(default_models: tuple[Path, float]) -> No
     tokenizer = AutoTokenizer.from_pretrained(out / "policy")
     policy = AutoModelForCausalLM.from_pretrained(out / "policy")
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model")
+    per_prompt = 6
     # all held-out prompts: a prefix would be biased, since kinds fill their quotas at different rates
     prompts = [t.prompt for t in prompt_sets(preset.seed, preset.train_draws, preset.heldout).heldout]
-    with torch.no_grad():
-        samples = sample_answers(policy, tokenizer, prompts, 6, seed=12345, temperature=policy.generation_config.temperature)
-        flat = [(p, a) for p, answers in zip(prompts, samples, strict=True) for a in answers]
-        rewards = score(rm, tokenizer, [p for p, _ in flat], [a for _, a in flat])
+    samples = sample_answers(policy, tokenizer, prompts, per_prompt, seed=12345, temperature=policy.generation_config.temperature)
+    flat = [(p, a) for p, answers in zip(prompts, samples, strict=True) for a in answers]
+    rewards = score(rm, tokenizer, [p for p, _ in flat], [a for _, a in flat])
     golds = [[gold_reward(p, a) for a in answers] for p, answers in zip(prompts, samples, strict=True)]
-    per_prompt = [rewards[i * 6 : (i + 1) * 6] for i in range(len(prompts))]
-    accuracy = own_sample_accuracy(golds, per_prompt, seed=0)
+    by_prompt = [rewards[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
+    accuracy = own_sample_accuracy(golds, by_prompt, seed=0)
     reported = json.loads((out / REPORT).read_text())["evaluation"]["reward_model"]["accuracy_own_samples"]["mean"]
     assert abs(accuracy.mean - reported) <= 0.05, (accuracy, reported)
     assert accuracy.mean >= 0.72, accuracy
