@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassi
 from trainer.toyworld.answers import SFT_MIX
 from trainer.toyworld.evaluate import MIN_GOLD_GAP, best_of_n_curve, own_sample_accuracy, proportion, rounded
 from trainer.toyworld.gold import gold_score
-from trainer.toyworld.models import Shape, new_policy, pick_device, reward_model_from
+from trainer.toyworld.models import TRAIN_ATTENTION, Shape, new_policy, pick_device, reward_model_from
 from trainer.toyworld.reward import (
     PAIR_KINDS,
     LabelNoise,
@@ -62,8 +62,8 @@ class Preset:
     shape: Shape = field(default_factory=Shape)
     train_draws: int = 20000
     heldout: int = 300
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=2000))
-    rm: RewardConfig = field(default_factory=lambda: RewardConfig(steps=700))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=3000, balance_kinds=True))
+    rm: RewardConfig = field(default_factory=lambda: RewardConfig(steps=500))
     rm_sample_prompts: int = 800
     rm_samples_per_prompt: int = 4
     rm_constructed_pairs: int = 4000
@@ -203,18 +203,16 @@ def evaluate(
     rng = random.Random(preset.seed + 3)
     by_kind: dict[str, object] = {}
     for kind in PAIR_KINDS if constructed else ():
-        hits = []
+        pairs: list[tuple[str, str, str]] = []  # (prompt, gold-better, gold-worse)
         for _ in range(preset.eval_pairs_per_kind):
             task = rng.choice(sets.heldout)
             better, worse = minimal_pair(task, kind, rng)
             g_better, g_worse = gold_score(task.prompt, better).total, gold_score(task.prompt, worse).total
-            if abs(g_better - g_worse) < MIN_GOLD_GAP:
-                continue
-            if g_better < g_worse:
-                better, worse = worse, better
-            r_better, r_worse = score(rm, tokenizer, [task.prompt] * 2, [better, worse])
-            hits.append(0.5 if r_better == r_worse else float(r_better > r_worse))
-        by_kind[kind] = proportion(hits).as_dict()
+            if abs(g_better - g_worse) >= MIN_GOLD_GAP:
+                pairs.append((task.prompt, better, worse) if g_better > g_worse else (task.prompt, worse, better))
+        pair_rewards = score(rm, tokenizer, [p for p, _, _ in pairs] * 2, [b for _, b, _ in pairs] + [w for _, _, w in pairs])
+        r_better, r_worse = pair_rewards[: len(pairs)], pair_rewards[len(pairs) :]
+        by_kind[kind] = proportion([0.5 if b == w else float(b > w) for b, w in zip(r_better, r_worse, strict=True)]).as_dict()
 
     flat_gold = [g for row in gold for g in row]
     return {
@@ -291,7 +289,7 @@ def bootstrap(preset: Preset, out: Path) -> dict[str, Any]:
         rebuilt_policy = True
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    policy = LlamaForCausalLM.from_pretrained(policy_dir).to(device)
+    policy = LlamaForCausalLM.from_pretrained(policy_dir, attn_implementation=TRAIN_ATTENTION).to(device)
     if _complete(rm_dir) and not rebuilt_policy:
         _log(f"reward model at {rm_dir} is complete; skipping")
         report["reward_model"] = previous.get("reward_model", {})
@@ -303,7 +301,7 @@ def bootstrap(preset: Preset, out: Path) -> dict[str, Any]:
 
     t = time.perf_counter()
     _log(f"evaluating on {len(sets.heldout)} held-out prompts")
-    rm = LlamaForSequenceClassification.from_pretrained(rm_dir).to(device)
+    rm = LlamaForSequenceClassification.from_pretrained(rm_dir, attn_implementation=TRAIN_ATTENTION).to(device)
     report["evaluation"] = evaluate(preset, sets, policy, rm, tokenizer, preset.temperature)
     if preset.evaluate_t1:
         report["evaluation_t1"] = evaluate(preset, sets, policy, rm, tokenizer, 1.0, constructed=False)

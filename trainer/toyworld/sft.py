@@ -30,6 +30,9 @@ class SFTConfig:
     lr: float = 3e-3
     plain_fraction: float = 0.15
     """Share of examples that are the bare answer ("12."): cheap, short, all signal on the value."""
+    balance_kinds: bool = False
+    """Draw each example's task kind uniformly instead of by the world's traffic mix, so the
+    rarer arithmetic kinds (the hardest for a tiny model) get as many steps as look-ups."""
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -45,12 +48,23 @@ def answer_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> li
     return [[*ids, tokenizer.eos_token_id] for ids in encoded]
 
 
+def pick_tasks(tasks: Sequence[Task], count: int, balance_kinds: bool, rng: random.Random) -> list[Task]:
+    """``count`` tasks drawn with replacement; with ``balance_kinds``, each kind equally often."""
+    if not balance_kinds:
+        return [rng.choice(tasks) for _ in range(count)]
+    by_kind: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_kind.setdefault(task.kind.value, []).append(task)
+    groups = [by_kind[kind] for kind in sorted(by_kind)]
+    return [rng.choice(rng.choice(groups)) for _ in range(count)]
+
+
 def build_examples(
-    tasks: Sequence[Task], tokenizer: PreTrainedTokenizerBase, count: int, mix: Mix, plain_fraction: float, rng: random.Random
+    tasks: Sequence[Task], tokenizer: PreTrainedTokenizerBase, count: int, mix: Mix, config: SFTConfig, rng: random.Random
 ) -> list[tuple[list[int], int]]:
     """``count`` examples as (token ids, prompt length), answers drawn from ``mix`` or bare."""
-    picked = [rng.choice(tasks) for _ in range(count)]
-    answers = [f"{task.answer}." if rng.random() < plain_fraction else sample_answer(task, rng, mix)[0] for task in picked]
+    picked = pick_tasks(tasks, count, config.balance_kinds, rng)
+    answers = [f"{task.answer}." if rng.random() < config.plain_fraction else sample_answer(task, rng, mix)[0] for task in picked]
     cache: dict[str, list[int]] = {}
     examples = []
     for task, completion in zip(picked, answer_ids(tokenizer, answers), strict=True):
@@ -84,7 +98,7 @@ def train_sft(
     """Train ``model`` in place; returns the loss per step."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    examples = build_examples(tasks, tokenizer, config.steps * config.batch_size, mix, config.plain_fraction, rng)
+    examples = build_examples(tasks, tokenizer, config.steps * config.batch_size, mix, config, rng)
     device = next(model.parameters()).device
     batches = _batches(examples, config.batch_size, tokenizer.pad_token_id, rng)
 

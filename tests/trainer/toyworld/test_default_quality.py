@@ -2,11 +2,10 @@
 
 Bars: built within 5 minutes on 2 cores; best-of-8 beats N=1 on gold by more than the
 95% interval of the difference; reward-model accuracy vs gold on pairs of the SFT
-policy's own held-out samples. The issue asks 0.80 for the last; the default preset
-reaches about 0.78 (see the issue note), so this test holds the floor it does reach,
-0.75, and the report keeps the 0.80 bar with its honest ``met`` flag. An independent
-re-check loads both models from disk with plain transformers and measures on fresh
-samples with another seed.
+policy's own held-out samples at least 0.80. An independent re-check loads both models
+from disk with plain transformers (its default attention kernel, not the build's) and
+measures on fresh samples with another seed: it must agree with the report and its
+interval must reach the bar.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from trainer.toyworld.bootstrap import PRESETS, REPORT
+from trainer.toyworld.bootstrap import PRESETS, REPORT, RM_ACCURACY_BAR
 from trainer.toyworld.evaluate import own_sample_accuracy
 from trainer.toyworld.gold import gold_reward
 from trainer.toyworld.reward import score
@@ -37,7 +36,8 @@ def test_default_report_meets_the_bars(default_models: tuple[Path, float]) -> No
     report = json.loads((out / REPORT).read_text())
     bars = report["bars"]
     assert bars["bon8_gain_ci95_low"]["met"], bars
-    assert bars["rm_accuracy_own_samples"]["value"] >= 0.75, bars
+    assert bars["rm_accuracy_own_samples"]["met"], bars
+    assert bars["rm_accuracy_own_samples"]["value"] >= RM_ACCURACY_BAR
     gain = report["evaluation"]["best_of_n"]["gain_vs_n1"]
     assert gain["ci95"][0] > 0
     assert report["evaluation"]["policy"]["correct"]["mean"] > 0.5
@@ -60,4 +60,4 @@ def test_independent_recheck_from_disk(default_models: tuple[Path, float]) -> No
     accuracy = own_sample_accuracy(golds, by_prompt, seed=0)
     reported = json.loads((out / REPORT).read_text())["evaluation"]["reward_model"]["accuracy_own_samples"]["mean"]
     assert abs(accuracy.mean - reported) <= 0.05, (accuracy, reported)
-    assert accuracy.mean >= 0.72, accuracy
+    assert accuracy.ci95[1] >= RM_ACCURACY_BAR, accuracy
