@@ -28,9 +28,11 @@ endif
 models: install
 	$(BIN)/python -m trainer bootstrap --preset $(PRESET) --out $(MODELS)
 
-serve: models
-	@echo "Models are built under $(MODELS) (see $(MODELS)/bootstrap_report.json)."
-	@echo "The gateway is not built yet: serving lands with the issue 'Best-of-N serving on real vLLM'."
+CONFIG ?= $(if $(filter 1,$(GPU)),configs/gpu.yaml,configs/local.yaml)
+
+# builds the models if absent, starts vLLM and the gateway (see README)
+serve: install
+	$(BIN)/python -m gateway serve --config $(CONFIG)
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,19 +10,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.vllm_server import vllm_server
+from tests.e2e.conftest import running_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def policy_url(test_models: Path) -> Iterator[str]:
-    with vllm_server(test_models / "policy", "policy", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2") as url:
-        yield url
-
-
-def test_policy_answers_chat_with_n4_and_logprobs(policy_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{policy_url}/v1", api_key="unused")
+def test_policy_answers_chat_with_n4_and_logprobs(policy_vllm: str) -> None:
+    client = openai.OpenAI(base_url=f"{policy_vllm}/v1", api_key="unused")
     response = client.chat.completions.create(
         model="policy",
         messages=[{"role": "user", "content": "What is 3 plus 4?"}],
@@ -43,8 +37,8 @@ def test_policy_answers_chat_with_n4_and_logprobs(policy_url: str) -> None:
     assert response.usage.completion_tokens >= 4
 
 
-def test_policy_stops_at_its_end_token(policy_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{policy_url}/v1", api_key="unused")
+def test_policy_stops_at_its_end_token(policy_vllm: str) -> None:
+    client = openai.OpenAI(base_url=f"{policy_vllm}/v1", api_key="unused")
     response = client.chat.completions.create(
         model="policy", messages=[{"role": "user", "content": "Which number is largest: 3, 9, 4?"}], max_tokens=64, temperature=0
     )
@@ -55,7 +49,7 @@ def test_policy_stops_at_its_end_token(policy_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def reward_url(test_models: Path) -> Iterator[str]:
-    with vllm_server(test_models / "reward_model", "reward", "--runner", "pooling") as url:
+    with running_vllm(test_models / "reward_model", "reward", pooling=True) as url:
         yield url
 
 
@@ -80,3 +74,33 @@ def test_reward_model_serves_raw_scores_with_pooling_runner(reward_url: str, tes
         ids = [tokenizer(t, add_special_tokens=False, return_tensors="pt") for t in texts]
         local = [model(**x).logits[0, 0].item() for x in ids]
     assert served == pytest.approx(local, abs=0.05)
+
+
+def test_remote_pooling_scorer_matches_the_local_reward_model(reward_url: str, test_models: Path) -> None:
+    import asyncio
+
+    import aiohttp
+
+    from gateway.score import Conversation, LocalRewardModel, RemotePoolingScorer
+
+    conversations = [
+        Conversation([{"role": "user", "content": "What is 3 plus 4?"}], answer)
+        for answer in ("Sure! 3 plus 4 is 7.", "Ugh. 3 plus 4 is 9.", "7.", "Let me think. It is 7.")
+    ]
+
+    async def both() -> tuple[list[float], list[float]]:
+        async with aiohttp.ClientSession() as session:
+            remote = RemotePoolingScorer(session, reward_url, "reward", test_models / "reward_model", "rm-test")
+            local = LocalRewardModel(test_models / "reward_model", "rm-test")
+            await remote.start()
+            await local.start()
+            try:
+                assert await remote.ready()
+                assert await local.ready()
+                return await remote.score(conversations), await local.score(conversations)
+            finally:
+                await local.close()
+
+    remote_scores, local_scores = asyncio.run(both())
+    assert remote_scores == pytest.approx(local_scores, abs=0.05)
+    assert len(set(remote_scores)) > 1

@@ -1,0 +1,132 @@
+"""``python -m gateway``: the gateway's command line.
+
+  serve   start the gateway (and, when the config says so, its managed vLLM and the
+          embedded default's models) and listen until stopped
+
+Errors a user can fix (a bad config, a taken port, a missing model, vLLM dying) print one
+line or a short log excerpt and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+PROG = "python -m gateway"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="OpenAI-compatible best-of-N gateway.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="YAML settings file")
+    serve.add_argument("--host", default=None, help="override the config's host")
+    serve.add_argument("--port", type=int, default=None, help="override the config's port")
+    serve.add_argument("--no-bootstrap", action="store_true", help="fail instead of building missing toy models")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG} serve: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _ensure_models(settings: object, allow_build: bool) -> str | None:
+    """Build the toy world's models when the config points at the embedded default and they are absent."""
+    from gateway.settings import GatewaySettings
+    from trainer.toyworld.bootstrap import PRESETS, bootstrap, summary
+
+    assert isinstance(settings, GatewaySettings)
+    wanted = [settings.scorer.model_dir] if settings.scoring_enabled else []
+    if settings.managed_vllm.enabled:
+        wanted.append(settings.managed_vllm.model_dir)
+    missing = [d for d in wanted if not (d / "config.json").is_file()]
+    if not missing:
+        return None
+    out = missing[0].parent
+    toy_layout = all(d.parent == out and d.name in ("policy", "reward_model") for d in missing)
+    if not allow_build or settings.models_preset not in PRESETS or not toy_layout:
+        return f"model directory {missing[0]} is missing (build it with `python -m trainer bootstrap --out {out}`)"
+    print(f"[gateway] building the embedded default's models under {out} (preset {settings.models_preset}) ...", flush=True)
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(summary(bootstrap(PRESETS[settings.models_preset], out)), flush=True)
+    return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import structlog
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import ConfigError, load
+    from gateway.vllm_process import VLLMProcess, VLLMStartError
+
+    try:
+        settings = load(args.config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    problem = _ensure_models(settings, allow_build=not args.no_bootstrap)
+    if problem:
+        return _fail(problem)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    from gateway.vllm_process import port_free
+
+    if not port_free(settings.host, settings.port):
+        return _fail(f"port {settings.port} on {settings.host} is already in use")
+    vllm = None
+    managed = settings.managed_vllm
+    if managed.enabled:
+        vllm = VLLMProcess(
+            managed.model_dir, managed.served_name, managed.host, managed.port,
+            max_model_len=managed.max_model_len, max_lora_rank=managed.max_lora_rank, max_loras=managed.max_loras,
+            extra_args=managed.extra_args, log_path=Path("logs") / f"vllm-{managed.port}.log",
+        )  # fmt: skip
+        print(f"[gateway] starting vLLM on {managed.model_dir} at {vllm.url} (log: {vllm.log_path}) ...", flush=True)
+        try:
+            vllm.start()
+            vllm.wait_healthy(managed.startup_s)
+        except VLLMStartError as exc:
+            vllm.stop()
+            return _fail(str(exc))
+        except KeyboardInterrupt:
+            vllm.stop()
+            return 130
+    app = create_app(settings, vllm=vllm)
+    print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port}", flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
+    finally:
+        if vllm is not None:
+            vllm.stop()
+    fatal = getattr(getattr(app.state, "gateway", None), "fatal", None)
+    if fatal:
+        return _fail(fatal)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The FastAPI application: thin routes, state built in the lifespan, one error handler.
+
+Knows the HTTP surface (``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``,
+``/metrics``), request parsing and authentication, cancelling work when a client goes
+away, and how every error becomes OpenAI error JSON. The pipeline itself is in
+``service.py``; generators and scorers are built here once and injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+import aiohttp
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.auth import KeyRing
+from gateway.errors import GatewayError, InvalidRequest, NotReady, UnsupportedMediaType
+from gateway.generate import Generator, VLLMGenerator
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest
+from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
+from gateway.service import ChatService, Plan
+from gateway.settings import GatewaySettings
+from gateway.vllm_process import VLLMProcess
+
+log = structlog.get_logger("gateway")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    service: ChatService
+    keys: KeyRing
+    metrics: Metrics
+    started: int = field(default_factory=lambda: int(time.time()))
+    fatal: str | None = None
+    """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+State = Annotated[GatewayState, Depends(_state)]
+
+
+def _key_id(request: Request, state: State) -> str:
+    return state.keys.identify(request.headers.get("authorization"))
+
+
+KeyId = Annotated[str, Depends(_key_id)]
+
+
+def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer:
+    s = settings.scorer
+    if s.kind == "remote":
+        assert s.remote_url is not None  # checked by the settings
+        return RemotePoolingScorer(session, s.remote_url, s.remote_model, s.model_dir, s.version)
+    return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
+
+
+async def _watch(process: VLLMProcess, state: GatewayState) -> None:
+    """Stop the gateway (non-zero exit) when its managed vLLM dies."""
+    while process.returncode() is None:
+        await asyncio.sleep(1.0)
+    state.fatal = (
+        f"the managed vLLM exited with code {process.returncode()}; its log ({process.log_path}) ends:\n{process.log_tail()}"
+    )
+    log.error("vllm_died", returncode=process.returncode(), log=str(process.log_path))
+    signal.raise_signal(signal.SIGTERM)
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    generator: Generator | None = None,
+    scorer: Scorer | None = None,
+    vllm: VLLMProcess | None = None,
+) -> FastAPI:
+    """The app. ``generator`` and ``scorer`` replace the real ones (unit tests pass fakes);
+    ``vllm`` is a managed server already started by the caller, watched while serving."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=None, connect=settings.timeouts.connect_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            gen = generator or VLLMGenerator(session, settings.all_backends(), settings.timeouts.request_s)
+            score: Scorer | None = scorer
+            if score is None and settings.scoring_enabled:
+                score = _scorer(settings, session)
+            if score is not None:
+                await score.start()
+            metrics.policy_info.labels(settings.policy_version, score.version if score else "none").set(1)
+            state = GatewayState(settings, ChatService(settings, gen, score, metrics), KeyRing(settings.api_keys), metrics)
+            app.state.gateway = state
+            watcher = asyncio.create_task(_watch(vllm, state)) if vllm is not None else None
+            try:
+                yield
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                if score is not None:
+                    await score.close()
+
+    app = FastAPI(title="bon-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, state: State, key_id: KeyId) -> Response:
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        headers = {"x-request-id": request_id, "x-policy-version": state.settings.policy_version}
+        plan: Plan | None = None
+        status = 500
+        state.metrics.in_flight.inc()
+        try:
+            plan = state.service.plan(await _parse(request, ChatCompletionRequest))
+            if plan.streaming and plan.n_candidates == 1:
+                relay = state.service.relay(plan)
+                first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
+                status = 200
+                return StreamingResponse(_sse([first], relay), media_type="text/event-stream", headers=headers)
+            outcome = await _unless_disconnected(request, state.service.run(plan))
+            status = 200
+            if plan.streaming:
+                return StreamingResponse(
+                    _sse(state.service.chunks(plan, outcome)), media_type="text/event-stream", headers=headers
+                )
+            return JSONResponse(state.service.response(plan, outcome), headers=headers)
+        except GatewayError as exc:
+            status = exc.status
+            exc.headers.update(headers)
+            raise
+        except ClientDisconnected:
+            status = 499
+            return Response(status_code=499)
+        finally:
+            state.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            state.metrics.requests.labels(str(status)).inc()
+            stream = "true" if plan is not None and plan.streaming else "false"
+            state.metrics.request_latency.labels("chat_completions", stream).observe(elapsed)
+            log.info(
+                "chat_completion",
+                request_id=request_id,
+                key_id=key_id,
+                status=status,
+                ms=round(elapsed * 1000, 2),
+                n_candidates=plan.n_candidates if plan else None,
+                n=plan.n_return if plan else None,
+                stream=stream,
+                stages_ms={k: round(v * 1000, 2) for k, v in plan.timings.items()} if plan else None,
+                **({"messages": [m.model_dump() for m in plan.request.messages]} if plan and state.settings.log_prompts else {}),
+            )
+
+    @app.get("/v1/models")
+    async def models(state: State, key_id: KeyId) -> dict[str, Any]:
+        alias = state.settings.model_alias
+        return {"object": "list", "data": [{"id": alias, "object": "model", "created": state.started, "owned_by": "bon-gateway"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(state: State) -> dict[str, Any]:
+        service = state.service
+        checks = {
+            "generator": await service.generator.ready(),
+            "scorer": True if service.scorer is None else await service.scorer.ready(),
+        }
+        if not all(checks.values()):
+            raise NotReady("not ready: " + ", ".join(name for name, ok in checks.items() if not ok))
+        return {"status": "ready", "checks": checks}
+
+    @app.get("/metrics")
+    async def metrics(state: State) -> Response:
+        payload, content_type = state.metrics.exposition()
+        return Response(payload, media_type=content_type)
+
+    return app
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    content_type = request.headers.get("content-type", "")
+    if "application/json" not in content_type.lower():
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {content_type or 'none'!r}")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"could not parse the JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the JSON body must be an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (which aborts the vLLM request)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _sse(head: Iterable[bytes], tail: AsyncIterator[bytes] | None = None) -> AsyncIterator[bytes]:
+    for payload in head:
+        yield b"data: " + payload + b"\n\n"
+    if tail is not None:
+        async for payload in tail:
+            yield b"data: " + payload + b"\n\n"
+
+
+def _error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        state: GatewayState | None = getattr(request.app.state, "gateway", None)
+        if state is not None:
+            state.metrics.errors.labels(exc.type, exc.code or "none").inc()
+        return _error_response(exc, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = InvalidRequest(
+            f"{request.method} {request.url.path}: {exc.detail}", code="not_found" if exc.status_code == 404 else None
+        )
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        error = GatewayError(f"internal error ({exc.__class__.__name__}); see the gateway log")
+        return _error_response(error)

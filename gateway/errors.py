@@ -1,0 +1,87 @@
+"""Typed errors, raised where a problem is found and turned into OpenAI error JSON in one place.
+
+Knows the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}`` and which
+HTTP status each failure gets. Does not know where errors come from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every error a client sees; subclasses fix the status and the OpenAI ``type``."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = {}
+        """Response headers to send with the error (x-request-id and the like)."""
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFound(InvalidRequest):
+    status = 404
+    default_code = "model_not_found"
+
+
+class BackendRejected(InvalidRequest):
+    """vLLM refused the request as invalid (its 4xx): the client's to fix, passed on as such."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, code="backend_rejected")
+        self.status = status  # type: ignore[misc]  # the backend's own 4xx
+
+
+class BackendUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "backend_unavailable"
+
+
+class BackendFailed(GatewayError):
+    status = 502
+    type = "server_error"
+    default_code = "backend_error"
+
+
+class BackendTimeout(GatewayError):
+    status = 504
+    type = "timeout"
+    default_code = "backend_timeout"
+
+
+class ScorerFailed(GatewayError):
+    status = 500
+    type = "server_error"
+    default_code = "reward_model_error"
+
+
+class NotReady(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "not_ready"

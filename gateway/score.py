@@ -1,0 +1,210 @@
+"""Scoring: a reward for each candidate answer in its conversation.
+
+Two real scorers behind one protocol:
+- ``LocalRewardModel``: a transformers ``*ForSequenceClassification`` (one label) in this
+  process. Conversations from concurrent requests are batched into one forward pass by a
+  batcher task; the forward pass runs in one worker thread, never on the event loop, on
+  ``cuda`` when there is one, with torch's threads bounded so vLLM keeps its cores.
+- ``RemotePoolingScorer``: a vLLM ``--runner pooling`` server's ``/classify``, asked for
+  raw logits (``use_activation: false``), which is what Bradley-Terry rewards are.
+
+Both render a conversation with the reward model's own chat template. Does not choose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from gateway.errors import ScorerFailed
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict[str, str]]
+    """Role and text of each message before the answer."""
+    answer: str
+
+
+class Scorer(Protocol):
+    version: str
+
+    async def start(self) -> None: ...
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def _render(tokenizer: Any, conversation: Conversation) -> str:
+    messages = [*conversation.messages, {"role": "assistant", "content": conversation.answer}]
+    text: str = tokenizer.apply_chat_template(messages, tokenize=False)
+    return text
+
+
+@dataclass
+class _Job:
+    conversations: Sequence[Conversation]
+    future: asyncio.Future[list[float]]
+
+
+class LocalRewardModel:
+    """An in-process transformers reward model with cross-request batching."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        version: str,
+        device: str = "auto",
+        threads: int = 1,
+        max_batch: int = 64,
+        batch_wait_ms: float = 2.0,
+    ) -> None:
+        self.version = version
+        self._model_dir = model_dir
+        self._device_name = device
+        self._threads = threads
+        self._max_batch = max_batch
+        self._batch_wait_s = batch_wait_ms / 1000
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model")
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._batcher: asyncio.Task[None] | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device: Any = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self._batcher = asyncio.create_task(self._run_batches(), name="reward-model-batcher")
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(self._threads)
+        name = self._device_name
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(name)
+        self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
+        self._tokenizer.padding_side = "right"
+        model = AutoModelForSequenceClassification.from_pretrained(self._model_dir)
+        if model.config.num_labels != 1:
+            raise ValueError(f"{self._model_dir} is not a reward model: {model.config.num_labels} labels, expected 1")
+        self._model = model.to(self._device).eval()
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        if self._batcher is None or self._batcher.done():
+            raise ScorerFailed("the reward model is not running")
+        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(conversations, future))
+        return await future
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0].conversations)
+            deadline = loop.time() + self._batch_wait_s
+            while size < self._max_batch:
+                timeout = deadline - loop.time()
+                try:
+                    job = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                jobs.append(job)
+                size += len(job.conversations)
+            live = [job for job in jobs if not job.future.done()]  # a cancelled request needs no score
+            if not live:
+                continue
+            flat = [c for job in live for c in job.conversations]
+            try:
+                rewards = await loop.run_in_executor(self._executor, self._forward, flat)
+            except Exception as exc:
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(ScorerFailed(f"the reward model failed: {exc.__class__.__name__}: {exc}"))
+                continue
+            start = 0
+            for job in live:
+                end = start + len(job.conversations)
+                if not job.future.done():
+                    job.future.set_result(rewards[start:end])
+                start = end
+
+    def _forward(self, conversations: Sequence[Conversation]) -> list[float]:
+        import torch
+
+        texts = [_render(self._tokenizer, c) for c in conversations]
+        rewards: list[float] = []
+        for start in range(0, len(texts), self._max_batch):
+            batch = self._tokenizer(
+                texts[start : start + self._max_batch], add_special_tokens=False, padding=True, return_tensors="pt"
+            )
+            with torch.inference_mode():
+                logits = self._model(**{k: v.to(self._device) for k, v in batch.items()}).logits
+            rewards.extend(float(x) for x in logits[:, 0].float().cpu())
+        return rewards
+
+    async def ready(self) -> bool:
+        return self._model is not None and self._batcher is not None and not self._batcher.done()
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RemotePoolingScorer:
+    """A vLLM ``--runner pooling`` server serving the reward model; one ``/classify`` call per request."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, model: str, tokenizer_dir: Path, version: str, timeout_s: float = 30.0
+    ) -> None:
+        self.version = version
+        self._session = session
+        self._url = url.rstrip("/")
+        self._model = model
+        self._tokenizer_dir = tokenizer_dir
+        self._tokenizer: Any = None
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_dir)
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        texts = [_render(self._tokenizer, c) for c in conversations]
+        body = {"model": self._model, "input": texts, "use_activation": False}
+        try:
+            async with self._session.post(f"{self._url}/classify", json=body, timeout=self._timeout) as response:
+                if response.status != 200:
+                    raise ScorerFailed(f"the reward model server answered HTTP {response.status}")
+                data = await response.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ScorerFailed(f"the reward model server failed: {exc.__class__.__name__}") from None
+        items = sorted(data["data"], key=lambda item: item["index"])
+        return [float(item["probs"][0]) for item in items]
+
+    async def ready(self) -> bool:
+        try:
+            async with self._session.get(f"{self._url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+                return response.status == 200 and self._tokenizer is not None
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,162 @@
+"""The gateway's one settings class: YAML from ``configs/`` with environment overrides.
+
+Knows every knob of one gateway process and checks them when loaded (a bad config is a
+start-up error, not a surprise at the first request). Environment variables override
+the YAML: ``GATEWAY_PORT=9000``, ``GATEWAY_SCORER__DEVICE=cuda`` (``__`` nests).
+Does not know how the knobs are used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Backend(BaseModel):
+    """One vLLM OpenAI server serving the policy."""
+
+    url: str
+    model: str = Field(description="the name vLLM serves the policy under (its --served-model-name)")
+
+
+class ManagedVLLM(BaseModel):
+    """A vLLM server the gateway starts and stops itself (the embedded default)."""
+
+    enabled: bool = False
+    model_dir: Path = Path("models/default/policy")
+    served_name: str = "policy"
+    host: str = "127.0.0.1"
+    port: int = 8100
+    max_model_len: int = 256
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    startup_s: float = 300.0
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class ScorerSettings(BaseModel):
+    kind: Literal["local", "remote"] = "local"
+    model_dir: Path = Path("models/default/reward_model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=1, ge=1, description="torch threads for the local reward model (vLLM needs the rest)")
+    max_batch: int = Field(default=64, ge=1, description="most conversations scored in one forward pass")
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits for more requests")
+    remote_url: str | None = Field(default=None, description="a vLLM --runner pooling server, for kind=remote")
+    remote_model: str = "reward"
+    version: str = "rm-base"
+
+
+class ApiKey(BaseModel):
+    """A client key, stored as the SHA-256 hex digest of the bearer token, never in clear."""
+
+    id: str
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("sha256 must be a 64-character hex digest of the key")
+        return value
+
+
+class Timeouts(BaseModel):
+    connect_s: float = 5.0
+    request_s: float = 120.0
+    """Whole generation request to vLLM; past it the client gets 504."""
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_keyless_public: bool = False
+    """Bind to a non-loopback address with no API keys configured. Off: refuse to start."""
+    model_alias: str = "toy-bon"
+    """The stable model name clients see in /v1/models and each response's ``model``."""
+    policy_version: str = "base"
+    backends: list[Backend] = Field(default_factory=list)
+    managed_vllm: ManagedVLLM = Field(default_factory=ManagedVLLM)
+    scorer: ScorerSettings = Field(default_factory=ScorerSettings)
+    scoring_enabled: bool = True
+    """Off: N must be 1 and nothing is scored (a plain proxy; the overhead benchmark's mode)."""
+    n_candidates: int = Field(default=4, ge=1)
+    max_n_candidates: int = Field(default=16, ge=1)
+    default_max_tokens: int = Field(default=64, ge=1)
+    max_tokens_limit: int = Field(default=192, ge=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    log_prompts: bool = False
+    models_preset: str | None = "default"
+    """The toy-world preset to build when the model directories (``.../policy``, ``.../reward_model``)
+    are absent; None: a missing model is an error (real checkpoints)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GatewaySettings:
+        if self.n_candidates > self.max_n_candidates:
+            raise ValueError(f"n_candidates {self.n_candidates} exceeds max_n_candidates {self.max_n_candidates}")
+        if not self.backends and not self.managed_vllm.enabled:
+            raise ValueError("no backends configured and managed_vllm is disabled: nothing to generate with")
+        if self.scorer.kind == "remote" and not self.scorer.remote_url:
+            raise ValueError("scorer.kind is remote but scorer.remote_url is not set")
+        if not self.api_keys and not self.allow_keyless_public and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys; configure api_keys or set allow_keyless_public: true"
+            )
+        return self
+
+    def all_backends(self) -> list[Backend]:
+        """Configured backends, plus the managed vLLM when enabled (first)."""
+        managed = self.managed_vllm
+        own = [Backend(url=f"http://{managed.host}:{managed.port}", model=managed.served_name)] if managed.enabled else []
+        return own + list(self.backends)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the environment wins over the YAML (passed as init values by ``load``)
+        return env_settings, init_settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConfigError(Exception):
+    """A config file that cannot be read or does not validate; one line for the user."""
+
+
+def load(path: Path | None, **overrides: Any) -> GatewaySettings:
+    """Settings from a YAML file (optional), then ``overrides``, with the environment on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping")
+        data = loaded
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return GatewaySettings(**data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config {path}: {exc}") from None

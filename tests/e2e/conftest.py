@@ -1,0 +1,55 @@
+"""Real servers for end-to-end tests: one policy vLLM per test session, gateways in-process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gateway.vllm_process import VLLMProcess, free_port
+
+
+@contextmanager
+def running_vllm(model: Path, name: str, *, pooling: bool = False) -> Iterator[str]:
+    process = VLLMProcess(
+        model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, log_path=model.parent / f"vllm-{name}.log"
+    )
+    process.start()
+    try:
+        process.wait_healthy(300)
+        yield process.url
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def policy_vllm(test_models: Path) -> Iterator[str]:
+    """The test preset's policy on a real vLLM CPU server (runtime LoRA on), shared by the session."""
+    with running_vllm(test_models / "policy", "policy") as url:
+        yield url
+
+
+@contextmanager
+def running_gateway(settings: GatewaySettings) -> Iterator[str]:
+    """The real app under uvicorn in a thread, on a free port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", ws="none"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,0 +1,177 @@
+"""The gateway end to end on real parts: vLLM CPU serving the test policy, the real reward
+model in process, driven through the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+
+from gateway.settings import GatewaySettings
+from tests.e2e.conftest import running_gateway
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is 3 plus 4?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway_url(policy_vllm: str, test_models: Path) -> Iterator[str]:
+    settings = GatewaySettings(
+        backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
+        scorer={"model_dir": test_models / "reward_model", "threads": 1},  # type: ignore[arg-type]
+        policy_version="v-test",
+        n_candidates=4,
+    )
+    with running_gateway(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(gateway_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def independent_rewards(test_models: Path, answers: list[str]) -> list[float]:
+    """The reward model re-run in the test with plain transformers, not the gateway's code."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(test_models / "reward_model")
+    model = AutoModelForSequenceClassification.from_pretrained(test_models / "reward_model")
+    scores = []
+    for answer in answers:
+        text = tokenizer.apply_chat_template([*MESSAGES, {"role": "assistant", "content": answer}], tokenize=False)
+        with torch.no_grad():
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            scores.append(float(model(**ids).logits[0, 0]))
+    return scores
+
+
+def test_best_of_4_returns_the_highest_reward_candidate(client: openai.OpenAI, test_models: Path) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="toy-bon", messages=MESSAGES, temperature=1.0, seed=3, extra_body={"n_candidates": 4, "return_candidates": True}
+    )
+    assert raw.headers["x-policy-version"] == "v-test"
+    completion = raw.parse()
+    ChatCompletion.model_validate(completion.model_dump())
+    assert completion.system_fingerprint == "v-test"
+    candidates = (completion.model_extra or {})["candidates"]
+    assert len(candidates) == 4
+    texts = [c["text"] for c in candidates]
+    rescored = independent_rewards(test_models, texts)
+    assert [c["reward"] for c in candidates] == pytest.approx(rescored, abs=1e-3)
+    chosen = completion.choices[0].message.content
+    assert chosen in texts
+    assert rescored[texts.index(chosen)] == pytest.approx(max(rescored), abs=1e-3)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens >= sum(1 for _ in texts)  # all four candidates counted
+
+
+def test_n2_returns_two_ranked_choices(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="toy-bon",
+        messages=MESSAGES,
+        n=2,
+        temperature=1.0,
+        seed=5,
+        extra_body={"n_candidates": 4, "return_candidates": True},
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    rewards = {c["text"]: c["reward"] for c in (completion.model_extra or {})["candidates"]}
+    first, second = (rewards[c.message.content or ""] for c in completion.choices)
+    assert first >= second
+    assert first == max(rewards.values())
+
+
+def test_single_candidate_without_streaming(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="toy-bon", messages=MESSAGES, max_tokens=32, extra_body={"n_candidates": 1})
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("n_candidates", [1, 4])
+def test_streaming_with_usage(client: openai.OpenAI, n_candidates: int) -> None:
+    stream = client.chat.completions.create(
+        model="toy-bon",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"n_candidates": n_candidates},
+    )
+    chunks = list(stream)
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk.model_dump())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert len({c.id for c in chunks}) == 1
+    assert {c.model for c in chunks} == {"toy-bon"}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+
+
+def test_models_lists_the_alias(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["toy-bon"]
+
+
+def test_ready_with_real_backend_and_reward_model(gateway_url: str) -> None:
+    with urllib.request.urlopen(f"{gateway_url}/ready", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_backend_rejection_keeps_its_status(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="toy-bon", messages=MESSAGES, extra_body={"top_k": -5, "n_candidates": 2})
+    assert caught.value.status_code == 400
+
+
+def _vllm_counts(policy_vllm: str) -> tuple[float, float]:
+    """(requests running or waiting, tokens generated so far) from vLLM's own metrics."""
+    with urllib.request.urlopen(f"{policy_vllm}/metrics", timeout=10) as response:
+        text = response.read().decode()
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"\n{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)", text))
+
+    return total("vllm:num_requests_running") + total("vllm:num_requests_waiting"), total("vllm:generation_tokens_total")
+
+
+def _wait_idle(policy_vllm: str, timeout_s: float = 20) -> float:
+    """Wait until vLLM runs nothing; returns its generated-token count then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy, tokens = _vllm_counts(policy_vllm)
+        if busy == 0 or time.monotonic() > deadline:
+            assert busy == 0, "vLLM still has requests running"
+            return tokens
+        time.sleep(0.1)
+
+
+MAX_TOKENS = 192
+LONG = {"model": "toy-bon", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_vllm_request(gateway_url: str, policy_vllm: str, stream: bool) -> None:
+    tokens_before = _wait_idle(policy_vllm)
+    n = 1 if stream else 8
+    body = {**LONG, "stream": stream, "n_candidates": n}
+    if stream:
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the stream is flowing; now walk away
+    else:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=0.3)) as http:
+            http.post(f"{gateway_url}/v1/chat/completions", json=body)
+    generated = _wait_idle(policy_vllm) - tokens_before
+    # ignore_eos: a request left running would generate all n * MAX_TOKENS tokens
+    assert 0 < generated < n * MAX_TOKENS, f"vLLM generated {generated} of {n * MAX_TOKENS} tokens for an abandoned request"

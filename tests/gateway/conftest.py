@@ -1,0 +1,44 @@
+"""A gateway app on fakes, driven through FastAPI's TestClient (and the openai SDK on top)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.gateway.fakes import FakeGenerator, FakeScorer
+
+ANSWERS = ["Ugh. 7.", "Sure! 3 plus 4 is 7.", "7.", "The answer is 9."]
+REWARDS = {"Ugh. 7.": -1.0, "Sure! 3 plus 4 is 7.": 2.5, "7.": 1.0, "The answer is 9.": -2.0}
+
+
+def settings(**overrides: Any) -> GatewaySettings:
+    base: dict[str, Any] = {"backends": [{"url": "http://127.0.0.1:9", "model": "policy"}], "n_candidates": 4}
+    return GatewaySettings(**{**base, **overrides})
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(generator: FakeGenerator | None = None, scorer: FakeScorer | None = None, **overrides: Any) -> TestClient:
+        app = create_app(
+            settings(**overrides), generator=generator or FakeGenerator(ANSWERS), scorer=scorer or FakeScorer(REWARDS)
+        )
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()

@@ -1,0 +1,86 @@
+"""Hand-written fakes of the gateway's I/O seams (generator, scorer) for fast unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from gateway.errors import GatewayError
+from gateway.generate import Candidate, Generation
+from gateway.score import Conversation
+
+
+class FakeGenerator:
+    """Returns ``texts`` as candidates (cycled to N); records what it was asked."""
+
+    def __init__(self, texts: Sequence[str], *, error: GatewayError | None = None, delay_s: float = 0.0) -> None:
+        self.texts = list(texts)
+        self.error = error
+        self.delay_s = delay_s
+        self.calls: list[tuple[dict[str, Any], int]] = []
+        self.cancelled = 0
+
+    async def generate(self, body: dict[str, Any], n: int) -> Generation:
+        self.calls.append((body, n))
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.error is not None:
+            raise self.error
+        candidates = [
+            Candidate(i, self.texts[i % len(self.texts)], "stop", token_ids=[7] * (i + 2), logprobs={"content": []})
+            for i in range(n)
+        ]
+        return Generation(candidates, prompt_tokens=5, completion_tokens=sum(c.token_count for c in candidates), backend="fake")
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        self.calls.append((body, 1))
+        if self.error is not None:
+            raise self.error
+        base = {"id": "chatcmpl-vllm", "object": "chat.completion.chunk", "created": 1, "model": "policy"}
+        deltas = [{"role": "assistant", "content": ""}, *({"content": w} for w in re.split(r"(?<= )", self.texts[0]))]
+        for delta in deltas:
+            yield json.dumps(
+                {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            ).encode()
+        yield json.dumps({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}).encode()
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+            yield json.dumps({**base, "choices": [], "usage": usage}).encode()
+        yield b"[DONE]"
+
+    async def ready(self) -> bool:
+        return self.error is None
+
+
+class FakeScorer:
+    """Reward = ``rewards[text]`` (default 0); can be told to fail."""
+
+    version = "rm-fake"
+
+    def __init__(self, rewards: dict[str, float], *, fail: bool = False) -> None:
+        self.rewards = rewards
+        self.fail = fail
+        self.seen: list[Conversation] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        if self.fail:
+            from gateway.errors import ScorerFailed
+
+            raise ScorerFailed("the reward model failed: RuntimeError: boom")
+        self.seen.extend(conversations)
+        return [self.rewards.get(c.answer, 0.0) for c in conversations]
+
+    async def ready(self) -> bool:
+        return not self.fail
+
+    async def close(self) -> None:
+        return None
