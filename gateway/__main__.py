@@ -108,16 +108,25 @@ def _serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             vllm.stop()
             return 130
-    app = create_app(settings, vllm=vllm)
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, vllm=vllm, on_fatal=on_fatal)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
+    server = uvicorn.Server(config)
     print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port}", flush=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
+        server.run()
     finally:
         if vllm is not None:
             vllm.stop()
-    fatal = getattr(getattr(app.state, "gateway", None), "fatal", None)
     if fatal:
-        return _fail(fatal)
+        return _fail(fatal[0])
     return 0
 
 

@@ -13,7 +13,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
@@ -78,15 +78,15 @@ def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer
     return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
 
 
-async def _watch(process: VLLMProcess, state: GatewayState) -> None:
-    """Stop the gateway (non-zero exit) when its managed vLLM dies."""
+async def _watch(process: VLLMProcess, state: GatewayState, on_fatal: Callable[[str], None]) -> None:
+    """Stop the gateway (the CLI then exits non-zero) when its managed vLLM dies."""
     while process.returncode() is None:
         await asyncio.sleep(1.0)
-    state.fatal = (
-        f"the managed vLLM exited with code {process.returncode()}; its log ({process.log_path}) ends:\n{process.log_tail()}"
-    )
-    log.error("vllm_died", returncode=process.returncode(), log=str(process.log_path))
-    signal.raise_signal(signal.SIGTERM)
+    code = process.returncode()
+    state.fatal = f"the managed vLLM exited with code {code}; its log ({process.log_path}) ends:\n{process.log_tail()}"
+    log.error("vllm_died", returncode=code, log=str(process.log_path))
+    await asyncio.to_thread(process.stop)  # its engine-core child may still be alive
+    on_fatal(state.fatal)
 
 
 def create_app(
@@ -95,9 +95,11 @@ def create_app(
     generator: Generator | None = None,
     scorer: Scorer | None = None,
     vllm: VLLMProcess | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app. ``generator`` and ``scorer`` replace the real ones (unit tests pass fakes);
-    ``vllm`` is a managed server already started by the caller, watched while serving."""
+    ``vllm`` is a managed server already started by the caller, watched while serving;
+    ``on_fatal`` is called when it dies (the CLI stops its server then)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,7 +116,8 @@ def create_app(
             metrics.policy_info.labels(settings.policy_version, score.version if score else "none").set(1)
             state = GatewayState(settings, ChatService(settings, gen, score, metrics), KeyRing(settings.api_keys), metrics)
             app.state.gateway = state
-            watcher = asyncio.create_task(_watch(vllm, state)) if vllm is not None else None
+            stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
+            watcher = asyncio.create_task(_watch(vllm, state, stop)) if vllm is not None else None
             try:
                 yield
             finally:

@@ -9,7 +9,9 @@ that says so. Used by the gateway's lifespan and by the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +98,11 @@ class VLLMProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(self.args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)  # start_new_session made the server a group leader
+
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
@@ -128,14 +135,15 @@ class VLLMProcess:
         await asyncio.to_thread(self.wait_healthy, timeout_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the server and its whole process group (vLLM's engine core is a child process
+        that outlives a server killed with SIGKILL)."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
+        if proc is not None:
+            self._signal_group(proc, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
