@@ -13,7 +13,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 PROG = "python -m gateway"
 
@@ -39,12 +42,10 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _ensure_models(settings: object, allow_build: bool) -> str | None:
+def _ensure_models(settings: GatewaySettings, allow_build: bool) -> str | None:
     """Build the toy world's models when the config points at the embedded default and they are absent."""
-    from gateway.settings import GatewaySettings
     from trainer.toyworld.bootstrap import PRESETS, bootstrap, summary
 
-    assert isinstance(settings, GatewaySettings)
     wanted = [settings.scorer.model_dir] if settings.scoring_enabled else []
     if settings.managed_vllm.enabled:
         wanted.append(settings.managed_vllm.model_dir)
@@ -56,9 +57,6 @@ def _ensure_models(settings: object, allow_build: bool) -> str | None:
     if not allow_build or settings.models_preset not in PRESETS or not toy_layout:
         return f"model directory {missing[0]} is missing (build it with `python -m trainer bootstrap --out {out}`)"
     print(f"[gateway] building the embedded default's models under {out} (preset {settings.models_preset}) ...", flush=True)
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(summary(bootstrap(PRESETS[settings.models_preset], out)), flush=True)
     return None
 
@@ -69,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.settings import ConfigError, load
-    from gateway.vllm_process import VLLMProcess, VLLMStartError
+    from gateway.vllm_process import VLLMProcess, VLLMStartError, port_free
 
     try:
         settings = load(args.config, host=args.host, port=args.port)
@@ -86,8 +84,6 @@ def _serve(args: argparse.Namespace) -> int:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
     )
-    from gateway.vllm_process import port_free
-
     if not port_free(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use")
     vllm = None

@@ -14,7 +14,8 @@ proxy on aiohttp 6.5 ms (see DESIGN.md and ``loadtest/``). Does not score or cho
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,13 +35,6 @@ class Candidate:
     token_ids: list[int] = field(default_factory=list)
     logprobs: dict[str, Any] | None = None
     """vLLM's ``logprobs`` object for the choice (OpenAI shape), returned to clients that ask."""
-
-    @property
-    def logprob_sum(self) -> float | None:
-        content = (self.logprobs or {}).get("content")
-        if not content:
-            return None
-        return float(sum(item.get("logprob", 0.0) for item in content))
 
     @property
     def token_count(self) -> int:
@@ -82,46 +76,28 @@ class VLLMGenerator:
         """Backends to try, fewest requests in flight first (ties: config order)."""
         return sorted(range(len(self._backends)), key=lambda i: self._in_flight[i])
 
-    async def generate(self, body: dict[str, Any], n: int) -> Generation:
-        last_error: Exception | None = None
-        for i in self._order():
-            backend = self._backends[i]
-            payload = {**body, "model": backend.model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
-            self._in_flight[i] += 1
-            try:
-                async with self._session.post(
-                    f"{backend.url}/v1/chat/completions", json=payload, timeout=self._timeout
-                ) as response:
-                    data = await _json_or_raise(response)
-                return _generation(data, backend.url)
-            except aiohttp.ClientConnectorError as exc:  # never reached the backend: safe to try the next
-                last_error = exc
-            except TimeoutError:
-                raise BackendTimeout(f"the model backend did not answer within {self._timeout.total:.0f} s") from None
-            except aiohttp.ClientError as exc:
-                raise BackendFailed(f"the model backend failed: {exc.__class__.__name__}") from None
-            finally:
-                self._in_flight[i] -= 1
-        raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__ if last_error else 'none'})")
+    @asynccontextmanager
+    async def _post(self, payload: Callable[[Backend], dict[str, Any]]) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
+        """POST a chat request to the first reachable backend; yields it and its 200 response.
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        A backend that cannot be connected to is skipped (the request never reached it);
+        every other failure, also while the caller reads the response, maps to a typed error."""
         last_error: Exception | None = None
         for i in self._order():
             backend = self._backends[i]
-            payload = {**body, "model": backend.model, "n": 1, "stream": True}
             self._in_flight[i] += 1
             try:
                 try:
-                    response = await self._session.post(f"{backend.url}/v1/chat/completions", json=payload, timeout=self._timeout)
+                    response = await self._session.post(
+                        f"{backend.url}/v1/chat/completions", json=payload(backend), timeout=self._timeout
+                    )
                 except aiohttp.ClientConnectorError as exc:
                     last_error = exc
                     continue
                 async with response:
                     if response.status != 200:
                         await _json_or_raise(response)
-                    async for line in response.content:
-                        if line.startswith(b"data: "):
-                            yield line[6:].rstrip(b"\r\n")
+                    yield backend, response
                 return
             except TimeoutError:
                 raise BackendTimeout(f"the model backend did not answer within {self._timeout.total:.0f} s") from None
@@ -130,6 +106,20 @@ class VLLMGenerator:
             finally:
                 self._in_flight[i] -= 1
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__ if last_error else 'none'})")
+
+    async def generate(self, body: dict[str, Any], n: int) -> Generation:
+        def payload(backend: Backend) -> dict[str, Any]:
+            return {**body, "model": backend.model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
+
+        async with self._post(payload) as (backend, response):
+            return _generation(await _json_or_raise(response), backend.url)
+        raise AssertionError("unreachable: _post yields or raises")
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        async with self._post(lambda backend: {**body, "model": backend.model, "n": 1, "stream": True}) as (_, response):
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    yield line[6:].rstrip(b"\r\n")
 
     async def ready(self) -> bool:
         for backend in self._backends:

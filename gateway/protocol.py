@@ -111,7 +111,6 @@ def uses_tools(request: ChatCompletionRequest) -> str | None:
 
 def passthrough(request: ChatCompletionRequest) -> dict[str, Any]:
     """The fields vLLM receives unchanged: everything the client set that the gateway does not own."""
-    data = request.model_dump(exclude_unset=True, exclude_none=True, exclude=set(GATEWAY_FIELDS))
-    if request.model_extra:
-        data.update({k: v for k, v in request.model_extra.items() if k not in GATEWAY_FIELDS})
+    # model_dump includes the extra (vLLM-only) fields too
+    data: dict[str, Any] = request.model_dump(exclude_unset=True, exclude_none=True, exclude=set(GATEWAY_FIELDS))
     return data
