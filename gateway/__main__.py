@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
     )
     if not port_free(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use")

@@ -8,8 +8,8 @@ OpenAI response bodies and stream chunks. Routes call it; it never sees HTTP.
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,7 @@ class Plan:
     max_tokens: int
     body: dict[str, Any]
     """The fields vLLM receives (without model, n and streaming, which the generator sets)."""
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{os.urandom(16).hex()}")
     created: int = field(default_factory=lambda: int(time.time()))
     timings: dict[str, float] = field(default_factory=dict)
 
