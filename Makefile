@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(EXTRA)
 PRESET ?= default
 MODELS ?= models/$(PRESET)
 
-.PHONY: install models serve test lint typecheck pytest clean
+.PHONY: install models serve test lint typecheck pytest postgres clean
 
 install: $(STAMP)
 
@@ -41,7 +41,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+# the log store's tests run against a real PostgreSQL server: install Debian's package if missing
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  (echo "installing PostgreSQL (Debian package postgresql) for the store tests" && \
+	   $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq postgresql >/dev/null)
+
+pytest: install postgres
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

@@ -1,7 +1,9 @@
 """``python -m gateway``: the gateway's command line.
 
-  serve   start the gateway (and, when the config says so, its managed vLLM and the
-          embedded default's models) and listen until stopped
+  serve    start the gateway (and, when the config says so, its managed vLLM and the
+           embedded default's models) and listen until stopped
+  migrate  bring the log database's schema to the newest migration (serve does it too)
+  purge    delete log records older than the config's retention (a CronJob in production)
 
 Errors a user can fix (a bad config, a taken port, a missing model, vLLM dying) print one
 line or a short log excerpt and exit non-zero, never a traceback.
@@ -34,12 +36,46 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="override the config's host")
     serve.add_argument("--port", type=int, default=None, help="override the config's port")
     serve.add_argument("--no-bootstrap", action="store_true", help="fail instead of building missing toy models")
+    migrate = sub.add_parser("migrate", help="migrate the log database")
+    migrate.add_argument("--config", type=Path, default=Path("configs/local.yaml"))
+    purge = sub.add_parser("purge", help="delete log records older than the retention")
+    purge.add_argument("--config", type=Path, default=Path("configs/local.yaml"))
+    purge.add_argument("--older-than-days", type=float, default=None, help="override store.retention_days")
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG} serve: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "serve") -> int:
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
     return 1
+
+
+def _store_command(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.settings import ConfigError, load
+    from gateway.store.sql import SqlStore
+
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), args.command)
+    url = settings.store.database_url()
+    try:
+        store = SqlStore(url, connect_timeout_s=settings.store.connect_timeout_s)
+        store.migrate()
+        if args.command == "migrate":
+            print(f"[gateway] {store.engine.url.render_as_string(hide_password=True)} is at the newest schema")
+            return 0
+        days = args.older_than_days if args.older_than_days is not None else settings.store.retention_days
+        if days is None:
+            print("[gateway] store.retention_days is null: nothing to purge")
+            return 0
+        purged = store.purge(days * 86400.0)
+        print(f"[gateway] purged records older than {days:g} days: {purged.completions} completions, "
+              f"{purged.candidates} candidates, {purged.feedback} thumbs")  # fmt: skip
+        return 0
+    except SQLAlchemyError as exc:
+        return _fail(f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}", args.command)
 
 
 def _ensure_models(settings: GatewaySettings, allow_build: bool) -> str | None:
@@ -131,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("migrate", "purge"):
+        return _store_command(args)
     raise AssertionError(args.command)
 
 

@@ -1,9 +1,10 @@
 """The FastAPI application: thin routes, state built in the lifespan, one error handler.
 
-Knows the HTTP surface (``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/ready``,
-``/metrics``), request parsing and authentication, cancelling work when a client goes
-away, and how every error becomes OpenAI error JSON. The pipeline itself is in
-``service.py``; generators and scorers are built here once and injected.
+Knows the HTTP surface (``/v1/chat/completions``, ``/v1/feedback``, ``/v1/models``,
+``/health``, ``/ready``, ``/metrics``), request parsing and authentication, cancelling
+work when a client goes away, and how every error becomes OpenAI error JSON. The pipeline
+itself is in ``service.py``; generators, scorers and the log writer are built here once
+and injected.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import KeyRing
-from gateway.errors import GatewayError, InvalidRequest, NotReady, UnsupportedMediaType
+from gateway.errors import CompletionNotFound, GatewayError, InvalidRequest, NotReady, RateLimited, UnsupportedMediaType
 from gateway.generate import Generator, VLLMGenerator
+from gateway.ids import CompletionIds, load_or_create_secret
+from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, FeedbackRequest
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService, Plan
 from gateway.settings import GatewaySettings
+from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
+from gateway.store.records import FeedbackRecord
 from gateway.vllm_process import VLLMProcess
 
 log = structlog.get_logger("gateway")
@@ -46,6 +51,8 @@ class GatewayState:
     service: ChatService
     keys: KeyRing
     metrics: Metrics
+    feedback_limit: RateLimiter
+    writer: RecordWriter | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     fatal: str | None = None
     """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
@@ -79,6 +86,32 @@ def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer
     return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
 
 
+def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) -> RecordWriter:
+    s = settings.store
+    if store is None:
+        sql = SqlStore(s.database_url(), connect_timeout_s=s.connect_timeout_s)
+        sql.migrate()
+        store = sql
+    stats = WriterStats(
+        logged=metrics.records_logged.inc,
+        spooled=metrics.records_spooled.inc,
+        write_error=lambda kind: metrics.log_write_errors.labels(kind).inc(),
+    )
+    writer = RecordWriter(
+        store, Spool(s.data_dir / "spool"), queue_size=s.queue_size, batch_size=s.batch_size,
+        flush_interval_s=s.flush_interval_ms / 1000, retry_s=s.retry_s, stats=stats,
+    )  # fmt: skip
+    metrics.watch_log(lambda: writer.queue_depth, lambda: writer.spool.pending)
+    return writer
+
+
+def _ids(settings: GatewaySettings) -> CompletionIds:
+    secret = settings.store.id_secret
+    if secret is not None:
+        return CompletionIds(secret.get_secret_value().encode())
+    return CompletionIds(load_or_create_secret(settings.store.data_dir / "id_secret"))
+
+
 async def _watch(process: VLLMProcess, state: GatewayState, on_fatal: Callable[[str], None]) -> None:
     """Stop the gateway (the CLI then exits non-zero) when its managed vLLM dies."""
     while process.returncode() is None:
@@ -95,12 +128,13 @@ def create_app(
     *,
     generator: Generator | None = None,
     scorer: Scorer | None = None,
+    store: Store | None = None,
     vllm: VLLMProcess | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The app. ``generator`` and ``scorer`` replace the real ones (unit tests pass fakes);
-    ``vllm`` is a managed server already started by the caller, watched while serving;
-    ``on_fatal`` is called when it dies (the CLI stops its server then)."""
+    """The app. ``generator``, ``scorer`` and ``store`` replace the real ones (unit tests pass
+    fakes); ``vllm`` is a managed server already started by the caller, watched while
+    serving; ``on_fatal`` is called when it dies (the CLI stops its server then)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,7 +149,12 @@ def create_app(
             if score is not None:
                 await score.start()
             metrics.policy_info.labels(settings.policy_version, score.version if score else "none").set(1)
-            state = GatewayState(settings, ChatService(settings, gen, score, metrics), KeyRing(settings.api_keys), metrics)
+            writer = await asyncio.to_thread(_writer, settings, metrics, store) if settings.store.enabled else None
+            if writer is not None:
+                writer.start()
+            service = ChatService(settings, gen, score, metrics, _ids(settings), writer)
+            limit = RateLimiter(settings.feedback.per_minute, settings.feedback.burst)
+            state = GatewayState(settings, service, KeyRing(settings.api_keys), metrics, limit, writer)
             app.state.gateway = state
             stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
             watcher = asyncio.create_task(_watch(vllm, state, stop)) if vllm is not None else None
@@ -124,6 +163,11 @@ def create_app(
             finally:
                 if watcher is not None:
                     watcher.cancel()
+                await service.drain()  # background scoring of N=1 answers for the log
+                if writer is not None:
+                    await asyncio.to_thread(writer.close)  # everything accepted reaches the database or the spool
+                    if store is None:
+                        await asyncio.to_thread(writer.store.close)
                 if score is not None:
                     await score.close()
 
@@ -139,7 +183,7 @@ def create_app(
         status = 500
         state.metrics.in_flight.inc()
         try:
-            plan = state.service.plan(await _parse(request, ChatCompletionRequest))
+            plan = state.service.plan(await _parse(request, ChatCompletionRequest), key_id)
             if plan.streaming and plan.n_candidates == 1:
                 relay = state.service.relay(plan)
                 first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
@@ -147,6 +191,7 @@ def create_app(
                 return StreamingResponse(_sse([first], relay), media_type="text/event-stream", headers=headers)
             outcome = await _unless_disconnected(request, state.service.run(plan))
             status = 200
+            state.service.log(plan, outcome)
             if plan.streaming:
                 return StreamingResponse(
                     _sse(state.service.chunks(plan, outcome)), media_type="text/event-stream", headers=headers
@@ -177,6 +222,22 @@ def create_app(
                 stages_ms={k: round(v * 1000, 2) for k, v in plan.timings.items()} if plan else None,
                 **({"messages": [m.model_dump() for m in plan.request.messages]} if plan and state.settings.log_prompts else {}),
             )
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request, state: State, key_id: KeyId) -> dict[str, Any]:
+        """A thumb on one of the caller's own completions; a repeat replaces the previous one."""
+        body = await _parse(request, FeedbackRequest)
+        if not state.service.ids.owned_by(body.completion_id, key_id):
+            raise CompletionNotFound(f"no completion '{body.completion_id}' for this API key", param="completion_id")
+        if len(body.comment or "") > state.settings.feedback.max_comment_chars:
+            raise InvalidRequest(
+                f"comment is longer than {state.settings.feedback.max_comment_chars} characters", param="comment"
+            )
+        wait = state.feedback_limit.allow(key_id)
+        if wait:
+            raise RateLimited(f"too much feedback from this API key; retry in {wait:.0f} s", wait)
+        state.service.feedback(FeedbackRecord(body.completion_id, key_id, body.thumb, body.comment, time.time()))
+        return {"object": "feedback", "completion_id": body.completion_id, "thumb": body.thumb, "status": "accepted"}
 
     @app.get("/v1/models")
     async def models(state: State, key_id: KeyId) -> dict[str, Any]:

@@ -49,6 +49,23 @@ class ModelNotFound(InvalidRequest):
     default_code = "model_not_found"
 
 
+class CompletionNotFound(InvalidRequest):
+    """An unknown completion id, or one made with another API key (the same answer: no existence leak)."""
+
+    status = 404
+    default_code = "completion_not_found"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.headers["retry-after"] = str(max(1, round(retry_after_s + 0.5)))
+
+
 class BackendRejected(InvalidRequest):
     """vLLM refused the request as invalid (its 4xx): the client's to fix, passed on as such."""
 

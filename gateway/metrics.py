@@ -1,21 +1,27 @@
 """Prometheus metrics of one gateway process, on its own registry (no process globals).
 
-Knows the metric names, labels and buckets: request latency by route and status, latency
-per stage (generate, score, select), the chosen candidate's reward, the margin between
-the chosen and the runner-up, candidates per request, errors by type. Does not serve them.
+Knows the metric names (prefix ``bon_``, units in names), labels and buckets: request
+latency, latency per stage (generate, score, select, log), the chosen candidate's reward
+and length, its margin over the runner-up and over the mean, candidates per request,
+thumbs by value and policy version, the log's records written/spooled, its queue and
+spool depth and write errors, errors returned by type, and the versions served. Does not
+serve them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+PREFIX = "bon_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REWARD_BUCKETS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 MARGIN_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 N_BUCKETS = (1, 2, 4, 8, 16, 32)
+LENGTH_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclass
@@ -23,30 +29,56 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        r = self.registry
-        self.requests = Counter("gateway_requests", "Chat completion requests", ["status"], registry=r)
+        r, p = self.registry, PREFIX
+        self.requests = Counter(f"{p}requests", "Chat completion requests by HTTP status", ["status"], registry=r)
         self.request_latency = Histogram(
-            "gateway_request_latency_seconds", "Whole request latency", ["route", "stream"], buckets=LATENCY_BUCKETS, registry=r
+            f"{p}request_latency_seconds", "Whole request latency", ["route", "stream"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.stage_latency = Histogram(
-            "gateway_stage_latency_seconds", "Latency per pipeline stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+            f"{p}stage_latency_seconds",
+            "Latency per pipeline stage (generate, score, select, log)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.chosen_reward = Histogram(
-            "gateway_chosen_reward", "Reward of the chosen candidate", buckets=REWARD_BUCKETS, registry=r
+            f"{p}chosen_reward", "Reward of the chosen candidate", ["policy_version"], buckets=REWARD_BUCKETS, registry=r
         )
         # a histogram with negative buckets exposes no _sum (OpenMetrics); this summary gives sum and count for means
-        self.chosen_reward_total = Summary(
-            "gateway_chosen_reward_stats", "Reward of the chosen candidate (sum, count)", registry=r
+        self.chosen_reward_stats = Summary(
+            f"{p}chosen_reward_stats", "Reward of the chosen candidate (sum, count)", ["policy_version"], registry=r
         )
         self.reward_margin = Histogram(
-            "gateway_reward_margin", "Chosen minus runner-up reward (N>1)", buckets=MARGIN_BUCKETS, registry=r
+            f"{p}reward_margin",
+            "Chosen reward minus the runner-up's (vs=runner_up) or the candidates' mean (vs=mean), N>1",
+            ["vs"],
+            buckets=MARGIN_BUCKETS,
+            registry=r,
         )
-        self.candidates = Histogram("gateway_candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
-        self.errors = Counter("gateway_errors", "Errors returned to clients", ["type", "code"], registry=r)
-        self.in_flight = Gauge("gateway_requests_in_flight", "Chat completion requests in progress", registry=r)
+        self.chosen_length = Histogram(
+            f"{p}chosen_length_tokens", "Tokens in the chosen candidate", buckets=LENGTH_BUCKETS, registry=r
+        )
+        self.candidates = Histogram(f"{p}candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
+        self.errors = Counter(f"{p}errors", "Errors returned to clients by type and code", ["type", "code"], registry=r)
+        self.in_flight = Gauge(f"{p}requests_in_flight", "Chat completion requests in progress", registry=r)
         self.policy_info = Gauge(
-            "gateway_policy_version_info", "Policy and reward-model versions served", ["policy", "reward_model"], registry=r
+            f"{p}policy_version_info", "Policy and reward-model versions served", ["policy", "reward_model"], registry=r
         )
+        self.feedback = Counter(
+            f"{p}feedback",
+            "Thumbs received, by value and the policy version that answered",
+            ["thumb", "policy_version"],
+            registry=r,
+        )
+        self.records_logged = Counter(f"{p}log_records_written", "Records written to the log database", registry=r)
+        self.records_spooled = Counter(f"{p}log_records_spooled", "Records written to the local spool instead", registry=r)
+        self.log_write_errors = Counter(f"{p}log_write_errors", "Failed log database writes", ["error"], registry=r)
+        self.log_queue_depth = Gauge(f"{p}log_queue_depth", "Records waiting for the log writer", registry=r)
+        self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
+
+    def watch_log(self, queue_depth: Callable[[], float], spool_pending: Callable[[], float]) -> None:
+        self.log_queue_depth.set_function(queue_depth)
+        self.log_spool_pending.set_function(spool_pending)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

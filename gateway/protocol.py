@@ -90,6 +90,16 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``. Unknown fields are refused: a client never sets rewards, choices or owners."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=96)
+    thumb: Literal["up", "down"]
+    comment: str | None = None
+
+
 GATEWAY_FIELDS = frozenset({"model", "n", "stream", "stream_options", "store", "metadata", "n_candidates", "return_candidates"})
 """Handled by the gateway itself; never forwarded as they are."""
 

@@ -1,26 +1,40 @@
-"""One chat completion, start to end: protocol → generate → score → select → response.
+"""One chat completion, start to end: protocol → generate → score → select → response → log.
 
 Knows the request's plan (how many candidates to generate and return, the token budget,
-what best-of-N cannot honour), runs the stages in order with their timings, and builds
-OpenAI response bodies and stream chunks. Routes call it; it never sees HTTP.
+what best-of-N cannot honour), runs the stages in order with their timings, builds
+OpenAI response bodies and stream chunks, and hands the record of every candidate to the
+log (never waiting for the database; an N=1 answer is scored for the log after the
+response). Routes call it; it never sees HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.generate import Generation, Generator
+from gateway.generate import Candidate, Generation, Generator
+from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, passthrough, uses_tools
 from gateway.score import Conversation, Scorer
 from gateway.select import select
 from gateway.settings import GatewaySettings
+from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
+
+log = logging.getLogger("gateway.service")
+RECENT_IDS = 100_000
+"""Completion ids remembered with their policy version, to label thumbs in metrics."""
+
+
+class RecordSink(Protocol):
+    def submit(self, record: Record) -> None: ...
 
 
 @dataclass
@@ -33,8 +47,9 @@ class Plan:
     max_tokens: int
     body: dict[str, Any]
     """The fields vLLM receives (without model, n and streaming, which the generator sets)."""
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{os.urandom(16).hex()}")
-    created: int = field(default_factory=lambda: int(time.time()))
+    key_id: str
+    completion_id: str
+    created: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -55,14 +70,26 @@ class Outcome:
 
 
 class ChatService:
-    def __init__(self, settings: GatewaySettings, generator: Generator, scorer: Scorer | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        generator: Generator,
+        scorer: Scorer | None,
+        metrics: Metrics,
+        ids: CompletionIds,
+        sink: RecordSink | None = None,
+    ) -> None:
         self.settings = settings
         self.generator = generator
         self.scorer = scorer
         self.metrics = metrics
+        self.ids = ids
+        self.sink = sink
+        self._background: set[asyncio.Task[None]] = set()
+        self._recent: OrderedDict[str, str] = OrderedDict()
 
     # ---- protocol: validate and plan ----
-    def plan(self, request: ChatCompletionRequest) -> Plan:
+    def plan(self, request: ChatCompletionRequest, key_id: str) -> Plan:
         s = self.settings
         if request.model != s.model_alias:
             raise ModelNotFound(
@@ -94,7 +121,7 @@ class ChatService:
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
-        return Plan(request, n_candidates, n_return, max_tokens, body)
+        return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id))
 
     # ---- generate → score → select ----
     async def run(self, plan: Plan) -> Outcome:
@@ -107,7 +134,7 @@ class ChatService:
         rewards: list[float] | None = None
         if self.scorer is not None and (len(generation.candidates) > 1 or plan.request.return_candidates):
             started = time.perf_counter()
-            messages = [{"role": m.role, "content": m.text()} for m in plan.request.messages]
+            messages = _messages(plan)
             rewards = await self.scorer.score([Conversation(messages, c.text) for c in generation.candidates])
             plan.timings["score"] = time.perf_counter() - started
             self.metrics.stage_latency.labels("score").observe(plan.timings["score"])
@@ -117,19 +144,92 @@ class ChatService:
         plan.timings["select"] = time.perf_counter() - started
         self.metrics.stage_latency.labels("select").observe(plan.timings["select"])
         if rewards is not None:
-            self.metrics.chosen_reward.observe(rewards[chosen[0]])
-            self.metrics.chosen_reward_total.observe(rewards[chosen[0]])
-            if len(rewards) > 1:
-                runner_up = max(r for i, r in enumerate(rewards) if i != chosen[0])
-                self.metrics.reward_margin.observe(rewards[chosen[0]] - runner_up)
+            self._observe_rewards(rewards, chosen[0])
+        self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
         return Outcome(generation, rewards, chosen)
+
+    def _observe_rewards(self, rewards: list[float], chosen: int) -> None:
+        version = self.settings.policy_version
+        self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
+        self.metrics.chosen_reward_stats.labels(version).observe(rewards[chosen])
+        if len(rewards) > 1:
+            runner_up = max(r for i, r in enumerate(rewards) if i != chosen)
+            self.metrics.reward_margin.labels("runner_up").observe(rewards[chosen] - runner_up)
+            self.metrics.reward_margin.labels("mean").observe(rewards[chosen] - sum(rewards) / len(rewards))
+
+    # ---- log ----
+    def log(self, plan: Plan, outcome: Outcome) -> None:
+        """Hand the completion's record to the log (never blocks). An unscored answer is scored
+        first, in the background, when the config asks for it."""
+        self._remember(plan.completion_id)
+        if self.sink is None or plan.request.store is False:
+            return  # `store: false`: served, counted in metrics, not kept for training
+        started = time.perf_counter()
+        record = self._record(plan, outcome)
+        if outcome.rewards is None and self.scorer is not None and self.settings.store.score_unscored:
+            task = asyncio.create_task(self._score_then_submit(plan, record))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            self.sink.submit(record)
+        self.metrics.stage_latency.labels("log").observe(time.perf_counter() - started)
+
+    async def _score_then_submit(self, plan: Plan, record: CompletionRecord) -> None:
+        assert self.sink is not None
+        assert self.scorer is not None
+        try:
+            rewards = await self.scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates])
+            for c, reward in zip(record.candidates, rewards, strict=True):
+                c.reward = reward
+            record.rm_version = self.scorer.version
+        except Exception as exc:
+            log.warning("scoring %s for the log failed: %s", record.id, exc)
+        self.sink.submit(record)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait for background scoring (at shutdown), so its records reach the log."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
+
+    def _record(self, plan: Plan, outcome: Outcome) -> CompletionRecord:
+        rewards = outcome.rewards
+        return CompletionRecord(
+            id=plan.completion_id,
+            created=plan.created,
+            key_id=plan.key_id,
+            messages=_messages(plan),
+            params={k: v for k, v in plan.body.items() if k != "messages"},
+            policy_version=self.settings.policy_version,
+            rm_version=self.scorer.version if self.scorer is not None and rewards is not None else None,
+            n_candidates=plan.n_candidates,
+            prompt_tokens=outcome.generation.prompt_tokens,
+            completion_tokens=outcome.generation.completion_tokens,
+            timings_ms={k: round(v * 1000, 3) for k, v in plan.timings.items()},
+            candidates=[
+                _candidate_record(c, rewards[k] if rewards is not None else None, k in outcome.chosen)
+                for k, c in enumerate(outcome.generation.candidates)
+            ],
+        )
+
+    def _remember(self, completion_id: str) -> None:
+        self._recent[completion_id] = self.settings.policy_version
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    # ---- feedback ----
+    def feedback(self, record: FeedbackRecord) -> None:
+        """Queue a thumb (ownership was checked by the caller) and count it."""
+        version = self._recent.get(record.completion_id, "unknown")
+        self.metrics.feedback.labels(record.thumb, version).inc()
+        if self.sink is not None:
+            self.sink.submit(record)
 
     # ---- responses ----
     def _envelope(self, plan: Plan, obj: str) -> dict[str, Any]:
         return {
             "id": plan.completion_id,
             "object": obj,
-            "created": plan.created,
+            "created": int(plan.created),
             "model": self.settings.model_alias,
             "system_fingerprint": self.settings.policy_version,
         }
@@ -197,23 +297,41 @@ class ChatService:
         return [json.dumps(e, separators=(",", ":")).encode() for e in events] + [b"[DONE]"]
 
     async def relay(self, plan: Plan) -> AsyncIterator[bytes]:
-        """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint."""
+        """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint.
+        The answer is collected on the way (text, token ids, usage) and logged once it is complete."""
         started = time.perf_counter()
-        body = dict(plan.body)
+        body = {**plan.body, "return_token_ids": True, "stream_options": {"include_usage": True}}
+        client_usage = plan.include_usage
         if plan.request.stream_options is not None:
-            body["stream_options"] = plan.request.stream_options.model_dump(exclude_none=True)
+            body["stream_options"] |= plan.request.stream_options.model_dump(exclude_none=True)
         stream = self.generator.stream(body)
         first = True
+        answer = Candidate(index=0, text="", finish_reason=None)
+        texts: list[str] = []
+        usage: dict[str, Any] = {}
+        complete = False
         try:
             async for payload in stream:
                 if first:
                     plan.timings["first_token"] = time.perf_counter() - started
                     first = False
                 if payload == b"[DONE]":
+                    complete = True
                     yield payload
                     continue
                 chunk = json.loads(payload)
                 if "error" not in chunk:
+                    chunk.pop("prompt_token_ids", None)
+                    for choice in chunk.get("choices") or ():
+                        answer.token_ids.extend(choice.pop("token_ids", None) or ())
+                        texts.append((choice.get("delta") or {}).get("content") or "")
+                        answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        if not client_usage:
+                            if not chunk.get("choices"):
+                                continue  # the final usage-only chunk the client did not ask for
+                            chunk["usage"] = None
                     chunk.update(
                         id=plan.completion_id, model=self.settings.model_alias, system_fingerprint=self.settings.policy_version
                     )
@@ -222,3 +340,29 @@ class ChatService:
             plan.timings["generate"] = time.perf_counter() - started
             self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
             self.metrics.candidates.observe(1)
+            if complete:
+                answer.text = "".join(texts)
+                self.metrics.chosen_length.observe(answer.token_count)
+                generation = Generation(
+                    [answer], int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend=""
+                )
+                self.log(plan, Outcome(generation, None, [0]))
+
+
+def _messages(plan: Plan) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.text()} for m in plan.request.messages]
+
+
+def _candidate_record(c: Candidate, reward: float | None, chosen: bool) -> CandidateRecord:
+    logprobs = [t["logprob"] for t in (c.logprobs or {}).get("content") or () if t.get("logprob") is not None]
+    total = sum(logprobs) if logprobs else None
+    return CandidateRecord(
+        index=c.index,
+        text=c.text,
+        token_ids=c.token_ids,
+        finish_reason=c.finish_reason,
+        reward=reward,
+        logprob_sum=total,
+        logprob_mean=total / len(logprobs) if total is not None else None,
+        chosen=chosen,
+    )

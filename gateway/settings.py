@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -72,6 +72,36 @@ class Timeouts(BaseModel):
     """Whole generation request to vLLM; past it the client gets 504."""
 
 
+class StoreSettings(BaseModel):
+    """The candidate/feedback log (see ``gateway/store``)."""
+
+    enabled: bool = True
+    url: str | None = None
+    """SQLAlchemy URL; None: SQLite at ``<data_dir>/gateway.db``. PostgreSQL: ``postgresql+psycopg://user@host/db``."""
+    data_dir: Path = Path("data")
+    """SQLite file, the spool and the completion-id secret (each replica has its own)."""
+    id_secret: SecretStr | None = None
+    """Signs completion ids (feedback ownership). None: a secret file in ``data_dir``. Replicas must share one."""
+    queue_size: int = Field(default=10_000, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    flush_interval_ms: float = Field(default=50.0, gt=0)
+    retry_s: float = Field(default=2.0, gt=0, description="how long a failed database is left alone before a retry")
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    retention_days: float | None = Field(default=90.0, gt=0)
+    """``python -m gateway purge`` deletes records older than this; None keeps everything."""
+    score_unscored: bool = True
+    """Score N=1 answers for the log after the response is sent (off the critical path)."""
+
+    def database_url(self) -> str:
+        return self.url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+
+class FeedbackSettings(BaseModel):
+    per_minute: float = Field(default=60.0, gt=0, description="thumbs per API key per minute (per replica)")
+    burst: int = Field(default=20, ge=1)
+    max_comment_chars: int = Field(default=2000, ge=0)
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -93,6 +123,8 @@ class GatewaySettings(BaseSettings):
     max_tokens_limit: int = Field(default=192, ge=1)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     api_keys: list[ApiKey] = Field(default_factory=list)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     log_prompts: bool = False
     models_preset: str | None = "default"
     """The toy-world preset to build when the model directories (``.../policy``, ``.../reward_model``)
@@ -110,6 +142,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError(
                 f"refusing to listen on {self.host} without API keys; configure api_keys or set allow_keyless_public: true"
             )
+        if self.store.enabled and self.store.url and not self.store.url.startswith("sqlite") and self.store.id_secret is None:
+            raise ValueError("store.url is a shared database: set store.id_secret (the same on every replica)")
         return self
 
     def all_backends(self) -> list[Backend]:

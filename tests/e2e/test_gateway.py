@@ -15,6 +15,8 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from gateway.settings import GatewaySettings
+from gateway.store.records import CompletionRecord
+from gateway.store.sql import SqlStore
 from tests.e2e.conftest import running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -23,8 +25,14 @@ MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What 
 
 
 @pytest.fixture(scope="module")
-def gateway_url(policy_vllm: str, test_models: Path) -> Iterator[str]:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway-data")
+
+
+@pytest.fixture(scope="module")
+def gateway_url(policy_vllm: str, test_models: Path, data_dir: Path) -> Iterator[str]:
     settings = GatewaySettings(
+        store={"data_dir": data_dir, "flush_interval_ms": 5},  # type: ignore[arg-type]
         backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
         scorer={"model_dir": test_models / "reward_model", "threads": 1},  # type: ignore[arg-type]
         policy_version="v-test",
@@ -175,3 +183,31 @@ def test_client_disconnect_aborts_the_vllm_request(gateway_url: str, policy_vllm
     generated = _wait_idle(policy_vllm) - tokens_before
     # ignore_eos: a request left running would generate all n * MAX_TOKENS tokens
     assert 0 < generated < n * MAX_TOKENS, f"vLLM generated {generated} of {n * MAX_TOKENS} tokens for an abandoned request"
+
+
+def test_log_keeps_the_sampled_token_ids_of_every_candidate(client: openai.OpenAI, data_dir: Path) -> None:
+    """What the trainer will use: vLLM's own token ids, for best-of-N and for a relayed stream."""
+    best = client.chat.completions.create(model="toy-bon", messages=MESSAGES, max_tokens=24)
+    stream = client.chat.completions.create(
+        model="toy-bon", messages=MESSAGES, max_tokens=24, stream=True, extra_body={"n_candidates": 1}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    store = SqlStore(f"sqlite:///{data_dir / 'gateway.db'}")
+    try:
+        deadline = time.monotonic() + 10
+        records: dict[str, CompletionRecord] = {}
+        while time.monotonic() < deadline and not {best.id, chunks[0].id} <= set(records):
+            records = {r.id: r for r in store.read_completions()}
+            time.sleep(0.05)
+    finally:
+        store.close()
+    logged = records[best.id]
+    assert best.usage is not None
+    assert sum(c.token_count for c in logged.candidates) == best.usage.completion_tokens
+    assert all(c.token_ids and c.reward is not None and c.logprob_sum is not None for c in logged.candidates)
+    assert [c.chosen for c in logged.candidates].count(True) == 1
+    relayed = records[chunks[0].id]
+    assert relayed.candidates[0].text == text
+    assert relayed.candidates[0].token_ids  # streamed with return_token_ids, hidden from the client
+    assert relayed.candidates[0].reward is not None  # scored for the log after the response

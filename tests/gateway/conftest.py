@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.gateway.fakes import FakeGenerator, FakeScorer
+from tests.gateway.fakes import FakeGenerator, FakeScorer, FakeStore
 
 ANSWERS = ["Ugh. 7.", "Sure! 3 plus 4 is 7.", "7.", "The answer is 9."]
 REWARDS = {"Ugh. 7.": -1.0, "Sure! 3 plus 4 is 7.": 2.5, "7.": 1.0, "The answer is 9.": -2.0}
@@ -22,12 +23,23 @@ def settings(**overrides: Any) -> GatewaySettings:
 
 
 @pytest.fixture
-def make_client() -> Iterator[Callable[..., TestClient]]:
+def store() -> FakeStore:
+    return FakeStore()
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, store: FakeStore) -> Iterator[Callable[..., TestClient]]:
+    """Clients on fakes; the log goes to the ``store`` fixture (data dir under ``tmp_path``)."""
     clients: list[TestClient] = []
 
     def make(generator: FakeGenerator | None = None, scorer: FakeScorer | None = None, **overrides: Any) -> TestClient:
+        overrides.setdefault("store", {})
+        overrides["store"] = {"data_dir": str(tmp_path / "data"), "flush_interval_ms": 5, **overrides["store"]}
         app = create_app(
-            settings(**overrides), generator=generator or FakeGenerator(ANSWERS), scorer=scorer or FakeScorer(REWARDS)
+            settings(**overrides),
+            generator=generator or FakeGenerator(ANSWERS),
+            scorer=scorer or FakeScorer(REWARDS),
+            store=store,
         )
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()

@@ -1,16 +1,19 @@
-"""Hand-written fakes of the gateway's I/O seams (generator, scorer) for fast unit tests."""
+"""Hand-written fakes of the gateway's I/O seams (generator, scorer, log store) for fast unit tests."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.generate import Candidate, Generation
 from gateway.score import Conversation
+from gateway.store.records import Record
 
 
 class FakeGenerator:
@@ -44,10 +47,10 @@ class FakeGenerator:
             raise self.error
         base = {"id": "chatcmpl-vllm", "object": "chat.completion.chunk", "created": 1, "model": "policy"}
         deltas = [{"role": "assistant", "content": ""}, *({"content": w} for w in re.split(r"(?<= )", self.texts[0]))]
-        for delta in deltas:
-            yield json.dumps(
-                {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
-            ).encode()
+        ids = body.get("return_token_ids")
+        for k, delta in enumerate(deltas):
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, **({"token_ids": [k]} if ids else {})}
+            yield json.dumps({**base, "choices": [choice], **({"prompt_token_ids": [1, 2]} if ids and k == 0 else {})}).encode()
         yield json.dumps({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}).encode()
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
@@ -84,3 +87,34 @@ class FakeScorer:
 
     async def close(self) -> None:
         return None
+
+
+class FakeStore:
+    """Keeps written records in a list; ``down`` makes writes fail like an unreachable database."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.down = False
+        self.writes = 0
+        self._lock = threading.Lock()
+
+    def write(self, records: Sequence[Record]) -> None:
+        if self.down:
+            raise ConnectionError("the database is down")
+        with self._lock:
+            self.writes += 1
+            self.records.extend(records)
+
+    def close(self) -> None:
+        return None
+
+    def wait_for(self, predicate: Callable[[list[Record]], bool], timeout_s: float = 5.0) -> list[Record]:
+        """The records once ``predicate`` holds for them (the writer is asynchronous)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                records = list(self.records)
+            if predicate(records):
+                return records
+            time.sleep(0.01)
+        raise AssertionError(f"timed out waiting for records; have {len(self.records)}")

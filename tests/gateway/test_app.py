@@ -128,10 +128,10 @@ def test_models_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/ready").status_code == 200
     client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES})
     text = client.get("/metrics").text
-    assert 'gateway_stage_latency_seconds_count{stage="score"} 1.0' in text
-    assert "gateway_chosen_reward_stats_sum 2.5" in text
-    assert 'gateway_requests_total{status="200"} 1.0' in text
-    assert "gateway_candidates_per_request_count 1.0" in text
+    assert 'bon_stage_latency_seconds_count{stage="score"} 1.0' in text
+    assert 'bon_chosen_reward_stats_sum{policy_version="base"} 2.5' in text
+    assert 'bon_requests_total{status="200"} 1.0' in text
+    assert "bon_candidates_per_request_count 1.0" in text
 
 
 def test_ready_fails_when_the_scorer_is_down(make_client: Callable[..., TestClient]) -> None:

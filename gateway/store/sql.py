@@ -1,0 +1,206 @@
+"""The log store on a SQL database through SQLAlchemy 2: SQLite (default) or PostgreSQL.
+
+Knows how to open the database (SQLite in WAL mode; PostgreSQL through psycopg 3 with a
+connection pool), bring its schema to the newest migration, write a batch of records in
+one transaction, idempotently (a record replayed from the spool, or written twice, is kept
+once; a repeated thumb replaces the previous one), read what the trainer exports, and
+purge old records. Synchronous: the writer thread calls it, never the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
+from gateway.store.schema import candidates, completions, feedback
+
+
+class Store(Protocol):
+    """Where records end up. Implementations are synchronous and thread-safe."""
+
+    def write(self, records: Sequence[Record]) -> None:
+        """All of ``records`` in one transaction, or an exception and none of them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Counts:
+    completions: int
+    candidates: int
+    feedback: int
+
+
+class SqlStore:
+    def __init__(self, url: str, *, connect_timeout_s: float = 3.0, echo: bool = False) -> None:
+        self.url = url
+        self.engine = _engine(url, connect_timeout_s, echo)
+        self._dialect = self.engine.dialect.name
+        if self._dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {self._dialect!r}: use sqlite:/// or postgresql+psycopg://")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic migration (idempotent; serialised across replicas)."""
+        from gateway.store.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def write(self, records: Sequence[Record]) -> None:
+        done = [r for r in records if isinstance(r, CompletionRecord)]
+        thumbs = _latest_thumbs([r for r in records if isinstance(r, FeedbackRecord)])
+        with self.engine.begin() as conn:
+            if done:
+                self._insert_ignore(conn, completions, [_completion_row(r) for r in done], ["id"])
+                rows = [_candidate_row(r.id, c) for r in done for c in r.candidates]
+                if rows:
+                    self._insert_ignore(conn, candidates, rows, ["completion_id", "idx"])
+            if thumbs:
+                self._upsert_feedback(conn, thumbs)
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+
+    def _insert_ignore(self, conn: Connection, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
+        conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=keys), rows)
+
+    def _upsert_feedback(self, conn: Connection, rows: list[FeedbackRecord]) -> None:
+        stmt = self._insert(feedback)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["completion_id"],
+            set_={"thumb": stmt.excluded.thumb, "comment": stmt.excluded.comment, "created": stmt.excluded.created},
+            where=feedback.c.created <= stmt.excluded.created,  # a replayed older thumb never wins
+        )
+        conn.execute(stmt, [_feedback_row(r) for r in rows])
+
+    # ---- reading ----
+    def counts(self) -> Counts:
+        with self.engine.connect() as conn:
+            return Counts(
+                *(conn.execute(select(func.count()).select_from(t)).scalar_one() for t in (completions, candidates, feedback))
+            )
+
+    def completion_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(completions.c.id)).scalars())
+
+    def read_completions(self, since: float = 0.0, until: float | None = None) -> Iterator[CompletionRecord]:
+        """Completions created in ``[since, until)`` with their candidates, oldest first."""
+        query = select(completions).where(completions.c.created >= since).order_by(completions.c.created, completions.c.id)
+        if until is not None:
+            query = query.where(completions.c.created < until)
+        with self.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                cands = conn.execute(
+                    select(candidates).where(candidates.c.completion_id == row["id"]).order_by(candidates.c.idx)
+                ).mappings()
+                yield _completion_record(row, [_candidate_record(c) for c in cands])
+
+    def read_feedback(self) -> dict[str, FeedbackRecord]:
+        with self.engine.connect() as conn:
+            return {
+                row["completion_id"]: FeedbackRecord(
+                    row["completion_id"], row["key_id"], row["thumb"], row["comment"], row["created"]
+                )
+                for row in conn.execute(select(feedback)).mappings()
+            }
+
+    def purge(self, older_than_s: float, now: float | None = None) -> Counts:
+        """Delete completions, candidates and feedback older than ``older_than_s`` seconds."""
+        cutoff = (now if now is not None else time.time()) - older_than_s
+        with self.engine.begin() as conn:
+            old = select(completions.c.id).where(completions.c.created < cutoff)
+            n_cand = conn.execute(delete(candidates).where(candidates.c.completion_id.in_(old))).rowcount
+            n_comp = conn.execute(delete(completions).where(completions.c.created < cutoff)).rowcount
+            n_fb = conn.execute(delete(feedback).where(feedback.c.created < cutoff)).rowcount
+        return Counts(n_comp, n_cand, n_fb)
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _engine(url: str, connect_timeout_s: float, echo: bool) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": connect_timeout_s})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers (the exporter) never block the writer
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            cursor.close()
+
+        return engine
+    return create_engine(
+        url,
+        echo=echo,
+        pool_pre_ping=True,
+        pool_size=2,
+        max_overflow=2,
+        connect_args={"connect_timeout": max(1, round(connect_timeout_s))},
+    )
+
+
+def _latest_thumbs(thumbs: list[FeedbackRecord]) -> list[FeedbackRecord]:
+    """One row per completion (a batch may hold repeats; one statement cannot upsert a key twice)."""
+    latest: dict[str, FeedbackRecord] = {}
+    for t in thumbs:
+        if t.completion_id not in latest or t.created >= latest[t.completion_id].created:
+            latest[t.completion_id] = t
+    return list(latest.values())
+
+
+def _completion_row(r: CompletionRecord) -> dict[str, Any]:
+    return {
+        "id": r.id, "created": r.created, "key_id": r.key_id, "messages": r.messages, "params": r.params,
+        "policy_version": r.policy_version, "rm_version": r.rm_version, "n_candidates": r.n_candidates,
+        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "timings_ms": r.timings_ms,
+    }  # fmt: skip
+
+
+def _candidate_row(completion_id: str, c: CandidateRecord) -> dict[str, Any]:
+    return {
+        "completion_id": completion_id, "idx": c.index, "text": c.text, "token_ids": c.token_ids,
+        "token_count": c.token_count, "finish_reason": c.finish_reason, "reward": c.reward, "scores": c.scores,
+        "logprob_sum": c.logprob_sum, "logprob_mean": c.logprob_mean, "chosen": c.chosen,
+    }  # fmt: skip
+
+
+def _feedback_row(r: FeedbackRecord) -> dict[str, Any]:
+    return {"completion_id": r.completion_id, "key_id": r.key_id, "thumb": r.thumb, "comment": r.comment, "created": r.created}
+
+
+def _completion_record(row: Any, cands: list[CandidateRecord]) -> CompletionRecord:
+    return CompletionRecord(
+        id=row["id"], created=row["created"], key_id=row["key_id"], messages=row["messages"], params=row["params"],
+        policy_version=row["policy_version"], rm_version=row["rm_version"], n_candidates=row["n_candidates"],
+        prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"], timings_ms=row["timings_ms"],
+        candidates=cands,
+    )  # fmt: skip
+
+
+def _candidate_record(row: Any) -> CandidateRecord:
+    return CandidateRecord(
+        index=row["idx"], text=row["text"], token_ids=row["token_ids"], finish_reason=row["finish_reason"],
+        reward=row["reward"], scores=row["scores"], logprob_sum=row["logprob_sum"], logprob_mean=row["logprob_mean"],
+        chosen=bool(row["chosen"]),
+    )  # fmt: skip
