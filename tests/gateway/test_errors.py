@@ -163,6 +163,7 @@ def _real_client(backends: list[dict[str, str]], **overrides: Any) -> TestClient
     from gateway.app import create_app
     from tests.gateway.conftest import settings
 
+    overrides.setdefault("store", {"enabled": False})  # these tests are about the backend, not the log
     return TestClient(create_app(settings(backends=backends, **overrides), scorer=FakeScorer({})), raise_server_exceptions=False)
 
 
