@@ -109,6 +109,8 @@ def _ids(settings: GatewaySettings) -> CompletionIds:
     secret = settings.store.id_secret
     if secret is not None:
         return CompletionIds(secret.get_secret_value().encode())
+    if not settings.store.enabled:  # nothing on disk: ids are checkable for this process's lifetime
+        return CompletionIds(os.urandom(32))
     return CompletionIds(load_or_create_secret(settings.store.data_dir / "id_secret"))
 
 
