@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, text
+from sqlalchemy import Engine, create_engine, delete, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -122,14 +122,6 @@ class SqlStore:
             n_comp = conn.execute(delete(completions).where(completions.c.created < cutoff)).rowcount
             n_fb = conn.execute(delete(feedback).where(feedback.c.created < cutoff)).rowcount
         return Counts(n_comp, n_cand, n_fb)
-
-    def ping(self) -> bool:
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            return True
-        except Exception:
-            return False
 
     def close(self) -> None:
         self.engine.dispose()

@@ -91,7 +91,7 @@ class RecordWriter:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
         # whatever a stuck thread left behind still reaches the disk
-        rest = _drain(self._queue) + _drain_simple(self._overflow)
+        rest = _drain(self._queue) + _drain(self._overflow)
         if rest:
             self._to_spool(rest)
 
@@ -112,13 +112,7 @@ class RecordWriter:
             first = self._queue.get(timeout=self.flush_interval_s)
         except queue.Empty:
             return []
-        batch = [first]
-        while len(batch) < self.batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        return [first, *_drain(self._queue, self.batch_size - 1)]
 
     def _write(self, batch: list[Record]) -> None:
         if not self.db_up:
@@ -164,23 +158,15 @@ class RecordWriter:
                 first = self._overflow.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self._to_spool([first, *_drain_simple(self._overflow, self.batch_size - 1)])
+            self._to_spool([first, *_drain(self._overflow, self.batch_size - 1)])
 
     def _to_spool(self, batch: list[Record]) -> None:
         self.spool.append(batch)
         self.stats.spooled(len(batch))
 
 
-def _drain(q: queue.Queue[Record]) -> list[Record]:
-    out = []
-    while True:
-        try:
-            out.append(q.get_nowait())
-        except queue.Empty:
-            return out
-
-
-def _drain_simple(q: queue.SimpleQueue[Record], limit: int | None = None) -> list[Record]:
+def _drain(q: queue.Queue[Record] | queue.SimpleQueue[Record], limit: int | None = None) -> list[Record]:
+    """Take what is already in ``q`` (at most ``limit``), without waiting."""
     out: list[Record] = []
     while limit is None or len(out) < limit:
         try:
