@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from gateway.errors import GatewayError
 from gateway.generate import Candidate, Generation
 from gateway.score import Conversation
 from gateway.store.records import Record
+from tests.polling import wait_until
 
 
 class FakeGenerator:
@@ -110,11 +110,9 @@ class FakeStore:
 
     def wait_for(self, predicate: Callable[[list[Record]], bool], timeout_s: float = 5.0) -> list[Record]:
         """The records once ``predicate`` holds for them (the writer is asynchronous)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                records = list(self.records)
-            if predicate(records):
-                return records
-            time.sleep(0.01)
-        raise AssertionError(f"timed out waiting for records; have {len(self.records)}")
+        wait_until(lambda: predicate(self.snapshot()), timeout_s, "timed out waiting for the records")
+        return self.snapshot()
+
+    def snapshot(self) -> list[Record]:
+        with self._lock:
+            return list(self.records)

@@ -13,6 +13,7 @@ from gateway.store.spool import Spool
 from gateway.store.sql import SqlStore
 from gateway.store.writer import RecordWriter
 from tests.gateway.store.test_sql import completion
+from tests.polling import wait_until
 
 
 class Switchable:
@@ -38,13 +39,6 @@ def sqlite(tmp_path: Path) -> SqlStore:
     store = SqlStore(f"sqlite:///{tmp_path / 'log.db'}")
     store.migrate()
     return store
-
-
-def wait_until(predicate: object, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_records_are_written_in_batches(tmp_path: Path) -> None:
