@@ -126,6 +126,8 @@ class GatewaySettings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     log_prompts: bool = False
+    trainer: dict[str, Any] = Field(default_factory=dict)
+    """The trainer's section of the same file (``trainer.settings``); the gateway does not read it."""
     models_preset: str | None = "default"
     """The toy-world preset to build when the model directories (``.../policy``, ``.../reward_model``)
     are absent; None: a missing model is an error (real checkpoints)."""
@@ -178,17 +180,22 @@ class ConfigError(Exception):
     """A config file that cannot be read or does not validate; one line for the user."""
 
 
+def read_yaml(path: Path | None) -> dict[str, Any]:
+    """A config file's mapping ({} for no file); the trainer reads the same file."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return loaded
+
+
 def load(path: Path | None, **overrides: Any) -> GatewaySettings:
     """Settings from a YAML file (optional), then ``overrides``, with the environment on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a YAML mapping")
-        data = loaded
+    data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return GatewaySettings(**data)

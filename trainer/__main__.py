@@ -1,7 +1,8 @@
 """``python -m trainer``: the trainer's command line.
 
 Subcommands:
-  bootstrap   build the embedded default's tiny models (tokenizer, policy, reward model)
+  bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
+  pairs export   write the log's preference pairs (and unpaired thumbs) in TRL's formats
 
 Errors a user can fix print one line and exit non-zero, never a traceback.
 """
@@ -30,7 +31,61 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--out", type=Path, default=None, help="output directory (default: models/<preset>)")
     boot.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     boot.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    pairs = sub.add_parser("pairs", help="preference pairs from the gateway's log").add_subparsers(
+        dest="pairs_command", required=True, parser_class=_Parser
+    )
+    export = pairs.add_parser("export", help="write pairs (TRL conversational) and unpaired thumbs (KTO)")
+    export.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
+    export.add_argument("--db", default=None, help="override store.url (a SQLAlchemy URL)")
+    export.add_argument("--since", default=None, help="7d, 12h, 30m, an ISO date or time, or epoch seconds (default: all)")
+    export.add_argument("--until", default=None, help="same forms as --since (default: now)")
+    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument("--out", type=Path, required=True, help="pairs file; unpaired thumbs go to <stem>.kto<suffix>")
+    export.add_argument("--policy", choices=["best_vs_worst", "best_vs_each"], default=None, help="override trainer.pairs")
+    export.add_argument("--min-margin", type=float, default=None, help="override trainer.pairs.min_margin")
+    export.add_argument("--policy-version", default=None, help="only completions served by this policy version")
+    export.add_argument("--rm-version", default=None, help="only completions scored by this reward-model version")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.settings import ConfigError
+    from gateway.store.sql import SqlStore
+    from trainer.export import ExportError, export, kto_path, parse_time
+    from trainer.settings import load
+
+    command = f"{PROG} pairs export"
+    try:
+        settings = load(args.config)
+        pair_settings = settings.trainer.pairs.model_copy(
+            update={k: v for k, v in (("policy", args.policy), ("min_margin", args.min_margin)) if v is not None}
+        )
+        since = parse_time(args.since) if args.since else 0.0
+        until = parse_time(args.until) if args.until else None
+        url = args.db or settings.store.database_url()
+        if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+            raise ExportError(f"no log database at {url} (has the gateway run with store.enabled?)")
+        store = SqlStore(url, connect_timeout_s=settings.store.connect_timeout_s)
+        try:
+            store.migrate()
+            exported = export(store, args.out, args.format, pair_settings, since, until, args.policy_version, args.rm_version)
+        finally:
+            store.close()
+    except (ConfigError, ExportError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        print(f"{command}: error: database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    s = exported.stats
+    print(
+        f"{s.completions} completions -> {s.pairs} pairs ({s.from_thumbs} decided by thumbs) in {args.out}, "
+        f"{s.unpaired} unpaired thumbs in {kto_path(args.out)}; skipped: {s.unscored} unscored, "
+        f"{s.below_margin} under the margin, {s.duplicates} duplicates"
+    )
+    return 0
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -63,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bootstrap":
         return _bootstrap(args)
+    if args.command == "pairs":
+        return _export(args)
     raise AssertionError(args.command)
 
 

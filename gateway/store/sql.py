@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, literal, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -92,25 +92,54 @@ class SqlStore:
         with self.engine.connect() as conn:
             return list(conn.execute(select(completions.c.id)).scalars())
 
-    def read_completions(self, since: float = 0.0, until: float | None = None) -> Iterator[CompletionRecord]:
+    def read_completions(self, since: float = 0.0, until: float | None = None, *, chunk: int = 500) -> Iterator[CompletionRecord]:
         """Completions created in ``[since, until)`` with their candidates, oldest first."""
-        query = select(completions).where(completions.c.created >= since).order_by(completions.c.created, completions.c.id)
-        if until is not None:
-            query = query.where(completions.c.created < until)
-        with self.engine.connect() as conn:
-            for row in conn.execute(query).mappings():
-                cands = conn.execute(
-                    select(candidates).where(candidates.c.completion_id == row["id"]).order_by(candidates.c.idx)
-                ).mappings()
-                yield _completion_record(row, [_candidate_record(c) for c in cands])
+        for batch in self._completion_chunks(since, until, chunk):
+            yield from batch
 
-    def read_feedback(self) -> dict[str, FeedbackRecord]:
+    def read_labelled(
+        self, since: float = 0.0, until: float | None = None, *, chunk: int = 500
+    ) -> Iterator[tuple[CompletionRecord, FeedbackRecord | None]]:
+        """Like ``read_completions``, each with its owner's latest thumb (or None)."""
+        for batch in self._completion_chunks(since, until, chunk):
+            thumbs = self.read_feedback([r.id for r in batch])
+            for record in batch:
+                yield record, thumbs.get(record.id)
+
+    def _completion_chunks(self, since: float, until: float | None, chunk: int) -> Iterator[list[CompletionRecord]]:
+        """Keyset pages of ``chunk`` completions, each with one query for all their candidates."""
+        after: tuple[float, str] | None = None
+        while True:
+            query = select(completions).where(completions.c.created >= since)
+            if until is not None:
+                query = query.where(completions.c.created < until)
+            if after is not None:
+                key = tuple_(completions.c.created, completions.c.id)
+                query = query.where(key > tuple_(literal(after[0]), literal(after[1])))
+            query = query.order_by(completions.c.created, completions.c.id).limit(chunk)
+            with self.engine.connect() as conn:
+                rows = list(conn.execute(query).mappings())
+                if not rows:
+                    return
+                ids = [row["id"] for row in rows]
+                found: dict[str, list[CandidateRecord]] = {i: [] for i in ids}
+                cands = select(candidates).where(candidates.c.completion_id.in_(ids))
+                for c in conn.execute(cands.order_by(candidates.c.completion_id, candidates.c.idx)).mappings():
+                    found[c["completion_id"]].append(_candidate_record(c))
+            yield [_completion_record(row, found[row["id"]]) for row in rows]
+            after = (rows[-1]["created"], rows[-1]["id"])
+
+    def read_feedback(self, completion_ids: Sequence[str] | None = None) -> dict[str, FeedbackRecord]:
+        """The latest thumb per completion: all of them, or those of ``completion_ids``."""
+        query = select(feedback)
+        if completion_ids is not None:
+            query = query.where(feedback.c.completion_id.in_(list(completion_ids)))
         with self.engine.connect() as conn:
             return {
                 row["completion_id"]: FeedbackRecord(
                     row["completion_id"], row["key_id"], row["thumb"], row["comment"], row["created"]
                 )
-                for row in conn.execute(select(feedback)).mappings()
+                for row in conn.execute(query).mappings()
             }
 
     def purge(self, older_than_s: float, now: float | None = None) -> Counts:

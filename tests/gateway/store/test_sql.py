@@ -94,3 +94,14 @@ def test_purge_deletes_old_records_only(sql_store: SqlStore) -> None:
     assert (purged.completions, purged.candidates, purged.feedback) == (1, 2, 1)
     assert sql_store.completion_ids() == ["chatcmpl-2"]
     assert [r.id for r in sql_store.read_completions(since=now - 2 * day)] == ["chatcmpl-2"]
+
+
+def test_reads_page_through_the_window_in_order_with_candidates_and_thumbs(sql_store: SqlStore) -> None:
+    now = time.time()
+    records = [completion(i, now + i // 2) for i in range(7)]  # pairs share a timestamp: pages must not skip ties
+    sql_store.write([*records, completion(99, now + 100), FeedbackRecord("chatcmpl-3", "team-a", "down", None, now)])
+    read = list(sql_store.read_labelled(since=now, until=now + 50, chunk=3))
+    assert [r.id for r, _ in read] == [r.id for r in sorted(records, key=lambda r: (r.created, r.id))]
+    assert all(r.candidates == records[int(r.id.split("-")[1])].candidates for r, _ in read)
+    assert {r.id: t.thumb for r, t in read if t is not None} == {"chatcmpl-3": "down"}
+    assert sql_store.read_feedback(["chatcmpl-4"]) == {}
