@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -123,44 +125,57 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if not port_free(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use")
+    # SIGTERM (Kubernetes, systemd, `kill`): uvicorn drains requests and runs the lifespan's
+    # shutdown (the log is flushed), then re-raises the signal; this handler turns it into an
+    # exception so the managed vLLM (its own process group) is stopped too, not orphaned.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     vllm = None
-    managed = settings.managed_vllm
-    if managed.enabled:
-        vllm = VLLMProcess(
-            managed.model_dir, managed.served_name, managed.host, managed.port,
-            max_model_len=managed.max_model_len, max_lora_rank=managed.max_lora_rank, max_loras=managed.max_loras,
-            extra_args=managed.extra_args, log_path=Path("logs") / f"vllm-{managed.port}.log",
-        )  # fmt: skip
-        print(f"[gateway] starting vLLM on {managed.model_dir} at {vllm.url} (log: {vllm.log_path}) ...", flush=True)
-        try:
-            vllm.start()
-            vllm.wait_healthy(managed.startup_s)
-        except VLLMStartError as exc:
-            vllm.stop()
-            return _fail(str(exc))
-        except KeyboardInterrupt:
-            vllm.stop()
-            return 130
     fatal: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_fatal(message: str) -> None:
-        fatal.append(message)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, vllm=vllm, on_fatal=on_fatal)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
-    server = uvicorn.Server(config)
-    print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port}", flush=True)
     try:
+        managed = settings.managed_vllm
+        if managed.enabled:
+            vllm = VLLMProcess(
+                managed.model_dir, managed.served_name, managed.host, managed.port,
+                max_model_len=managed.max_model_len, max_lora_rank=managed.max_lora_rank, max_loras=managed.max_loras,
+                extra_args=managed.extra_args, log_path=Path("logs") / f"vllm-{managed.port}.log",
+            )  # fmt: skip
+            print(f"[gateway] starting vLLM on {managed.model_dir} at {vllm.url} (log: {vllm.log_path}) ...", flush=True)
+            try:
+                vllm.start()
+                vllm.wait_healthy(managed.startup_s)
+            except VLLMStartError as exc:
+                return _fail(str(exc))
+        server: uvicorn.Server | None = None
+
+        def on_fatal(message: str) -> None:
+            fatal.append(message)
+            if server is not None:
+                server.should_exit = True
+
+        app = create_app(settings, vllm=vllm, on_fatal=on_fatal)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
+        server = uvicorn.Server(config)
+        print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port}", flush=True)
         server.run()
+    except _Terminated:
+        print("[gateway] stopped (SIGTERM)", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 130
     finally:
         if vllm is not None:
             vllm.stop()
     if fatal:
         return _fail(fatal[0])
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (after uvicorn's graceful shutdown, or while vLLM was starting)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
