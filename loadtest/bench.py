@@ -2,6 +2,7 @@
 
   overhead   what the gateway adds in front of a mock backend (0 ms and 50 ms), N=1, scoring off,
              at 1 and 32 concurrent requests; baseline = the same requests sent to the backend
+  logging    the log's cost: the same gateway (mock backend, N=1) with the log on and off
   bon        best-of-N through the gateway (real vLLM + the real reward model) for N = 1, 2, 4, 8;
              baseline = the same requests sent straight to that vLLM (one request with n=N, no scoring)
 
@@ -95,7 +96,8 @@ def gateway(settings: dict[str, Any]) -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
-        data = {"store": {"data_dir": str(Path(tmp) / "data")}, **settings, "port": port, "models_preset": None}
+        store = {"data_dir": str(Path(tmp) / "data"), **settings.get("store", {})}  # the log stays in the temporary dir
+        data = {**settings, "store": store, "port": port, "models_preset": None}
         config.write_text(yaml.safe_dump(data))
         url = f"http://127.0.0.1:{port}"
         with _process([sys.executable, "-m", "gateway", "serve", "--config", str(config), "--no-bootstrap"], f"{url}/health"):
@@ -125,6 +127,38 @@ async def load(url: str, body: dict[str, Any], requests: int, concurrency: int) 
         return latencies, time.perf_counter() - started
 
 
+def compare(
+    targets: dict[str, tuple[str, dict[str, Any]]], rounds: int, requests: int, concurrency: int
+) -> dict[str, list[dict[str, float]]]:
+    """p50, p99 and throughput per round of each target (a name → (url, body)); the order alternates per round."""
+    for url, body in targets.values():  # warm-up: connections, caches
+        asyncio.run(load(url, body, concurrency * 5, concurrency))
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    names = list(targets)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            url, body = targets[name]
+            latencies, wall = asyncio.run(load(url, body, requests, concurrency))
+            stats = {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "rps": len(latencies) / wall}
+            out[name].append(stats)
+    return out
+
+
+def summary(base: list[dict[str, float]], treat: list[dict[str, float]], names: tuple[str, str]) -> dict[str, Any]:
+    """Medians of each, and per-round differences and ratios (treatment over baseline) with 95% intervals."""
+    per_round = list(zip(base, treat, strict=True))
+    return {
+        f"{names[0]}_p50_ms": round(statistics.median(x["p50"] for x in base) * 1000, 3),
+        f"{names[1]}_p50_ms": round(statistics.median(x["p50"] for x in treat) * 1000, 3),
+        "added_p50_ms": mean_ci([(b["p50"] - a["p50"]) * 1000 for a, b in per_round]),
+        "added_p99_ms": mean_ci([(b["p99"] - a["p99"]) * 1000 for a, b in per_round]),
+        "p50_ratio": mean_ci([b["p50"] / a["p50"] for a, b in per_round]),
+        "p99_ratio": mean_ci([b["p99"] / a["p99"] for a, b in per_round]),
+        f"{names[0]}_rps": round(statistics.median(x["rps"] for x in base), 1),
+        f"{names[1]}_rps": round(statistics.median(x["rps"] for x in treat), 1),
+    }
+
+
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     for delay in args.delays:
@@ -138,37 +172,9 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
             with gateway(settings) as gw:
                 for concurrency in args.concurrency:
                     targets = {"direct": (backend, {**BODY, "model": "policy"}), "gateway": (gw, BODY)}
-                    for url, body in targets.values():  # warm-up: connections, caches
-                        asyncio.run(load(url, body, concurrency * 5, concurrency))
-                    rounds: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
-                    for r in range(args.rounds):
-                        order = ["direct", "gateway"] if r % 2 == 0 else ["gateway", "direct"]
-                        for name in order:
-                            url, body = targets[name]
-                            latencies, wall = asyncio.run(load(url, body, args.requests, concurrency))
-                            rounds[name].append(
-                                {
-                                    "p50": percentile(latencies, 0.5),
-                                    "p99": percentile(latencies, 0.99),
-                                    "rps": len(latencies) / wall,
-                                }
-                            )
-                    d, g = rounds["direct"], rounds["gateway"]
-                    per_round = list(zip(d, g, strict=True))
-                    results.append(
-                        {
-                            "delay_ms": delay,
-                            "concurrency": concurrency,
-                            "direct_p50_ms": round(statistics.median(x["p50"] for x in d) * 1000, 3),
-                            "gateway_p50_ms": round(statistics.median(x["p50"] for x in g) * 1000, 3),
-                            "added_p50_ms": mean_ci([(b["p50"] - a["p50"]) * 1000 for a, b in per_round]),
-                            "added_p99_ms": mean_ci([(b["p99"] - a["p99"]) * 1000 for a, b in per_round]),
-                            "p50_ratio": mean_ci([b["p50"] / a["p50"] for a, b in per_round]),
-                            "p99_ratio": mean_ci([b["p99"] / a["p99"] for a, b in per_round]),
-                            "direct_rps": round(statistics.median(x["rps"] for x in d), 1),
-                            "gateway_rps": round(statistics.median(x["rps"] for x in g), 1),
-                        }
-                    )
+                    rounds = compare(targets, args.rounds, args.requests, concurrency)
+                    row = {"delay_ms": delay, "concurrency": concurrency}
+                    results.append(row | summary(rounds["direct"], rounds["gateway"], ("direct", "gateway")))
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     goals = []
     for row in results:
@@ -198,6 +204,56 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "goals": goals,
     }
+
+
+# ---- logging: the log's cost on the request path ----
+
+
+def logging_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """The same gateway config with the log on (SQLite, or ``--db``) and off, in front of one backend."""
+    results = []
+    for delay in args.delays:
+        with mock_backend(delay) as backend:
+            base = {"backends": [{"url": backend, "model": "policy"}], "scoring_enabled": False, "n_candidates": 1}
+            on_store: dict[str, Any] = {"enabled": True}
+            if args.db:
+                on_store |= {"url": args.db, "id_secret": "bench-logging-secret"}
+            with gateway(base | {"store": {"enabled": False}}) as off, gateway(base | {"store": on_store}) as on:
+                for concurrency in args.concurrency:
+                    rounds = compare({"off": (off, BODY), "on": (on, BODY)}, args.rounds, args.requests, concurrency)
+                    row = {"delay_ms": delay, "concurrency": concurrency}
+                    results.append(row | summary(rounds["off"], rounds["on"], ("log_off", "log_on")))
+                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+                logged = _metric(on, "bon_log_records_written_total") + _metric(on, "bon_log_records_spooled_total")
+                if logged == 0:
+                    raise RuntimeError("the log-on gateway logged nothing: the benchmark would compare two identical paths")
+    goals = [
+        {"goal": f"p50_ratio <= 1.02 at {r['delay_ms']} ms, c={r['concurrency']}", "met": r["p50_ratio"]["mean"] <= 1.02}
+        for r in results
+    ]
+    head = next((r for r in results if r["delay_ms"] > 0 and r["concurrency"] == 1), results[0])
+    return {
+        "benchmark": "logging",
+        "store": "postgresql" if args.db else "sqlite",
+        "cpu_count": os.cpu_count(),
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+        "p50_ratio": head["p50_ratio"],
+        "p99_ratio": head["p99_ratio"],
+        "headline": f"delay {head['delay_ms']} ms, concurrency {head['concurrency']}",
+        "results": results,
+        "goals": goals,
+    }
+
+
+def _metric(url: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0
 
 
 # ---- bon: the cost of best-of-N through the gateway vs vLLM's own n=N ----
@@ -347,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     over.add_argument("--requests", type=int, default=300, help="requests per round and target")
     over.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     over.add_argument("--delays", type=float, nargs="+", default=[0.0, 50.0], help="backend delays in ms")
+    logs = sub.add_parser("logging", help="the log's cost: the same gateway with the log on and off")
+    logs.add_argument("--rounds", type=int, default=6)
+    logs.add_argument("--requests", type=int, default=300, help="requests per round and target")
+    logs.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    logs.add_argument("--delays", type=float, nargs="+", default=[0.0, 50.0], help="backend delays in ms")
+    logs.add_argument("--db", default=None, help="log to this database (e.g. PostgreSQL) instead of a temporary SQLite file")
     best = sub.add_parser("bon", help="best-of-N through the gateway vs vLLM's own n=N (real models)")
     best.add_argument("--models", default="models/default", help="the toy models (policy/, reward_model/)")
     best.add_argument("--rounds", type=int, default=5)
@@ -356,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     best.add_argument("--max-tokens", type=int, default=64)
     best.add_argument("--device", default="auto", help="the reward model's device (auto, cpu, cuda)")
     args = parser.parse_args(argv)
-    report = overhead(args) if args.command == "overhead" else bon(args)
+    commands = {"overhead": overhead, "logging": logging_cost, "bon": bon}
+    report = commands[args.command](args)
     print(json.dumps(report))
     return 0
 

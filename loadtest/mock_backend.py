@@ -1,8 +1,9 @@
 """An OpenAI-compatible chat backend that answers after a fixed delay (a 0 ms model).
 
 Run as ``python -m loadtest.mock_backend --port P --delay-ms D``. It returns one fixed,
-schema-valid completion per request (``n`` choices when asked), so a benchmark measures
-what sits in front of it, not a model.
+schema-valid completion per request (``n`` choices when asked, with per-token logprobs
+and vLLM's ``token_ids`` when asked, as the gateway does), so a benchmark measures what
+sits in front of it, not a model.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ import time
 
 from aiohttp import web
 
+ANSWER = "Sure! 3 plus 4 is 7."
+TOKENS = ["Sure", "!", " 3", " plus", " 4", " is", " 7", ".", "<|end|>"]
 
-def _completion(n: int) -> bytes:
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": "Sure! 3 plus 4 is 7."},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }
-        for i in range(n)
-    ]
+
+def _completion(n: int, logprobs: bool, token_ids: bool) -> bytes:
+    choices: list[dict[str, object]] = []
+    for i in range(n):
+        choice: dict[str, object] = {"index": i, "message": {"role": "assistant", "content": ANSWER}, "logprobs": None}
+        if logprobs:
+            content = [{"token": t, "logprob": -0.05 * (k + 1), "bytes": list(t.encode()), "top_logprobs": []}
+                       for k, t in enumerate(TOKENS)]  # fmt: skip
+            choice["logprobs"] = {"content": content}
+        if token_ids:
+            choice["token_ids"] = [100 + k for k in range(len(TOKENS))]
+        choice["finish_reason"] = "stop"
+        choices.append(choice)
     body = {
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -37,13 +43,14 @@ def _completion(n: int) -> bytes:
 
 
 def app(delay_s: float) -> web.Application:
-    cached = {n: _completion(n) for n in range(1, 17)}
+    cached = {(n, lp, ids): _completion(n, lp, ids) for n in range(1, 17) for lp in (False, True) for ids in (False, True)}
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         if delay_s:
             await asyncio.sleep(delay_s)
-        return web.Response(body=cached[int(body.get("n") or 1)], content_type="application/json")
+        key = (int(body.get("n") or 1), bool(body.get("logprobs")), bool(body.get("return_token_ids")))
+        return web.Response(body=cached[key], content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")

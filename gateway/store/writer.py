@@ -108,10 +108,17 @@ class RecordWriter:
                 return
 
     def _next_batch(self) -> list[Record]:
+        """Up to ``batch_size`` records; after the first, wait ``flush_interval_s`` for more (unless closing).
+
+        Lingering makes one transaction per interval instead of one per record at low rates,
+        and keeps the write from landing while the response that submitted it is being sent.
+        """
         try:
             first = self._queue.get(timeout=self.flush_interval_s)
         except queue.Empty:
             return []
+        if self._queue.qsize() < self.batch_size - 1:
+            self._stop.wait(self.flush_interval_s)
         return [first, *_drain(self._queue, self.batch_size - 1)]
 
     def _write(self, batch: list[Record]) -> None:
