@@ -3,6 +3,7 @@
 Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   pairs export   write the log's preference pairs (and unpaired thumbs) in TRL's formats
+  registry       list|show|promote|rollback versions and the current/canary pointers
 
 Errors a user can fix print one line and exit non-zero, never a traceback.
 """
@@ -45,7 +46,54 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--min-margin", type=float, default=None, help="override trainer.pairs.min_margin")
     export.add_argument("--policy-version", default=None, help="only completions served by this policy version")
     export.add_argument("--rm-version", default=None, help="only completions scored by this reward-model version")
+    registry = sub.add_parser("registry", help="versioned models and the current/canary pointers")
+    registry.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    registry.add_argument("version", nargs="?", help="show: the version (default: current)")
+    registry.add_argument("--kind", choices=["policy", "reward_model"], default="policy")
+    registry.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
+    registry.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
+    registry.add_argument("--reason", default=None, help="promote/rollback: why (kept in the pointer)")
     return parser
+
+
+def _registry(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from gateway.settings import ConfigError
+    from trainer.registry import PointerState, Registry, RegistryError
+    from trainer.settings import load
+
+    try:
+        root = args.registry or load(args.config).trainer.registry_dir
+        if not root.is_dir():
+            raise RegistryError(f"no registry at {root} (set trainer.registry_dir or --registry)")
+        registry = Registry(root)
+        kind = args.kind
+        if args.action == "list":
+            current, canary = registry.pointer(kind, "current"), registry.pointer(kind, "canary")
+            for m in registry.versions(kind):
+                marks = [n for n, p in (("current", current), ("canary", canary)) if p is not None and p.version == m.version]
+                figures = ", ".join(f"{k}={v}" for k, v in m.evaluation.items() if isinstance(v, int | float))
+                print(f"{m.version}  {m.format:<4}  parent={m.parent or 'base'}  {m.algorithm or '-':<5}  "
+                      f"{figures or '-'}  {' '.join(marks)}".rstrip())  # fmt: skip
+            return 0
+        if args.action == "show":
+            version = args.version or (p.version if (p := registry.pointer(kind, "current")) else None)
+            if version is None:
+                raise RegistryError(f"no current {kind}; name a version")
+            print(json.dumps(asdict(registry.verify(kind, version)), indent=2))
+            return 0
+        state: PointerState | None
+        if args.action == "promote":
+            state = registry.promote(kind, args.reason or "promoted by hand")
+        else:
+            state = registry.rollback(kind, args.reason or "rolled back by hand")
+        print(f"{kind} current -> {state.version if state else 'none'}")
+        return 0
+    except (ConfigError, RegistryError) as exc:
+        print(f"{PROG} registry: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -120,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bootstrap(args)
     if args.command == "pairs":
         return _export(args)
+    if args.command == "registry":
+        return _registry(args)
     raise AssertionError(args.command)
 
 

@@ -32,6 +32,8 @@ class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: PairSettings = Field(default_factory=PairSettings)
+    registry_dir: Path = Path("registry")
+    """Versioned models and the current/canary pointers (``trainer.registry``); shared with the gateways."""
 
 
 class TrainerSettings(BaseSettings):
