@@ -6,9 +6,12 @@ skip would hide a test that CI believes it ran.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import Postgres, remove, start_postgres
 
 _skipped: list[str] = []
 
@@ -34,6 +37,14 @@ def default_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, floa
     started = time.perf_counter()
     bootstrap(PRESETS["default"], out)
     return out, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL server for the session (started on first use; see tests/postgres.py)."""
+    server = start_postgres()
+    yield server
+    remove(server)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

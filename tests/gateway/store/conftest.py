@@ -9,14 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.store.sql import SqlStore
-from tests.postgres import Postgres, remove, start_postgres
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    server = start_postgres()
-    yield server
-    remove(server)
+from tests.postgres import Postgres
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
