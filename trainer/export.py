@@ -61,12 +61,15 @@ def window(
     until: float | None,
     policy_version: str | None = None,
     rm_version: str | None = None,
+    keep_thumbed: bool = True,
 ) -> Iterator[tuple[CompletionRecord, FeedbackRecord | None]]:
+    """The window's completions; with ``keep_thumbed``, a thumbed one is kept whatever its reward model
+    (its pair comes from the thumb, not from those scores)."""
     for record, thumb in store.read_labelled(since, until):
         if policy_version is not None and record.policy_version != policy_version:
             continue
-        if rm_version is not None and record.rm_version != rm_version and thumb is None:
-            continue  # another reward model's scores; a thumb is still the user's word
+        if rm_version is not None and record.rm_version != rm_version and not (keep_thumbed and thumb is not None):
+            continue
         yield record, thumb
 
 
@@ -80,7 +83,7 @@ def export(
     policy_version: str | None = None,
     rm_version: str | None = None,
 ) -> Exported:
-    exported = build(window(store, since, until, policy_version, rm_version), settings)
+    exported = build(window(store, since, until, policy_version, rm_version, settings.thumbs_override), settings)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write(exported.pairs, out, fmt)

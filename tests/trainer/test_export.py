@@ -128,3 +128,21 @@ def test_bad_input_is_one_line(log_db: str, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("pairs", "export", "--db", missing, "--out", out), "no log database")
     assert_one_line_error(run_cli("pairs", "export", "--db", log_db, "--out", "/proc/x/p.jsonl"), "cannot write")
     assert_one_line_error(run_cli("pairs", "export", "--db", log_db, "--out", out, "--format", "csv"), "invalid choice")
+
+
+def test_the_reward_model_filter_keeps_thumbed_completions_only_when_thumbs_decide(tmp_path: Path) -> None:
+    from trainer.export import window
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'log.db'}")
+    store.migrate()
+    now = time.time()
+    cands = [CandidateRecord(0, "4.", [1], "stop", reward=1.0, chosen=True), CandidateRecord(1, "5.", [2], "stop", reward=0.0)]
+    old = [
+        CompletionRecord(f"c{i}", now + i, "k", [{"role": "user", "content": "2+2?"}], {}, "base", "rm-old", 2, 3, 2, {}, cands)
+        for i in range(2)
+    ]
+    store.write([*old, FeedbackRecord("c1", "k", "down", None, now)])
+    assert [r.id for r, _ in window(store, 0.0, None, rm_version="rm-new")] == ["c1"]
+    assert [r.id for r, _ in window(store, 0.0, None, rm_version="rm-new", keep_thumbed=False)] == []
+    assert [r.id for r, _ in window(store, 0.0, None, rm_version="rm-old")] == ["c0", "c1"]
+    store.close()
