@@ -102,7 +102,22 @@ class FeedbackSettings(BaseModel):
     max_comment_chars: int = Field(default=2000, ge=0)
 
 
-class GatewaySettings(BaseSettings):
+class YamlSettings(BaseSettings):
+    """A process's settings: YAML passed as init values, the environment on top (no dotenv, no secrets dir)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings
+
+
+class GatewaySettings(YamlSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -153,18 +168,6 @@ class GatewaySettings(BaseSettings):
         managed = self.managed_vllm
         own = [Backend(url=f"http://{managed.host}:{managed.port}", model=managed.served_name)] if managed.enabled else []
         return own + list(self.backends)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # the environment wins over the YAML (passed as init values by ``load``)
-        return env_settings, init_settings
 
 
 def is_loopback(host: str) -> bool:

@@ -53,7 +53,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _wait_http(url: str, timeout_s: float = 120) -> None:
+def wait_http(url: str, timeout_s: float = 120) -> None:
     import urllib.error
     import urllib.request
 
@@ -74,7 +74,7 @@ def _wait_http(url: str, timeout_s: float = 120) -> None:
 def _process(args: list[str], health: str) -> Iterator[None]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_http(health)
+        wait_http(health)
         yield
     finally:
         proc.terminate()
@@ -224,7 +224,7 @@ def logging_cost(args: argparse.Namespace) -> dict[str, Any]:
                     row = {"delay_ms": delay, "concurrency": concurrency}
                     results.append(row | summary(rounds["off"], rounds["on"], ("log_off", "log_on")))
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-                logged = _metric(on, "bon_log_records_written_total") + _metric(on, "bon_log_records_spooled_total")
+                logged = sum(metric(on, m) or 0.0 for m in ("bon_log_records_written_total", "bon_log_records_spooled_total"))
                 if logged == 0:
                     raise RuntimeError("the log-on gateway logged nothing: the benchmark would compare two identical paths")
     goals = [
@@ -246,14 +246,15 @@ def logging_cost(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _metric(url: str, name: str) -> float:
+def metric(url: str, name: str) -> float | None:
+    """The first sample of ``name`` on ``url``'s /metrics, or None when it is not exposed."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith(f"{name} "):
-                return float(line.split()[1])
-    return 0.0
+            if line.startswith((f"{name} ", f"{name}{{")):
+                return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 # ---- bon: the cost of best-of-N through the gateway vs vLLM's own n=N ----

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from gateway.settings import ConfigError, StoreSettings, read_yaml
+from gateway.settings import ConfigError, StoreSettings, YamlSettings, read_yaml
 
 
 class PairSettings(BaseModel):
@@ -36,22 +36,11 @@ class TrainerSection(BaseModel):
     """Versioned models and the current/canary pointers (``trainer.registry``); shared with the gateways."""
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(YamlSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINER_", env_nested_delimiter="__", extra="ignore")
 
     store: StoreSettings = Field(default_factory=StoreSettings)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return env_settings, init_settings
 
 
 def load(path: Path | None) -> TrainerSettings:

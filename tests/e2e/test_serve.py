@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gateway.vllm_process import free_port, port_free
-from loadtest.bench import _wait_http
+from loadtest.bench import wait_http
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -37,7 +37,7 @@ def test_sigterm_stops_the_gateway_and_its_managed_vllm(test_models: Path, tmp_p
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)], cwd=tmp_path, stdout=log, stderr=log
         )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=300)
+        wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=300)
         assert not port_free("127.0.0.1", vllm_port)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()[-2000:]

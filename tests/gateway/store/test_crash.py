@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy import create_engine, text
 
 from gateway.store.sql import SqlStore
 from gateway.vllm_process import free_port
-from loadtest.bench import _wait_http, mock_backend
+from loadtest.bench import metric, mock_backend, wait_http
 from tests.polling import wait_until
 from tests.postgres import Postgres
 
@@ -45,12 +44,6 @@ def database(postgres: Postgres, request: pytest.FixtureRequest) -> Iterator[str
     yield postgres.url.rsplit("/", 1)[0] + "/" + name
     with contextlib.suppress(subprocess.CalledProcessError):  # leave the server up for the other tests
         postgres.start()
-
-
-@contextmanager
-def backend() -> Iterator[str]:
-    with mock_backend(delay_ms=10) as url:
-        yield url
 
 
 class Gateway:
@@ -87,7 +80,7 @@ class Gateway:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)], stdout=log, stderr=log
             )
-        _wait_http(f"{self.url}/health", timeout_s=60)
+        wait_http(f"{self.url}/health", timeout_s=60)
 
     def sigterm(self) -> None:
         assert self.proc is not None
@@ -153,14 +146,19 @@ async def burst(
     return failed
 
 
-def metric(url: str, name: str) -> float:
-    import urllib.request
+def exposed(url: str, name: str) -> float:
+    value = metric(url, name)
+    assert value is not None, f"{name} not exposed"
+    return value
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exposed")
+
+def killer(postgres: Postgres) -> Callable[[], Awaitable[None]]:
+    """A burst event that crashes the database (connections cut, nothing flushed politely)."""
+
+    async def kill() -> None:
+        await asyncio.to_thread(postgres.stop, "immediate")
+
+    return kill
 
 
 def assert_all_logged(db_url: str, accepted: list[str], thumbs: int = 0) -> None:
@@ -181,12 +179,9 @@ def test_database_killed_mid_burst_and_back(
 ) -> None:
     accepted: list[str] = []
     thumbed: list[int] = []
-    with backend() as backend_url:
+    with mock_backend(delay_ms=10) as backend_url:
         gw = gateway_factory(backend_url, database)
         gw.start()
-
-        async def kill() -> None:
-            await asyncio.to_thread(postgres.stop, "immediate")
 
         async def thumbs_while_down() -> None:  # feedback must survive the outage too
             async with aiohttp.ClientSession() as session:
@@ -199,11 +194,11 @@ def test_database_killed_mid_burst_and_back(
         async def revive() -> None:
             await asyncio.to_thread(postgres.start)
 
-        failed = asyncio.run(burst(gw.url, 900, 12, {150: kill, 200: thumbs_while_down, 600: revive}, accepted))
+        failed = asyncio.run(burst(gw.url, 900, 12, {150: killer(postgres), 200: thumbs_while_down, 600: revive}, accepted))
         assert failed == 0  # the database being down never fails a request
-        assert metric(gw.url, "bon_log_records_spooled_total") > 0  # the outage did hit the write path
+        assert exposed(gw.url, "bon_log_records_spooled_total") > 0  # the outage did hit the write path
         assert_all_logged(database, accepted, thumbs=len(thumbed))
-        wait_until(lambda: metric(gw.url, "bon_log_spool_pending") == 0, timeout_s=30, message="the spool to empty")
+        wait_until(lambda: exposed(gw.url, "bon_log_spool_pending") == 0, timeout_s=30, message="the spool to empty")
     assert len(thumbed) == 10
 
 
@@ -211,17 +206,14 @@ def test_sigterm_mid_burst_loses_nothing_even_with_the_database_down(
     postgres: Postgres, database: str, gateway_factory: Callable[[str, str], Gateway]
 ) -> None:
     accepted: list[str] = []
-    with backend() as backend_url:
+    with mock_backend(delay_ms=10) as backend_url:
         gw = gateway_factory(backend_url, database)
         gw.start()
-
-        async def kill() -> None:
-            await asyncio.to_thread(postgres.stop, "immediate")
 
         async def sigterm() -> None:
             gw.sigterm()
 
-        asyncio.run(burst(gw.url, 900, 12, {100: kill, 300: sigterm}, accepted))
+        asyncio.run(burst(gw.url, 900, 12, {100: killer(postgres), 300: sigterm}, accepted))
         assert gw.wait() == 0  # a clean exit after the graceful shutdown
         spooled = list((gw.config.parent / "data" / "spool").glob("*.jsonl"))
         assert spooled, "records accepted while the database was down should be in the spool"
