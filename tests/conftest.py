@@ -18,10 +18,17 @@ _skipped: list[str] = []
 
 @pytest.fixture(scope="session")
 def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``test`` preset's models (small, fast), shared by every module of the session."""
+    """The ``test`` preset's models (small, fast), shared by every module of the session.
+
+    ``BON_TEST_MODELS=<dir>`` reuses a build kept there (local iteration; CI always builds)."""
+    import os
+
     from trainer.toyworld.bootstrap import PRESETS, bootstrap
 
-    out = tmp_path_factory.mktemp("models") / "test"
+    kept = os.environ.get("BON_TEST_MODELS")
+    out = Path(kept) if kept else tmp_path_factory.mktemp("models") / "test"
+    if kept and (out / "policy" / "config.json").is_file() and (out / "reward_model" / "config.json").is_file():
+        return out
     bootstrap(PRESETS["test"], out)
     return out
 

@@ -3,7 +3,9 @@
 Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   pairs export   write the log's preference pairs (and unpaired thumbs) in TRL's formats
-  registry       list|show|promote|rollback versions and the current/canary pointers
+  registry       init|list|show|promote|rollback versions and the current/canary pointers
+  run            one training round: the log's window -> pairs -> DPO -> a registered version
+  schedule       run a round every --every (a local stand-in for the Kubernetes CronJob)
 
 Errors a user can fix print one line and exit non-zero, never a traceback.
 """
@@ -14,7 +16,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from trainer.settings import TrainerSettings
 
 PROG = "python -m trainer"
 
@@ -47,13 +52,116 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--policy-version", default=None, help="only completions served by this policy version")
     export.add_argument("--rm-version", default=None, help="only completions scored by this reward-model version")
     registry = sub.add_parser("registry", help="versioned models and the current/canary pointers")
-    registry.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    registry.add_argument("action", choices=["init", "list", "show", "promote", "rollback"])
     registry.add_argument("version", nargs="?", help="show: the version (default: current)")
     registry.add_argument("--kind", choices=["policy", "reward_model"], default="policy")
     registry.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
     registry.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
     registry.add_argument("--reason", default=None, help="promote/rollback: why (kept in the pointer)")
+    for name, text in (("run", "one training round"), ("schedule", "a training round every --every")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
+        cmd.add_argument("--algo", choices=["dpo", "kto", "ppo"], default=None, help="override trainer.algorithm")
+        cmd.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
+        cmd.add_argument("--db", default=None, help="override store.url (a SQLAlchemy URL)")
+        cmd.add_argument("--min-pairs", type=int, default=None, help="override trainer.min_pairs")
+        cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        cmd.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
+    sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     return parser
+
+
+def _round_settings(args: argparse.Namespace) -> TrainerSettings:
+    from trainer.settings import load
+
+    settings = load(args.config)
+    section = settings.trainer.model_copy(
+        update={k: v for k, v in (("registry_dir", args.registry), ("min_pairs", args.min_pairs)) if v is not None}
+    )
+    store = settings.store.model_copy(update={"url": args.db}) if args.db else settings.store
+    return settings.model_copy(update={"trainer": section, "store": store})
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    import traceback
+
+    from gateway.settings import ConfigError
+    from trainer.lock import LockHeld
+    from trainer.metrics import report
+    from trainer.registry import Registry, RegistryError
+    from trainer.round import RoundError, RoundResult, run
+
+    command = f"{PROG} run"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = _round_settings(args)
+    except ConfigError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
+    s = settings.trainer
+    result = RoundResult("failed", "did not start")
+    try:
+        result = run(settings, args.algo, progress=not args.quiet)
+    except LockHeld as exc:
+        result = RoundResult("skipped", f"{exc}; this round is not needed")
+    except (RoundError, RegistryError) as exc:
+        result = RoundResult("failed", str(exc))
+    except Exception as exc:  # any failure is one line (and a metric), the traceback on request
+        result = RoundResult("failed", f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        if args.debug:
+            traceback.print_exc()
+    finally:
+        registry = Registry(s.registry_dir) if s.registry_dir.is_dir() else None
+        report(result, registry, s.metrics_file or s.registry_dir / "metrics" / "trainer.prom", s.pushgateway_url)
+    if result.outcome == "failed":
+        print(f"{command}: error: {result.reason}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+    import time
+
+    from trainer.export import ExportError, parse_time
+
+    try:
+        every = time.time() - parse_time(args.every)
+    except ExportError as exc:
+        print(f"{PROG} schedule: error: {exc}", file=sys.stderr)
+        return 2
+    if every <= 0:
+        print(f"{PROG} schedule: error: --every must be positive", file=sys.stderr)
+        return 2
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    passthrough = ["--config", str(args.config)]
+    for flag, value in (("--algo", args.algo), ("--registry", args.registry), ("--db", args.db), ("--min-pairs", args.min_pairs)):
+        if value is not None:
+            passthrough += [flag, str(value)]
+    passthrough += ["--quiet"] * args.quiet + ["--debug"] * args.debug
+    done = 0
+    while not stopping:
+        started = time.monotonic()
+        # Each round in its own process: a crash or a leak in one round never reaches the next.
+        code = subprocess.call([sys.executable, "-m", "trainer", "run", *passthrough])
+        done += 1
+        print(f"{PROG} schedule: round {done} exited {code}; next in {every:.0f} s", flush=True)
+        if args.rounds is not None and done >= args.rounds:
+            break
+        while not stopping and time.monotonic() - started < every:
+            time.sleep(min(1.0, every))
+    return 0
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -66,6 +174,10 @@ def _registry(args: argparse.Namespace) -> int:
 
     try:
         root = args.registry or load(args.config).trainer.registry_dir
+        if args.action == "init":
+            root.mkdir(parents=True, exist_ok=True)
+            print(f"registry at {root}")
+            return 0
         if not root.is_dir():
             raise RegistryError(f"no registry at {root} (set trainer.registry_dir or --registry)")
         registry = Registry(root)
@@ -170,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "registry":
         return _registry(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "schedule":
+        return _schedule(args)
     raise AssertionError(args.command)
 
 

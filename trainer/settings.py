@@ -28,12 +28,64 @@ class PairSettings(BaseModel):
     """A thumb decides the pair whatever the reward model said (and waives ``min_margin``)."""
 
 
+class DpoSettings(BaseModel):
+    """One DPO round: a LoRA adapter over the fixed base policy, the base (adapter off) as the reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.1, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=256, ge=8, description="prompt + answer tokens; longer pairs are cut at the end")
+    lora_r: int = Field(default=16, ge=1, description="must not exceed the serving vLLM's --max-lora-rank")
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bf16: bool = True
+    """bf16 autocast for the forward passes (TRL's default; the reference cache holds values computed the same way)."""
+    cache_reference: bool = True
+    """Reference log-probs computed once per pair and kept in ``<registry>/cache`` (the reference is fixed)."""
+    seed: int = 0
+
+
+class EvalSettings(BaseModel):
+    """What a round measures on its new adapter before registering it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(default=32, ge=1, description="prompts from the window sampled for KL and length")
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
 class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: PairSettings = Field(default_factory=PairSettings)
     registry_dir: Path = Path("registry")
     """Versioned models and the current/canary pointers (``trainer.registry``); shared with the gateways."""
+    base_policy: Path = Path("models/default/policy")
+    """The fixed base model every LoRA version sits on (what vLLM serves as the base)."""
+    base_policy_version: str = "base"
+    """The base policy's version label (the gateway's ``policy_version``) while no version is current."""
+    base_rm_version: str = "rm-base"
+    """The reward model's version label while the registry has no reward-model version."""
+    algorithm: Literal["dpo", "kto", "ppo"] = "dpo"
+    min_pairs: int = Field(default=32, ge=1, description="fewer pairs in the window: the round is skipped (exit 0)")
+    max_age: str = "7d"
+    """Staleness bound: records older than this are not trained on (7d, 12h, 30m)."""
+    publish_to: Literal["current", "canary"] = "current"
+    """The pointer a trained version is set to; gateways follow it."""
+    keep_versions: int = Field(default=10, ge=1, description="registry retention after each round")
+    metrics_file: Path | None = None
+    """Prometheus textfile the round's outcome is written to (node-exporter's textfile collector);
+    None: ``<registry_dir>/metrics/trainer.prom``."""
+    pushgateway_url: str | None = None
+    """Also push the round's metrics to a Prometheus Pushgateway (a CronJob's usual route)."""
+    dpo: DpoSettings = Field(default_factory=DpoSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
 
 
 class TrainerSettings(YamlSettings):

@@ -1,0 +1,255 @@
+"""One training round on the tiny test models: log → pairs → DPO (real TRL) → registry → pointer.
+
+Also the DPO loss against a hand-computed value, the reference log-prob cache (the
+reference is the base policy even when the adapter starts from a parent version), skips
+and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.store.records import CandidateRecord, CompletionRecord
+from gateway.store.sql import SqlStore
+from tests.trainer.test_cli import assert_one_line_error, run_cli
+from trainer.__main__ import main
+from trainer.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+def write_log(url: str, tokenizer: Any, n: int, policy_version: str = "base", seed: int = 0) -> None:
+    """``n`` arithmetic completions with a right (high reward) and a wrong (low reward) candidate."""
+    rng = random.Random(seed)
+    store = SqlStore(url)
+    store.migrate()
+    records = []
+    for i, (a, b) in enumerate(rng.sample([(a, b) for a in range(1, 13) for b in range(1, 13)], n)):
+        good, bad = f"{a} + {b} = {a + b}. Glad to help!", f"{a + b + rng.randint(1, 3)}."
+        candidates = [
+            CandidateRecord(0, good, _tokens(tokenizer, good), "stop", reward=1.0 + rng.random(), chosen=True),
+            CandidateRecord(1, bad, _tokens(tokenizer, bad), "stop", reward=-1.0 - rng.random()),
+        ]
+        messages = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        records.append(
+            CompletionRecord(
+                f"c-{policy_version}-{i}", time.time(), "k", messages, {}, policy_version, "rm-base", 2, 9, 12, {}, candidates
+            )
+        )
+    store.write(records)
+    store.close()
+
+
+@pytest.fixture
+def tokenizer(test_models: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(test_models / "policy")
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, test_models: Path, tokenizer: Any) -> Path:
+    """A config file whose log holds 24 pairs served by the base policy, and an empty registry."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    write_log(url, tokenizer, 24)
+    (tmp_path / "registry").mkdir()
+    config = {
+        "store": {"url": url, "data_dir": str(tmp_path / "data")},
+        "trainer": {
+            "registry_dir": str(tmp_path / "registry"),
+            "base_policy": str(test_models / "policy"),
+            "min_pairs": 8,
+            "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 4, "lora_alpha": 8, "bf16": False},  # fp32: exact comparisons
+            "evaluation": {"prompts": 4, "max_new_tokens": 12},
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: Path, test_models: Path, capsys: Any) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer import probe
+
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round trained" in out
+    assert "v0001" in out
+    registry = Registry(deployment.parent / "registry")
+    manifest = registry.verify("policy", "v0001")
+    assert manifest.parent is None
+    assert manifest.algorithm == "dpo"
+    assert manifest.format == "lora"
+    assert {"adapter_model.safetensors", "adapter_config.json", "probe.json"} <= set(manifest.files)
+    assert manifest.data_window["policy_version"] == "base"
+    assert manifest.data_window["rm_version"] == "rm-base"
+    assert manifest.data_window["pairs"] == 24
+    ev = manifest.evaluation
+    assert ev["retokenized"] == 0
+    assert ev["ref_computed"] == 48
+    assert ev["ref_cached"] == 0
+    assert ev["loss"] < math.log(2)
+    assert ev["reward_margin"] > 0
+    assert math.isfinite(ev["kl_to_reference"])
+    pointer = registry.pointer("policy", "current")
+    assert pointer is not None
+    assert pointer.version == "v0001"
+
+    # The stored probe is what the saved adapter computes (the gateway compares vLLM against it).
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(test_models / "policy"), registry.path("policy", "v0001")
+    )
+    stored = probe.Probe.load(registry.path("policy", "v0001"))
+    again = probe.compute(model, stored.token_ids)
+    assert probe.mean_abs_diff(stored.logprobs, again.logprobs) < 1e-5
+    with model.disable_adapter():
+        base = probe.compute(model, stored.token_ids)
+    assert probe.mean_abs_diff(stored.logprobs, base.logprobs) > 1e-3  # the adapter changed the weights
+
+    metrics = (deployment.parent / "registry" / "metrics" / "trainer.prom").read_text()
+    assert 'trainer_round_outcome{outcome="trained"} 1.0' in metrics
+    assert "trainer_round_pairs 24.0" in metrics
+
+    # The next round's window is what v0001 served: nothing yet, so it skips (exit 0) and registers nothing.
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    assert "round skipped" in capsys.readouterr().out
+    assert [m.version for m in registry.versions("policy")] == ["v0001"]
+    metrics = (deployment.parent / "registry" / "metrics" / "trainer.prom").read_text()
+    assert 'trainer_round_outcome{outcome="skipped"} 1.0' in metrics
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert float(values["trainer_round_last_success_timestamp_seconds"]) == pytest.approx(manifest.created)
+
+
+def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
+    deployment: Path, test_models: Path, tokenizer: Any
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer import dpo
+    from trainer.settings import load
+
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    settings = load(deployment)
+    write_log(settings.store.database_url(), tokenizer, 16, policy_version="v0001", seed=1)
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    registry = Registry(settings.trainer.registry_dir)
+    child = registry.verify("policy", "v0002")
+    assert child.parent == "v0001"
+    assert child.data_window["policy_version"] == "v0001"
+
+    # Reference log-probs in the cache are the base model's, not the parent adapter's.
+    reference = f"{dpo.reference_id(test_models / 'policy')}-fp32"
+    cache = dpo.RefCache(settings.trainer.registry_dir / "cache" / "ref_logps.sqlite", reference)
+    base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
+    row = dpo.rows([_pair(tokenizer, "What is 2 + 3?", "2 + 3 = 5. Glad to help!", "6.")], tokenizer, 256).rows[0]
+    cache_key = cache.key(row["prompt_ids"], row["chosen_ids"])
+    init = dpo.policy_model(test_models / "policy", registry.path("policy", "v0001"), settings.trainer.dpo)
+    import tempfile
+
+    frozen = settings.trainer.dpo.model_copy(update={"learning_rate": 1e-12})
+    with tempfile.TemporaryDirectory() as work:
+        _, model = dpo.train(init, tokenizer, [row], frozen, Path(work), cache, progress=False, max_steps=1)
+    # The adapter started from the parent's weights (and barely moved at this learning rate).
+    from peft import get_peft_model_state_dict
+
+    assert init.parent_weights is not None
+    trained = get_peft_model_state_dict(model)
+    assert set(trained) == set(init.parent_weights)
+    assert all(torch.allclose(trained[k], init.parent_weights[k], atol=1e-6) for k in trained)
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)
+    assert cache.get_many([cache_key])[cache_key] == pytest.approx(_logp(base, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
+
+
+def _pair(tokenizer: Any, question: str, chosen: str, rejected: str) -> dict[str, Any]:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "chosen_token_ids": _tokens(tokenizer, chosen),
+        "rejected_token_ids": _tokens(tokenizer, rejected),
+    }
+
+
+def _logp(model: Any, prompt: list[int], answer: list[int]) -> float:
+    """Sum of the answer's token log-probs given the prompt, by hand."""
+    import torch
+
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    return float(sum(logps[len(prompt) - 1 + k, t] for k, t in enumerate(answer)))
+
+
+def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: Any, tmp_path: Path) -> None:
+    """First step: -mean log σ(β[(π_c − ref_c) − (π_r − ref_r)]) with the reference values taken from our cache."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import dpo
+    from trainer.settings import DpoSettings
+
+    pairs = [_pair(tokenizer, f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a * b + 1}.") for a, b in ((2, 3), (4, 5))]
+    made = dpo.rows(pairs, tokenizer, 256)
+    assert made.retokenized == 0
+    assert len(made.rows) == 2
+    assert made.rows[0]["chosen_ids"] == pairs[0]["chosen_token_ids"]  # the stored (sampled) ids, not re-tokenised text
+    settings = DpoSettings(beta=0.5, batch_size=2, learning_rate=1e-3, bf16=False)
+    cache = dpo.RefCache(tmp_path / "ref.sqlite", "test-reference")
+    planted = {}
+    for k, row in enumerate(made.rows):  # a known reference, so the loss is not the trivial ln 2
+        planted[cache.key(row["prompt_ids"], row["chosen_ids"])] = -20.0 - k
+        planted[cache.key(row["prompt_ids"], row["rejected_ids"])] = -10.0 + k
+    cache.put_many(planted)
+
+    base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
+    expected = 0.0
+    for k, row in enumerate(made.rows):
+        chosen = _logp(base, row["prompt_ids"], row["chosen_ids"]) - (-20.0 - k)
+        rejected = _logp(base, row["prompt_ids"], row["rejected_ids"]) - (-10.0 + k)
+        expected += -math.log(1 / (1 + math.exp(-settings.beta * (chosen - rejected)))) / len(made.rows)
+
+    init = dpo.policy_model(test_models / "policy", None, settings)  # LoRA B starts at 0: policy == base at step 1
+    result, _ = dpo.train(init, tokenizer, made.rows, settings, tmp_path / "work", cache, progress=False, max_steps=1)
+    assert result.ref_cached == 4
+    assert result.ref_computed == 0
+    assert result.loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_too_few_pairs_skip_with_exit_0_and_register_nothing(deployment: Path, capsys: Any) -> None:
+    assert main(["run", "--config", str(deployment), "--min-pairs", "100", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round skipped" in out
+    assert "24 pairs" in out
+    assert "min_pairs is 100" in out
+    registry = Registry(deployment.parent / "registry")
+    assert registry.versions("policy") == []
+    assert registry.pointer("policy", "current") is None
+    metrics = (deployment.parent / "registry" / "metrics" / "trainer.prom").read_text()
+    assert 'trainer_round_outcome{outcome="skipped"} 1.0' in metrics
+
+
+def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:
+    config = str(deployment)
+    assert_one_line_error(run_cli("run", "--config", config, "--algo", "sgd"), "invalid choice", "sgd")
+    assert_one_line_error(run_cli("run", "--config", config, "--registry", str(tmp_path / "nowhere")), "no registry at")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    assert_one_line_error(run_cli("run", "--config", config, "--db", f"sqlite:///{garbage}"), "cannot read the log")
+    assert_one_line_error(run_cli("run", "--config", config, "--db", f"sqlite:///{tmp_path / 'none.db'}"), "no log database")
+    metrics = json.dumps((tmp_path / "registry" / "metrics" / "trainer.prom").read_text())
+    assert 'trainer_round_outcome{outcome=\\"failed\\"} 1.0' in metrics

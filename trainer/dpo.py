@@ -1,0 +1,262 @@
+"""DPO on logged pairs with TRL: a LoRA adapter over the fixed base policy, cached reference log-probs.
+
+Knows how exported pairs become TRL's tokenized rows from the *sampled* token ids the
+gateway logged (the prompt goes through the model's chat template; only an answer with no
+stored ids is re-tokenised, and counted), how a round's adapter starts from its parent
+version's adapter (so vLLM serves one adapter, never a stack), and how reference
+log-probs are reused: the reference is the base policy with the adapter disabled, which
+never changes, so each (prompt, answer)'s log-prob is computed once and kept in a small
+SQLite cache keyed by the base model's checksum, across epochs and rounds. Does not read
+the log or write the registry (``trainer.round`` does).
+
+TRL's ``DPOTrainer`` is used as it is, with two hooks overridden: dataset preparation
+(our rows are already token ids) and reference precomputation (our cache instead of a
+``datasets`` cache file). Both are private methods of the pinned TRL major version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback
+from trl import DPOTrainer  # type: ignore[attr-defined]
+
+from trainer.settings import DpoSettings
+
+log = logging.getLogger("trainer.dpo")
+
+
+@dataclass
+class DpoRows:
+    rows: list[dict[str, Any]]
+    retokenized: int = 0
+    """Answers with no stored token ids, tokenised from their text."""
+    truncated: int = 0
+
+
+@dataclass
+class DpoResult:
+    steps: int
+    seconds: float
+    loss: float
+    reward_margin: float
+    reward_accuracy: float
+    ref_cached: int = 0
+    """Reference log-probs found in the cache."""
+    ref_computed: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def reference_id(base: Path) -> str:
+    """SHA-256 over the base model's config and weights: the cache's key for "this reference"."""
+    digest = hashlib.sha256()
+    for path in sorted([base / "config.json", *base.glob("*.safetensors"), *base.glob("*.bin")]):
+        if path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+class RefCache:
+    """Reference log-prob of (prompt ids, answer ids) under one reference model; SQLite on disk."""
+
+    def __init__(self, path: Path, reference: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.reference = reference
+        with closing(self._connect()) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS ref_logps (key TEXT PRIMARY KEY, logp REAL NOT NULL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def key(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> str:
+        text = f"{self.reference}|{','.join(map(str, prompt_ids))}|{','.join(map(str, answer_ids))}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, float] = {}
+        with closing(self._connect()) as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(db.execute(f"SELECT key, logp FROM ref_logps WHERE key IN ({marks})", chunk).fetchall())
+        return found
+
+    def put_many(self, values: dict[str, float]) -> None:
+        with closing(self._connect()) as db, db:
+            db.executemany("INSERT OR REPLACE INTO ref_logps (key, logp) VALUES (?, ?)", values.items())
+
+
+def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> DpoRows:
+    """TRL's tokenized DPO rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) from exported pairs."""
+    out = DpoRows([])
+    eos = tokenizer.eos_token_id
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt_ids = [int(i) for i in prompt["input_ids"]]
+        answers = []
+        for side in ("chosen", "rejected"):
+            ids = [int(i) for i in pair.get(f"{side}_token_ids") or ()]
+            if not ids:
+                ids = tokenizer(pair[side][-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
+                out.retokenized += 1
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                break
+            if len(ids) > room:
+                ids = ids[:room]
+                out.truncated += 1
+            answers.append(ids)
+        if len(answers) == 2 and answers[0] != answers[1]:
+            out.rows.append({"prompt_ids": prompt_ids, "chosen_ids": answers[0], "rejected_ids": answers[1]})
+    return out
+
+
+@dataclass
+class PolicyInit:
+    """What a round trains: the base model, the adapter's shape, and its parent's weights to start from."""
+
+    base: Any
+    lora: Any
+    """A ``peft.LoraConfig``: the parent's, or one from the settings for the first version."""
+    parent_weights: dict[str, Any] | None = None
+
+
+def policy_model(base: Path, parent_adapter: Path | None, settings: DpoSettings) -> PolicyInit:
+    """The base model and the adapter to train: initialised from the parent version's adapter when there is
+    one (continuing it, not stacking a second one), else fresh (LoRA B = 0, so it starts as the base)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    if parent_adapter is not None:
+        config = LoraConfig.from_pretrained(str(parent_adapter))
+        config.inference_mode = False
+        return PolicyInit(model, config, load_file(parent_adapter / "adapter_model.safetensors"))
+    config = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return PolicyInit(model, config)
+
+
+def load_adapter(base: Path, adapter: Path) -> Any:
+    """A fresh base model with a saved adapter, for inference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="float32"), adapter)
+
+
+def train(
+    init: PolicyInit,
+    tokenizer: Any,
+    dpo_rows: list[dict[str, Any]],
+    settings: DpoSettings,
+    work_dir: Path,
+    cache: RefCache | None,
+    *,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> tuple[DpoResult, Any]:
+    """Train an adapter on the rows; returns the figures and the peft model. The reference is the base
+    (adapter disabled). ``cache`` None: TRL recomputes the reference every step (the benchmark's baseline).
+
+    The base model and a ``peft_config`` go to TRL, and the parent's weights are loaded into the adapter
+    afterwards: given a ready ``PeftModel``, TRL would make a frozen copy of the parent adapter the
+    reference, chaining the reference from round to round (what let the policy game the reward model's
+    length bias in a probe here)."""
+    import datasets
+    import torch
+    from peft import set_peft_model_state_dict
+    from trl import DPOConfig  # type: ignore[attr-defined]
+
+    steps_per_epoch = math.ceil(len(dpo_rows) / settings.batch_size)
+    total = max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
+    config = DPOConfig(
+        output_dir=str(work_dir), beta=settings.beta, learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs, max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
+        precompute_ref_log_probs=cache is not None, precompute_ref_batch_size=settings.batch_size, max_length=None,
+        logging_steps=max(1, total // 10), report_to=[], save_strategy="no", seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress, bf16=settings.bf16,
+    )  # fmt: skip
+    trainer = _CachedReferenceDPO(
+        cache, model=init.base, peft_config=init.lora, args=config, train_dataset=datasets.Dataset.from_list(dpo_rows),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    if init.parent_weights is not None:
+        unexpected = getattr(set_peft_model_state_dict(trainer.model, init.parent_weights), "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"the parent adapter does not fit this model: unexpected {unexpected[:3]}")
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    history = [
+        {k: float(v) for k, v in entry.items() if isinstance(v, int | float)}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    last = history[-1] if history else {}
+    return DpoResult(
+        steps=output.global_step, seconds=seconds, loss=float(output.training_loss),
+        reward_margin=last.get("rewards/margins", math.nan), reward_accuracy=last.get("rewards/accuracies", math.nan),
+        ref_cached=trainer.ref_cached, ref_computed=trainer.ref_computed, history=history,
+    ), trainer.model  # fmt: skip
+
+
+class _CachedReferenceDPO(DPOTrainer):
+    """``DPOTrainer`` for pre-tokenized rows, with reference log-probs from (and into) a ``RefCache``."""
+
+    def __init__(self, cache: RefCache | None, **kwargs: Any) -> None:
+        self.ref_cache = cache
+        self.ref_cached = 0
+        self.ref_computed = 0
+        super().__init__(**kwargs)
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        return dataset  # already token ids: the sampled ones, not a re-tokenisation of the text
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
+
+        cache = self.ref_cache
+        assert cache is not None  # precompute is on only with a cache
+        keys = [(cache.key(r["prompt_ids"], r["chosen_ids"]), cache.key(r["prompt_ids"], r["rejected_ids"])) for r in dataset]
+        known = cache.get_many(k for pair in keys for k in pair)
+        missing = [i for i, (c, r) in enumerate(keys) if c not in known or r not in known]
+        self.ref_cached = 2 * (len(keys) - len(missing))
+        if missing:
+            loader = self.accelerator.prepare(
+                DataLoader(dataset.select(missing), batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            )
+            computed: dict[str, float] = {}
+            position = 0
+            with torch.no_grad():
+                for batch in loader:
+                    chosen, rejected = self.compute_ref_log_probs(self.model, batch)
+                    for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
+                        key_c, key_r = keys[missing[position]]
+                        computed[key_c], computed[key_r] = c, r
+                        position += 1
+            cache.put_many(computed)
+            known.update(computed)
+            self.ref_computed = 2 * len(missing)
+        dataset = dataset.add_column("ref_chosen_logps", [known[c] for c, _ in keys])
+        return dataset.add_column("ref_rejected_logps", [known[r] for _, r in keys])
