@@ -38,6 +38,7 @@ from gateway.service import ChatService, Plan
 from gateway.settings import GatewaySettings
 from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
 from gateway.store.records import FeedbackRecord
+from gateway.swap import Swapper
 from gateway.vllm_process import VLLMProcess
 
 log = structlog.get_logger("gateway")
@@ -150,21 +151,31 @@ def create_app(
                 score = _scorer(settings, session)
             if score is not None:
                 await score.start()
-            metrics.policy_info.labels(settings.policy_version, score.version if score else "none").set(1)
+            metrics.set_versions(settings.policy_version, score.version if score else "none")
             writer = await asyncio.to_thread(_writer, settings, metrics, store) if settings.store.enabled else None
             if writer is not None:
                 writer.start()
-            service = ChatService(settings, gen, score, metrics, _ids(settings), writer)
+            swapper: Swapper | None = None
+            if generator is None and settings.swap.enabled:
+                registry_dir = settings.registry_dir()
+                await asyncio.to_thread(registry_dir.mkdir, parents=True, exist_ok=True)
+                swapper = Swapper(session, settings.all_backends(), settings.policy_version, settings.swap, registry_dir,
+                                  metrics, score.version if score else "none")  # fmt: skip
+                await swapper.sync()  # serve the registry's current version from the first request on
+            route = (lambda: swapper.route) if swapper is not None else None
+            service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
             limit = RateLimiter(settings.feedback.per_minute, settings.feedback.burst)
             state = GatewayState(settings, service, KeyRing(settings.api_keys), metrics, limit, writer)
             app.state.gateway = state
             stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
             watcher = asyncio.create_task(_watch(vllm, state, stop)) if vllm is not None else None
+            follower = asyncio.create_task(swapper.run()) if swapper is not None else None
             try:
                 yield
             finally:
-                if watcher is not None:
-                    watcher.cancel()
+                for task in (watcher, follower):
+                    if task is not None:
+                        task.cancel()
                 await service.drain()  # background scoring of N=1 answers for the log
                 if writer is not None:
                     await asyncio.to_thread(writer.close)  # everything accepted reaches the database or the spool
@@ -186,6 +197,7 @@ def create_app(
         state.metrics.in_flight.inc()
         try:
             plan = state.service.plan(await _parse(request, ChatCompletionRequest), key_id)
+            headers["x-policy-version"] = plan.policy_version
             if plan.streaming and plan.n_candidates == 1:
                 relay = state.service.relay(plan)
                 first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status

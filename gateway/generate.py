@@ -50,11 +50,15 @@ class Generation:
 
 
 class Generator(Protocol):
-    """Where candidates come from (vLLM in production, a fake in unit tests)."""
+    """Where candidates come from (vLLM in production, a fake in unit tests).
 
-    async def generate(self, body: dict[str, Any], n: int) -> Generation: ...
+    ``models`` (backend URL → model name) is the request's route from the hot-swap
+    (``gateway.swap.Route.models``): only those backends are used, each asked for its name;
+    None: every backend, under its configured model name."""
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation: ...
+
+    def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         """Relay a streaming (N=1) request: yields each SSE ``data:`` payload as raw bytes."""
         ...
 
@@ -72,24 +76,28 @@ class VLLMGenerator:
         self._in_flight = [0] * len(self._backends)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
 
-    def _order(self) -> list[int]:
-        """Backends to try, fewest requests in flight first (ties: config order)."""
-        return sorted(range(len(self._backends)), key=lambda i: self._in_flight[i])
+    def _order(self, models: dict[str, str] | None) -> list[int]:
+        """Backends to try (those routed to), fewest requests in flight first (ties: config order)."""
+        usable = [i for i, b in enumerate(self._backends) if models is None or b.url in models]
+        return sorted(usable, key=lambda i: self._in_flight[i])
 
     @asynccontextmanager
-    async def _post(self, payload: Callable[[Backend], dict[str, Any]]) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
+    async def _post(
+        self, payload: Callable[[str], dict[str, Any]], models: dict[str, str] | None
+    ) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
         """POST a chat request to the first reachable backend; yields it and its 200 response.
 
         A backend that cannot be connected to is skipped (the request never reached it);
         every other failure, also while the caller reads the response, maps to a typed error."""
         last_error: Exception | None = None
-        for i in self._order():
+        for i in self._order(models):
             backend = self._backends[i]
+            model = models[backend.url] if models is not None else backend.model
             self._in_flight[i] += 1
             try:
                 try:
                     response = await self._session.post(
-                        f"{backend.url}/v1/chat/completions", json=payload(backend), timeout=self._timeout
+                        f"{backend.url}/v1/chat/completions", json=payload(model), timeout=self._timeout
                     )
                 except aiohttp.ClientConnectorError as exc:
                     last_error = exc
@@ -107,16 +115,16 @@ class VLLMGenerator:
                 self._in_flight[i] -= 1
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__ if last_error else 'none'})")
 
-    async def generate(self, body: dict[str, Any], n: int) -> Generation:
-        def payload(backend: Backend) -> dict[str, Any]:
-            return {**body, "model": backend.model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
+    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
+        def payload(model: str) -> dict[str, Any]:
+            return {**body, "model": model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
 
-        async with self._post(payload) as (backend, response):
+        async with self._post(payload, models) as (backend, response):
             return _generation(await _json_or_raise(response), backend.url)
         raise AssertionError("unreachable: _post yields or raises")
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        async with self._post(lambda backend: {**body, "model": backend.model, "n": 1, "stream": True}) as (_, response):
+    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        async with self._post(lambda model: {**body, "model": model, "n": 1, "stream": True}, models) as (_, response):
             async for line in response.content:
                 if line.startswith(b"data: "):
                     yield line[6:].rstrip(b"\r\n")

@@ -4,7 +4,7 @@ Knows the metric names (prefix ``bon_``, units in names), labels and buckets: re
 latency, latency per stage (generate, score, select, log), the chosen candidate's reward
 and length, its margin over the runner-up and over the mean, candidates per request,
 thumbs by value and policy version, the log's records written/spooled, its queue and
-spool depth and write errors, errors returned by type, and the versions served. Does not
+spool depth and write errors, errors returned by type, the versions served and hot-swaps. Does not
 serve them.
 """
 
@@ -75,6 +75,26 @@ class Metrics:
         self.log_write_errors = Counter(f"{p}log_write_errors", "Failed log database writes", ["error"], registry=r)
         self.log_queue_depth = Gauge(f"{p}log_queue_depth", "Records waiting for the log writer", registry=r)
         self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
+        self.swaps = Counter(
+            f"{p}swaps", "Policy hot-swap attempts by result (ok, registry, verification)", ["result"], registry=r
+        )
+        self.swap_seconds = Histogram(
+            f"{p}swap_seconds", "Time to load and verify a policy version on every backend", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.swap_probe_diff = Gauge(
+            f"{p}swap_probe_diff_nats",
+            "Served vs expected probe log-probs at the last swap (mean per token)",
+            ["backend"],
+            registry=r,
+        )
+        self.swap_backend_failures = Counter(
+            f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
+        )
+
+    def set_versions(self, policy: str, reward_model: str) -> None:
+        """The versions served now (the previous label set is dropped)."""
+        self.policy_info.clear()
+        self.policy_info.labels(policy, reward_model).set(1)
 
     def watch_log(self, queue_depth: Callable[[], float], spool_pending: Callable[[], float]) -> None:
         self.log_queue_depth.set_function(queue_depth)

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from gateway.score import Conversation, Scorer
 from gateway.select import select
 from gateway.settings import GatewaySettings
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
+from gateway.swap import Route
 
 log = logging.getLogger("gateway.service")
 RECENT_IDS = 100_000
@@ -49,6 +50,10 @@ class Plan:
     """The fields vLLM receives (without model, n and streaming, which the generator sets)."""
     key_id: str
     completion_id: str
+    policy_version: str = ""
+    """The policy version that answers (the route's, fixed when the request is planned)."""
+    models: dict[str, str] | None = None
+    """The route's backend URL → model name (None: every backend under its configured name)."""
     created: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -78,6 +83,7 @@ class ChatService:
         metrics: Metrics,
         ids: CompletionIds,
         sink: RecordSink | None = None,
+        route: Callable[[], Route] | None = None,
     ) -> None:
         self.settings = settings
         self.generator = generator
@@ -85,6 +91,8 @@ class ChatService:
         self.metrics = metrics
         self.ids = ids
         self.sink = sink
+        self.route = route
+        """The hot-swap's current route (``gateway.swap``); None: the configured backends and version."""
         self._background: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[str, str] = OrderedDict()
 
@@ -121,12 +129,15 @@ class ChatService:
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
-        return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id))
+        route = self.route() if self.route is not None else None
+        version = route.version if route is not None else s.policy_version
+        models = route.models if route is not None else None
+        return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
 
     # ---- generate → score → select ----
     async def run(self, plan: Plan) -> Outcome:
         started = time.perf_counter()
-        generation = await self.generator.generate(plan.body, plan.n_candidates)
+        generation = await self.generator.generate(plan.body, plan.n_candidates, plan.models)
         plan.timings["generate"] = time.perf_counter() - started
         self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
         self.metrics.candidates.observe(len(generation.candidates))
@@ -144,12 +155,11 @@ class ChatService:
         plan.timings["select"] = time.perf_counter() - started
         self.metrics.stage_latency.labels("select").observe(plan.timings["select"])
         if rewards is not None:
-            self._observe_rewards(rewards, chosen[0])
+            self._observe_rewards(rewards, chosen[0], plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
         return Outcome(generation, rewards, chosen)
 
-    def _observe_rewards(self, rewards: list[float], chosen: int) -> None:
-        version = self.settings.policy_version
+    def _observe_rewards(self, rewards: list[float], chosen: int, version: str) -> None:
         self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
         self.metrics.chosen_reward_stats.labels(version).observe(rewards[chosen])
         if len(rewards) > 1:
@@ -161,7 +171,7 @@ class ChatService:
     def log(self, plan: Plan, outcome: Outcome) -> None:
         """Hand the completion's record to the log (never blocks). An unscored answer is scored
         first, in the background, when the config asks for it."""
-        self._remember(plan.completion_id)
+        self._remember(plan.completion_id, plan.policy_version)
         if self.sink is None or plan.request.store is False:
             return  # `store: false`: served, counted in metrics, not kept for training
         started = time.perf_counter()
@@ -199,7 +209,7 @@ class ChatService:
             key_id=plan.key_id,
             messages=_messages(plan),
             params={k: v for k, v in plan.body.items() if k != "messages"},
-            policy_version=self.settings.policy_version,
+            policy_version=plan.policy_version,
             rm_version=self.scorer.version if self.scorer is not None and rewards is not None else None,
             n_candidates=plan.n_candidates,
             prompt_tokens=outcome.generation.prompt_tokens,
@@ -211,8 +221,8 @@ class ChatService:
             ],
         )
 
-    def _remember(self, completion_id: str) -> None:
-        self._recent[completion_id] = self.settings.policy_version
+    def _remember(self, completion_id: str, version: str) -> None:
+        self._recent[completion_id] = version
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
 
@@ -231,7 +241,7 @@ class ChatService:
             "object": obj,
             "created": int(plan.created),
             "model": self.settings.model_alias,
-            "system_fingerprint": self.settings.policy_version,
+            "system_fingerprint": plan.policy_version,
         }
 
     def _usage(self, generation: Generation) -> dict[str, int]:
@@ -304,7 +314,7 @@ class ChatService:
         client_usage = plan.include_usage
         if plan.request.stream_options is not None:
             body["stream_options"] |= plan.request.stream_options.model_dump(exclude_none=True)
-        stream = self.generator.stream(body)
+        stream = self.generator.stream(body, plan.models)
         first = True
         answer = Candidate(index=0, text="", finish_reason=None)
         texts: list[str] = []
@@ -332,9 +342,7 @@ class ChatService:
                             if not chunk.get("choices"):
                                 continue  # the final usage-only chunk the client did not ask for
                             chunk["usage"] = None
-                    chunk.update(
-                        id=plan.completion_id, model=self.settings.model_alias, system_fingerprint=self.settings.policy_version
-                    )
+                    chunk.update(id=plan.completion_id, model=self.settings.model_alias, system_fingerprint=plan.policy_version)
                 yield json.dumps(chunk, separators=(",", ":")).encode()
         finally:
             plan.timings["generate"] = time.perf_counter() - started

@@ -54,6 +54,7 @@ class VLLMProcess:
         max_model_len: int = 256,
         max_lora_rank: int = 16,
         max_loras: int = 4,
+        dtype: str = "auto",
         extra_args: list[str] | None = None,
         log_path: Path | None = None,
         pooling: bool = False,
@@ -67,7 +68,7 @@ class VLLMProcess:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--served-model-name", served_name,
             "--host", host, "--port", str(port),
-            "--max-model-len", str(max_model_len),
+            "--max-model-len", str(max_model_len), "--dtype", dtype,
         ]  # fmt: skip
         if pooling:
             args += ["--runner", "pooling"]

@@ -19,8 +19,9 @@ from gateway.vllm_process import VLLMProcess, free_port
 @contextmanager
 def running_vllm(model: Path, name: str, *, pooling: bool = False) -> Iterator[str]:
     process = VLLMProcess(
-        model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, log_path=model.parent / f"vllm-{name}.log"
-    )
+        model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
+        log_path=model.parent / f"vllm-{name}.log",
+    )  # fmt: skip
     process.start()
     try:
         process.wait_healthy(300)

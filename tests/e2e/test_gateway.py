@@ -37,6 +37,7 @@ def gateway_url(policy_vllm: str, test_models: Path, data_dir: Path) -> Iterator
         scorer={"model_dir": test_models / "reward_model", "threads": 1},  # type: ignore[arg-type]
         policy_version="v-test",
         n_candidates=4,
+        swap={"registry_dir": data_dir / "registry"},  # type: ignore[arg-type]  # empty: the base is served
     )
     with running_gateway(settings) as url:
         yield url

@@ -26,7 +26,7 @@ class FakeGenerator:
         self.calls: list[tuple[dict[str, Any], int]] = []
         self.cancelled = 0
 
-    async def generate(self, body: dict[str, Any], n: int) -> Generation:
+    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
         self.calls.append((body, n))
         try:
             await asyncio.sleep(self.delay_s)
@@ -41,7 +41,7 @@ class FakeGenerator:
         ]
         return Generation(candidates, prompt_tokens=5, completion_tokens=sum(c.token_count for c in candidates), backend="fake")
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
         self.calls.append((body, 1))
         if self.error is not None:
             raise self.error

@@ -82,7 +82,7 @@ def deployment(tmp_path: Path, test_models: Path, tokenizer: Any) -> Path:
 
 def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: Path, test_models: Path, capsys: Any) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import probe
 
@@ -115,11 +115,13 @@ def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: 
         AutoModelForCausalLM.from_pretrained(test_models / "policy"), registry.path("policy", "v0001")
     )
     stored = probe.Probe.load(registry.path("policy", "v0001"))
-    again = probe.compute(model, stored.token_ids)
-    assert probe.mean_abs_diff(stored.logprobs, again.logprobs) < 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(test_models / "policy")
+    again = probe.compute(model, probe.sequences(tokenizer))
+    assert again.prefixes == stored.prefixes
+    assert probe.difference(stored.top, again.top) < 1e-5
     with model.disable_adapter():
-        base = probe.compute(model, stored.token_ids)
-    assert probe.mean_abs_diff(stored.logprobs, base.logprobs) > 1e-3  # the adapter changed the weights
+        base = probe.compute(model, probe.sequences(tokenizer))
+    assert probe.difference(stored.top, base.top) > 1e-3  # the adapter changed the weights
 
     metrics = (deployment.parent / "registry" / "metrics" / "trainer.prom").read_text()
     assert 'trainer_round_outcome{outcome="trained"} 1.0' in metrics

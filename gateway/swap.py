@@ -1,0 +1,232 @@
+"""Hot-swap: follow the registry's ``current`` policy pointer into every vLLM backend, verified.
+
+Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA on):
+1. notice that the pointer names another version (polling the pointer file; the
+   registry's pointers are the single source of truth, the trainer never calls vLLM);
+2. check the version's files against its manifest (a damaged version is never loaded);
+3. load it into each backend under a fresh name ``<served>@<version>`` (vLLM keys its
+   prefix cache by adapter name, so a name is never reused for other weights);
+4. verify on each backend: ``/v1/models`` lists the name, and the teacher-forced
+   next-token log-probs after the version's fixed probe prefixes match the values the
+   trainer computed for it within ``probe_tolerance`` (mean nats, ``trainer.probe``);
+   "different from before" is not enough, since a wrong adapter differs too;
+5. route new requests to the backends that passed (a backend that failed is not routed to
+   until it passes; if none passed, the old route stays and the swap is retried later);
+6. unload versions that are neither routed nor the previous one (the rollback target)
+   once requests that may still use them have finished (``drain_s``).
+A request keeps the route it started with (``Route`` is immutable), so a swap never
+fails a request in flight. Full fine-tunes (``format: full``) are not swapped here: they
+need a second vLLM instance (blue-green), which this module does not do yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.metrics import Metrics
+from gateway.settings import Backend, SwapSettings
+from trainer.probe import TOP_K, Probe, difference
+from trainer.registry import Registry, RegistryError
+
+log = logging.getLogger("gateway.swap")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which policy version new requests get, and the model name to ask each routable backend for."""
+
+    version: str
+    models: dict[str, str] = field(default_factory=dict)
+    """Backend URL → model name (the base's served name, or an adapter name); absent: not routed to."""
+
+
+class VerificationError(Exception):
+    """A backend does not serve the version it was asked to load."""
+
+
+class Swapper:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        backends: Sequence[Backend],
+        base_version: str,
+        settings: SwapSettings,
+        registry_dir: Path,
+        metrics: Metrics,
+        rm_version: str,
+    ) -> None:
+        self._session = session
+        self._backends = list(backends)
+        self._base = Route(base_version, {b.url: b.model for b in self._backends})
+        self.route = self._base
+        self._settings = settings
+        self._registry = Registry(registry_dir)
+        self._metrics = metrics
+        self._rm_version = rm_version
+        self._timeout = aiohttp.ClientTimeout(total=settings.admin_timeout_s)
+        self._retired: dict[str, float] = {}
+        """Adapter version → when it stopped being routed."""
+        self._previous: str | None = None
+        self._failed: dict[str, float] = {}
+        """Version → when its last swap attempt failed (retried after ``retry_s``)."""
+
+    # ---- the loop ----
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # the loop must outlive any one failure; the reason is logged and counted
+                log.exception("swap check failed")
+            await asyncio.sleep(self._settings.poll_s)
+
+    async def sync(self) -> None:
+        """One check of the pointer; swaps (or retries unverified backends) when needed."""
+        target = await asyncio.to_thread(self._target)
+        target_version = target if target is not None else self._base.version
+        missing = [b for b in self._backends if b.url not in self.route.models]
+        if target_version != self.route.version:
+            if time.monotonic() - self._failed.get(target_version, -1e9) >= self._settings.retry_s:
+                await self._swap(target)
+        elif missing and target is not None:
+            await self._add_backends(target, missing)
+        await self._unload_drained()
+
+    def _target(self) -> str | None:
+        state = self._registry.pointer("policy", "current")
+        return state.version if state is not None else None
+
+    # ---- swapping ----
+    async def _swap(self, version: str | None) -> None:
+        started = time.perf_counter()
+        old = self.route
+        if version is None:  # the pointer was removed: back to the base model
+            new = self._base
+        else:
+            try:
+                manifest = await asyncio.to_thread(self._registry.verify, "policy", version)
+                if manifest.format != "lora":
+                    raise RegistryError(f"policy {version} is a {manifest.format} model; only LoRA versions hot-swap")
+                probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
+            except (RegistryError, OSError, ValueError) as exc:
+                self._fail(version, "registry", str(exc))
+                return
+            models = await self._load_everywhere(version, probe, self._backends)
+            if not models:
+                self._fail(version, "verification", "no backend verified it")
+                return
+            new = Route(version, models)
+        self.route = new
+        if old.version != new.version and old is not self._base:
+            self._previous = old.version
+            self._retired[old.version] = time.monotonic()
+        self._retired.pop(new.version, None)
+        self._failed.pop(new.version, None)
+        seconds = time.perf_counter() - started
+        self._metrics.swaps.labels("ok").inc()
+        self._metrics.swap_seconds.observe(seconds)
+        self._metrics.set_versions(new.version, self._rm_version)
+        log.warning(
+            "policy %s -> %s on %d of %d backends in %.2f s",
+            old.version,
+            new.version,
+            len(new.models),
+            len(self._backends),
+            seconds,
+        )
+
+    async def _add_backends(self, version: str, backends: list[Backend]) -> None:
+        """Retry the backends that failed verification for the routed version."""
+        if time.monotonic() - self._failed.get(version, -1e9) < self._settings.retry_s:
+            return
+        try:
+            probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
+        except (RegistryError, OSError, ValueError):
+            return
+        added = await self._load_everywhere(version, probe, backends)
+        if added:
+            self.route = Route(version, {**self.route.models, **added})
+        if len(added) < len(backends):
+            self._failed[version] = time.monotonic()
+
+    def _fail(self, version: str, reason: str, message: str) -> None:
+        self._failed[version] = time.monotonic()
+        self._metrics.swaps.labels(reason).inc()
+        log.error("not swapping to policy %s (%s): %s; still serving %s", version, reason, message, self.route.version)
+
+    async def _load_everywhere(self, version: str, probe: Probe, backends: Sequence[Backend]) -> dict[str, str]:
+        path = self._registry.path("policy", version).resolve()
+        results = await asyncio.gather(*(self._load_and_verify(b, version, path, probe) for b in backends))
+        return {b.url: name for b, name in zip(backends, results, strict=True) if name is not None}
+
+    def adapter_name(self, backend: Backend, version: str) -> str:
+        return f"{backend.model}@{version}"
+
+    async def _load_and_verify(self, backend: Backend, version: str, path: Path, probe: Probe) -> str | None:
+        name = self.adapter_name(backend, version)
+        try:
+            if name not in await self._models(backend):
+                await self._post(backend, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+                if name not in await self._models(backend):
+                    raise VerificationError(f"{name} is not listed in /v1/models after loading")
+            served = await self._probe(backend, name, probe.prefixes)
+            diff = difference(probe.top, served)
+            self._metrics.swap_probe_diff.labels(backend.url).set(diff)
+            if diff > self._settings.probe_tolerance:
+                raise VerificationError(
+                    f"probe log-probs differ by {diff:.4f} nats per token (tolerance {self._settings.probe_tolerance})"
+                )
+            log.info("backend %s serves %s (probe diff %.2e)", backend.url, name, diff)
+            return name
+        except (VerificationError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            log.error("backend %s failed to load or verify %s: %s", backend.url, name, exc)
+            self._metrics.swap_backend_failures.labels(backend.url).inc()
+            return None
+
+    # ---- retiring ----
+    async def _unload_drained(self) -> None:
+        now = time.monotonic()
+        for version, since in list(self._retired.items()):
+            if version == self._previous or now - since < self._settings.drain_s:
+                continue  # the rollback target stays loaded; others wait until their requests are done
+            for backend in self._backends:
+                try:
+                    await self._post(backend, "/v1/unload_lora_adapter", {"lora_name": self.adapter_name(backend, version)})
+                except (aiohttp.ClientError, TimeoutError, VerificationError) as exc:
+                    log.warning("unloading %s from %s failed: %s", version, backend.url, exc)
+            del self._retired[version]
+
+    # ---- vLLM admin API ----
+    async def _models(self, backend: Backend) -> set[str]:
+        async with self._session.get(f"{backend.url}/v1/models", timeout=self._timeout) as response:
+            data = await response.json()
+        return {m["id"] for m in data.get("data", [])}
+
+    async def _post(self, backend: Backend, route: str, body: dict[str, Any]) -> None:
+        async with self._session.post(f"{backend.url}{route}", json=body, timeout=self._timeout) as response:
+            if response.status != 200:
+                raise VerificationError(f"{route} answered {response.status}: {(await response.text())[:200]}")
+
+    async def _probe(self, backend: Backend, model: str, prefixes: list[list[int]]) -> list[dict[str, float]]:
+        """The top next-token log-probs after each prefix (one greedy token each), keyed by token id."""
+        served = []
+        for ids in prefixes:
+            body = {
+                "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": TOP_K,
+                "return_tokens_as_token_ids": True,
+            }  # fmt: skip
+            async with self._session.post(f"{backend.url}/v1/completions", json=body, timeout=self._timeout) as response:
+                if response.status != 200:
+                    raise VerificationError(f"probe answered {response.status}: {(await response.text())[:200]}")
+                data = json.loads(await response.text())
+            top = data["choices"][0]["logprobs"]["top_logprobs"][0]
+            served.append({token.removeprefix("token_id:"): float(value) for token, value in top.items()})
+        return served
