@@ -94,7 +94,7 @@ class Swapper:
         target_version = target if target is not None else self._base.version
         missing = [b for b in self._backends if b.url not in self.route.models]
         if target_version != self.route.version:
-            if time.monotonic() - self._failed.get(target_version, -1e9) >= self._settings.retry_s:
+            if self._due(target_version):
                 await self._swap(target)
         elif missing and target is not None:
             await self._add_backends(target, missing)
@@ -145,7 +145,7 @@ class Swapper:
 
     async def _add_backends(self, version: str, backends: list[Backend]) -> None:
         """Retry the backends that failed verification for the routed version."""
-        if time.monotonic() - self._failed.get(version, -1e9) < self._settings.retry_s:
+        if not self._due(version):
             return
         try:
             probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
@@ -156,6 +156,10 @@ class Swapper:
             self.route = Route(version, {**self.route.models, **added})
         if len(added) < len(backends):
             self._failed[version] = time.monotonic()
+
+    def _due(self, version: str) -> bool:
+        """Whether a swap to ``version`` may be tried now (never failed, or failed ``retry_s`` ago)."""
+        return time.monotonic() - self._failed.get(version, -1e9) >= self._settings.retry_s
 
     def _fail(self, version: str, reason: str, message: str) -> None:
         self._failed[version] = time.monotonic()

@@ -127,15 +127,11 @@ def _schedule(args: argparse.Namespace) -> int:
     import subprocess
     import time
 
-    from trainer.export import ExportError, parse_time
+    from trainer.export import parse_duration
 
-    try:
-        every = time.time() - parse_time(args.every)
-    except ExportError as exc:
-        print(f"{PROG} schedule: error: {exc}", file=sys.stderr)
-        return 2
-    if every <= 0:
-        print(f"{PROG} schedule: error: --every must be positive", file=sys.stderr)
+    every = parse_duration(args.every)
+    if not every:
+        print(f"{PROG} schedule: error: --every must be a positive duration such as 10m, 1h or 1d", file=sys.stderr)
         return 2
     stopping = False
 

@@ -100,20 +100,25 @@ class RefCache:
             db.executemany("INSERT OR REPLACE INTO ref_logps (key, logp) VALUES (?, ?)", values.items())
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """A conversation rendered as vLLM renders a chat request: the chat template plus the generation prompt."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return [int(i) for i in rendered["input_ids"]]
+
+
 def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> DpoRows:
     """TRL's tokenized DPO rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) from exported pairs."""
     out = DpoRows([])
     eos = tokenizer.eos_token_id
     for pair in pairs:
-        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)
-        prompt_ids = [int(i) for i in prompt["input_ids"]]
+        prompt = prompt_ids(tokenizer, pair["prompt"])
         answers = []
         for side in ("chosen", "rejected"):
             ids = [int(i) for i in pair.get(f"{side}_token_ids") or ()]
             if not ids:
                 ids = tokenizer(pair[side][-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
                 out.retokenized += 1
-            room = max_length - len(prompt_ids)
+            room = max_length - len(prompt)
             if room < 1:
                 break
             if len(ids) > room:
@@ -121,7 +126,7 @@ def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> Dp
                 out.truncated += 1
             answers.append(ids)
         if len(answers) == 2 and answers[0] != answers[1]:
-            out.rows.append({"prompt_ids": prompt_ids, "chosen_ids": answers[0], "rejected_ids": answers[1]})
+            out.rows.append({"prompt_ids": prompt, "chosen_ids": answers[0], "rejected_ids": answers[1]})
     return out
 
 

@@ -31,12 +31,18 @@ class ExportError(Exception):
     """Bad input for an export (a time that does not parse, an unwritable path); one line."""
 
 
+def parse_duration(value: str) -> float | None:
+    """Seconds in ``7d``/``12h``/``30m``/``45s``/``2w``; None when ``value`` is not such a duration."""
+    m = _DURATION.match(value.strip())
+    return float(m.group(1)) * _SECONDS[m.group(2)] if m else None
+
+
 def parse_time(value: str, now: float | None = None) -> float:
     """UTC epoch seconds from ``7d``/``12h``/``30m`` (ago), an ISO 8601 date or time, or epoch seconds."""
     now = time.time() if now is None else now
     value = value.strip()
-    if m := _DURATION.match(value):
-        return now - float(m.group(1)) * _SECONDS[m.group(2)]
+    if (ago := parse_duration(value)) is not None:
+        return now - ago
     try:
         return float(value)
     except ValueError:

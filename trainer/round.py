@@ -197,6 +197,8 @@ def _train(
 
 
 def _distinct_prompts(tokenizer: Any, prompts: list[list[dict[str, Any]]], limit: int) -> list[list[int]]:
+    from trainer.dpo import prompt_ids  # imports TRL: only when a round trains
+
     seen: set[str] = set()
     out: list[list[int]] = []
     for messages in prompts:
@@ -204,8 +206,7 @@ def _distinct_prompts(tokenizer: Any, prompts: list[list[dict[str, Any]]], limit
         if key in seen:
             continue
         seen.add(key)
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        out.append([int(i) for i in rendered["input_ids"]])
+        out.append(prompt_ids(tokenizer, messages))
         if len(out) == limit:
             break
     return out
