@@ -45,7 +45,8 @@ class Scorer(Protocol):
     async def close(self) -> None: ...
 
 
-def _render(tokenizer: Any, conversation: Conversation) -> str:
+def render(tokenizer: Any, conversation: Conversation) -> str:
+    """A conversation and its answer as the reward model reads it: its own chat template, not tokenized."""
     messages = [*conversation.messages, {"role": "assistant", "content": conversation.answer}]
     text: str = tokenizer.apply_chat_template(messages, tokenize=False)
     return text
@@ -145,7 +146,7 @@ class LocalRewardModel:
     def _forward(self, conversations: Sequence[Conversation]) -> list[float]:
         import torch
 
-        texts = [_render(self._tokenizer, c) for c in conversations]
+        texts = [render(self._tokenizer, c) for c in conversations]
         rewards: list[float] = []
         for start in range(0, len(texts), self._max_batch):
             batch = self._tokenizer(
@@ -187,7 +188,7 @@ class RemotePoolingScorer:
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_dir)
 
     async def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        texts = [_render(self._tokenizer, c) for c in conversations]
+        texts = [render(self._tokenizer, c) for c in conversations]
         body = {"model": self._model, "input": texts, "use_activation": False}
         try:
             async with self._session.post(f"{self._url}/classify", json=body, timeout=self._timeout) as response:

@@ -4,7 +4,7 @@ Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   pairs export   write the log's preference pairs (and unpaired thumbs) in TRL's formats
   registry       init|list|show|promote|rollback versions and the current/canary pointers
-  run            one training round: the log's window -> pairs -> DPO -> a registered version
+  run            one training round: the log's window -> pairs -> DPO/KTO/PPO -> a registered version
   schedule       run a round every --every (a local stand-in for the Kubernetes CronJob)
 
 Errors a user can fix print one line and exit non-zero, never a traceback.

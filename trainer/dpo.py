@@ -2,8 +2,7 @@
 
 Knows how exported pairs become TRL's tokenized rows from the *sampled* token ids the
 gateway logged (the prompt goes through the model's chat template; only an answer with no
-stored ids is re-tokenised, and counted), how a round's adapter starts from its parent
-version's adapter (so vLLM serves one adapter, never a stack), and how reference
+stored ids is re-tokenised, and counted) and how reference
 log-probs are reused: the reference is the base policy with the adapter disabled, which
 never changes, so each (prompt, answer)'s log-prob is computed once and kept in a small
 SQLite cache keyed by the base model's checksum, across epochs and rounds. Does not read
@@ -30,6 +29,7 @@ from typing import Any
 from transformers import PrinterCallback
 from trl import DPOTrainer  # type: ignore[attr-defined]
 
+from trainer.adapter import PolicyInit, log_history, prompt_ids, start_from_parent
 from trainer.settings import DpoSettings
 
 log = logging.getLogger("trainer.dpo")
@@ -100,12 +100,6 @@ class RefCache:
             db.executemany("INSERT OR REPLACE INTO ref_logps (key, logp) VALUES (?, ?)", values.items())
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """A conversation rendered as vLLM renders a chat request: the chat template plus the generation prompt."""
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return [int(i) for i in rendered["input_ids"]]
-
-
 def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> DpoRows:
     """TRL's tokenized DPO rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) from exported pairs."""
     out = DpoRows([])
@@ -130,43 +124,6 @@ def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> Dp
     return out
 
 
-@dataclass
-class PolicyInit:
-    """What a round trains: the base model, the adapter's shape, and its parent's weights to start from."""
-
-    base: Any
-    lora: Any
-    """A ``peft.LoraConfig``: the parent's, or one from the settings for the first version."""
-    parent_weights: dict[str, Any] | None = None
-
-
-def policy_model(base: Path, parent_adapter: Path | None, settings: DpoSettings) -> PolicyInit:
-    """The base model and the adapter to train: initialised from the parent version's adapter when there is
-    one (continuing it, not stacking a second one), else fresh (LoRA B = 0, so it starts as the base)."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-    if parent_adapter is not None:
-        config = LoraConfig.from_pretrained(str(parent_adapter))
-        config.inference_mode = False
-        return PolicyInit(model, config, load_file(parent_adapter / "adapter_model.safetensors"))
-    config = LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
-    )  # fmt: skip
-    return PolicyInit(model, config)
-
-
-def load_adapter(base: Path, adapter: Path) -> Any:
-    """A fresh base model with a saved adapter, for inference."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="float32"), adapter)
-
-
 def train(
     init: PolicyInit,
     tokenizer: Any,
@@ -187,7 +144,6 @@ def train(
     length bias in a probe here)."""
     import datasets
     import torch
-    from peft import set_peft_model_state_dict
     from trl import DPOConfig  # type: ignore[attr-defined]
 
     steps_per_epoch = math.ceil(len(dpo_rows) / settings.batch_size)
@@ -203,20 +159,13 @@ def train(
         cache, model=init.base, peft_config=init.lora, args=config, train_dataset=datasets.Dataset.from_list(dpo_rows),
         processing_class=tokenizer,
     )  # fmt: skip
-    if init.parent_weights is not None:
-        unexpected = getattr(set_peft_model_state_dict(trainer.model, init.parent_weights), "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"the parent adapter does not fit this model: unexpected {unexpected[:3]}")
+    start_from_parent(trainer.model, init)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
-    history = [
-        {k: float(v) for k, v in entry.items() if isinstance(v, int | float)}
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
+    history = log_history(trainer.state.log_history)
     last = history[-1] if history else {}
     return DpoResult(
         steps=output.global_step, seconds=seconds, loss=float(output.training_loss),

@@ -168,3 +168,17 @@ def _unpaired(record: CompletionRecord, answer: CandidateRecord, thumb: Feedback
         "rm_version": record.rm_version,
         "token_ids": answer.token_ids,
     }
+
+
+def thumbed(labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]]) -> list[dict[str, Any]]:
+    """Every thumbed answer that was served, unpaired (KTO's rows), whatever else it could be paired with."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for record, thumb in labelled:
+        served = next((c for c in record.candidates if c.chosen), None)
+        if thumb is None or served is None:
+            continue
+        row = _unpaired(record, served, thumb)
+        if _first(seen, "kto", row["prompt"], row["completion"], row["label"]):
+            out.append(row)
+    return out

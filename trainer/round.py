@@ -1,4 +1,4 @@
-"""One training round: the log's window → pairs → DPO → evaluation → a registered version → the pointer.
+"""One training round: the log's window → pairs → DPO, KTO or PPO → evaluation → a registered version → the pointer.
 
 Knows the round's order and its rules:
 - the data window is what the *current* policy version served, scored by the *current*
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from trainer.export import parse_time, window
 from trainer.lock import round_lock
-from trainer.pairs import build
+from trainer.pairs import build, thumbed
 from trainer.registry import Registry, RegistryError
 from trainer.settings import TrainerSettings
 
@@ -50,17 +50,24 @@ class RoundResult:
     pairs: int = 0
     completions: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = "dpo"
 
     def summary(self) -> str:
         head = f"round {self.outcome}: {self.reason} ({self.seconds:.1f} s)"
         if self.outcome != "trained":
             return head
         f = self.figures
+        unit = {"dpo": "pairs", "kto": "KTO rows", "ppo": "prompts"}[self.algorithm]
+        nan = math.nan
+        extra = {
+            "dpo": f"reward margin {f.get('reward_margin', nan):.3f}, reward accuracy {f.get('reward_accuracy', nan):.2f}",
+            "kto": f"{f.get('desirable', 0)} desirable, {f.get('undesirable', 0)} undesirable, {f.get('from_thumbs', 0)} thumbed",
+            "ppo": f"mean reward {f.get('reward', nan):.3f}",
+        }[self.algorithm]
         return (
-            f"{head}\n  version {self.version} (parent {self.parent or 'base'}), {self.pairs} pairs from "
-            f"{self.completions} completions\n  loss {f['loss']:.4f}, reward margin {f['reward_margin']:.3f}, "
-            f"reward accuracy {f['reward_accuracy']:.2f}, KL to reference {f['kl_to_reference']:.3f} nats, "
-            f"mean length {f['mean_length']:.1f} tokens"
+            f"{head}\n  {self.algorithm} version {self.version} (parent {self.parent or 'base'}), {self.pairs} {unit} from "
+            f"{self.completions} completions\n  loss {f['loss']:.4f}, {extra}, KL to reference {f['kl_to_reference']:.3f} "
+            f"nats, mean length {f['mean_length']:.1f} tokens"
         )
 
 
@@ -81,21 +88,21 @@ def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bo
     algorithm = algorithm or s.algorithm
     if algorithm not in ALGORITHMS:
         raise RoundError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
-    if algorithm != "dpo":
-        raise RoundError(f"--algo {algorithm} is not implemented yet; dpo is")
     if not s.registry_dir.is_dir():
         raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
     if not (s.base_policy / "config.json").is_file():
         raise RoundError(f"no base policy at {s.base_policy} (run `python -m trainer bootstrap` or set trainer.base_policy)")
+    if algorithm == "ppo" and not (s.base_reward_model / "config.json").is_file():
+        raise RoundError(f"no reward model at {s.base_reward_model} for --algo ppo (set trainer.base_reward_model)")
     url = settings.store.database_url()
     started = time.perf_counter()
     with round_lock(s.registry_dir, url):
-        result = _run_locked(settings, url, progress)
+        result = _run_locked(settings, algorithm, url, progress)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundResult:
+def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: bool) -> RoundResult:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.store.sql import SqlStore
@@ -121,59 +128,72 @@ def _run_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundRes
         "since": since, "until": until, "policy_version": policy_version, "rm_version": rm_version,
         "completions": stats.completions, "pairs": stats.pairs, "from_thumbs": stats.from_thumbs,
     }  # fmt: skip
-    if stats.pairs < s.min_pairs:
+    data = _Data(exported.pairs, thumbed(labelled), [r.messages for r, _ in labelled])
+    available, unit = data.size(algorithm, s.kto.from_pairs)
+    if available < s.min_pairs:
         reason = (
-            f"{stats.pairs} pairs from {stats.completions} completions served by {policy_version} and scored by "
+            f"{available} {unit} from {stats.completions} completions served by {policy_version} and scored by "
             f"{rm_version} in the last {s.max_age}; trainer.min_pairs is {s.min_pairs}"
         )
         return RoundResult("skipped", reason, parent=parent, pairs=stats.pairs, completions=stats.completions)
-    prompts = [r.messages for r, _ in labelled]
-    return _train(settings, registry, parent, exported.pairs, data_window, prompts, progress)
+    return _train(settings, registry, algorithm, parent, rm_version, data, data_window, progress)
+
+
+@dataclass
+class _Data:
+    """What the window gives each algorithm: pairs (DPO, KTO), thumbed answers (KTO), prompts (PPO, evaluation)."""
+
+    pairs: list[dict[str, Any]]
+    thumbed: list[dict[str, Any]]
+    prompts: list[list[dict[str, Any]]]
+
+    def size(self, algorithm: str, kto_from_pairs: bool) -> tuple[int, str]:
+        if algorithm == "kto":
+            return len(self.thumbed) + (2 * len(self.pairs) if kto_from_pairs else 0), "KTO rows (thumbs and pair sides)"
+        if algorithm == "ppo":
+            return len({repr(p) for p in self.prompts}), "distinct prompts"
+        return len(self.pairs), "pairs"
 
 
 def _train(
     settings: TrainerSettings,
     registry: Registry,
+    algorithm: str,
     parent: str | None,
-    pairs: list[dict[str, Any]],
+    rm_version: str,
+    data: _Data,
     data_window: dict[str, Any],
-    prompts: list[list[dict[str, Any]]],
     progress: bool,
 ) -> RoundResult:
     import torch
     from transformers import AutoTokenizer
 
-    from trainer import dpo, kl, probe
+    from trainer import adapter, kl, probe
 
     s = settings.trainer
     torch.manual_seed(s.dpo.seed)
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)
-    made = dpo.rows(pairs, tokenizer, s.dpo.max_length)
     parent_dir = registry.path("policy", parent) if parent else None
     if parent is not None:
         registry.verify("policy", parent)
-    init = dpo.policy_model(s.base_policy, parent_dir, s.dpo)
-    reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.dpo.bf16 else 'fp32'}"
-    cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
-    with tempfile.TemporaryDirectory(prefix="dpo-") as work:
-        result, model = dpo.train(init, tokenizer, made.rows, s.dpo, Path(work), cache if s.dpo.cache_reference else None,
-                           progress=progress)  # fmt: skip
-        if not math.isfinite(result.loss):
-            raise RoundError(f"training diverged (loss {result.loss}); nothing registered")
+    init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
+    with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
+        trained, model, used, hyperparameters = _fit(settings, registry, algorithm, rm_version, init, tokenizer, data,
+                                                     Path(work), progress)  # fmt: skip
+        if not math.isfinite(trained.loss):
+            raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
         # Everything below measures the adapter as saved (what vLLM will load), not the trainer's in-memory model:
         # after a bf16 round the two gave probe log-probs 0.014 nats per token apart (cause not pinned down).
         saved = Path(work) / "adapter"
         model.save_pretrained(saved)
-        served = dpo.load_adapter(s.base_policy, saved)
-        eval_prompts = _distinct_prompts(tokenizer, prompts, s.evaluation.prompts)
+        served = adapter.load_adapter(s.base_policy, saved)
+        eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
         drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
                            s.evaluation.max_new_tokens, seed=s.dpo.seed)  # fmt: skip
         probe.compute(served, probe.sequences(tokenizer)).save(saved)
-        figures = {
-            "loss": result.loss, "reward_margin": result.reward_margin, "reward_accuracy": result.reward_accuracy,
-            "kl_to_reference": drift.kl, "mean_length": drift.mean_length, "kl_samples": drift.samples,
-            "steps": result.steps, "train_seconds": result.seconds, "ref_cached": result.ref_cached,
-            "ref_computed": result.ref_computed, "retokenized": made.retokenized, "truncated": made.truncated,
+        figures: dict[str, Any] = {
+            "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl, "mean_length": drift.mean_length,
+            "kl_samples": drift.samples, "steps": trained.steps, "train_seconds": trained.seconds,
         }  # fmt: skip
 
         def write(directory: Path) -> None:
@@ -182,22 +202,72 @@ def _train(
                     shutil.copy2(file, directory / file.name)
 
         manifest = registry.publish(
-            "policy", write, format="lora", parent=parent, algorithm="dpo",
-            hyperparameters=s.dpo.model_dump(), data_window={**data_window, "rows": len(made.rows)}, evaluation=figures,
+            "policy", write, format="lora", parent=parent, algorithm=algorithm, hyperparameters=hyperparameters,
+            data_window={**data_window, "rows": used}, evaluation=figures,
         )  # fmt: skip
-    registry.set_pointer("policy", s.publish_to, manifest.version, reason=f"trained on {len(made.rows)} pairs")
+    registry.set_pointer("policy", s.publish_to, manifest.version, reason=f"{algorithm} on {used} rows")
     try:
         registry.retain("policy", s.keep_versions)
     except (OSError, RegistryError) as exc:  # retention is housekeeping: the round itself succeeded
         log.warning("registry retention failed: %s", exc)
     return RoundResult(
         "trained", f"{manifest.version} registered and set as {s.publish_to}", version=manifest.version, parent=parent,
-        pairs=len(made.rows), completions=data_window["completions"], figures=figures,
+        pairs=used, completions=data_window["completions"], figures=figures, algorithm=algorithm,
     )  # fmt: skip
 
 
+def _fit(
+    settings: TrainerSettings,
+    registry: Registry,
+    algorithm: str,
+    rm_version: str,
+    init: Any,
+    tokenizer: Any,
+    data: _Data,
+    work: Path,
+    progress: bool,
+) -> tuple[Any, Any, int, dict[str, Any]]:
+    """(what training reports, the trained peft model, rows used, the hyper-parameters for the manifest)."""
+    from trainer.adapter import Trained
+
+    s = settings.trainer
+    shape = {k: v for k, v in s.dpo.model_dump().items() if k.startswith("lora_") or k in ("target_modules", "bf16", "seed")}
+    if algorithm == "kto":
+        from trainer import kto
+
+        made = kto.rows(data.thumbed, data.pairs if s.kto.from_pairs else [], tokenizer, s.dpo.max_length, s.dpo.seed)
+        trained, model = kto.train(init, tokenizer, made.rows, s.kto, s.dpo, work, progress=progress)
+        counts = {"desirable": made.desirable, "undesirable": made.undesirable, "from_thumbs": made.from_thumbs,
+                  "retokenized": made.retokenized, "truncated": made.truncated}  # fmt: skip
+        trained.figures.update(counts)
+        return trained, model, len(made.rows), {**s.kto.model_dump(), **shape, "max_length": s.dpo.max_length}
+    if algorithm == "ppo":
+        from trainer import ppo
+
+        rm_dir = registry.path("reward_model", rm_version) if rm_version != s.base_rm_version else s.base_reward_model
+        if rm_version != s.base_rm_version:
+            registry.verify("reward_model", rm_version)
+        prompts = list({repr(p): p for p in data.prompts}.values())
+        trained, model = ppo.train(init, tokenizer, prompts, ppo.RewardModel(rm_dir), s.ppo, s.dpo, work, progress=progress)
+        params = {**s.ppo.model_dump(), **shape, "implementation": ppo.IMPLEMENTATION, "reward_model": rm_version}
+        return trained, model, len(prompts), params
+    from trainer import dpo
+
+    made_dpo = dpo.rows(data.pairs, tokenizer, s.dpo.max_length)
+    reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.dpo.bf16 else 'fp32'}"
+    cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
+    result, model = dpo.train(init, tokenizer, made_dpo.rows, s.dpo, work, cache if s.dpo.cache_reference else None,
+                              progress=progress)  # fmt: skip
+    figures = {
+        "reward_margin": result.reward_margin, "reward_accuracy": result.reward_accuracy, "ref_cached": result.ref_cached,
+        "ref_computed": result.ref_computed, "retokenized": made_dpo.retokenized, "truncated": made_dpo.truncated,
+    }  # fmt: skip
+    trained = Trained(result.steps, result.seconds, result.loss, figures, result.history)
+    return trained, model, len(made_dpo.rows), s.dpo.model_dump()
+
+
 def _distinct_prompts(tokenizer: Any, prompts: list[list[dict[str, Any]]], limit: int) -> list[list[int]]:
-    from trainer.dpo import prompt_ids  # imports TRL: only when a round trains
+    from trainer.adapter import prompt_ids  # torch-free, but keeps the module's imports light
 
     seen: set[str] = set()
     out: list[list[int]] = []

@@ -51,6 +51,37 @@ class DpoSettings(BaseModel):
     seed: int = 0
 
 
+class KtoSettings(BaseModel):
+    """A KTO round: unpaired desirable/undesirable answers; the base (adapter off) as the reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.1, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, ge=2, description="KTO's KL term pairs answers within a batch")
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    from_pairs: bool = True
+    """Besides thumbed answers, each reward-model pair gives a desirable (chosen) and an undesirable (rejected) row."""
+
+
+class PpoSettings(BaseModel):
+    """An online RL round against the reward model (``trainer.ppo``: clipped objective + KL to the reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.05, ge=0, description="weight of the KL penalty to the reference (the base)")
+    learning_rate: float = Field(default=1e-4, gt=0)
+    steps: int = Field(default=40, ge=1, description="optimizer steps in one round")
+    prompts_per_step: int = Field(default=4, ge=1)
+    generations: int = Field(default=4, ge=2, description="answers sampled per prompt (the advantage's baseline)")
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    epsilon: float = Field(default=0.2, gt=0, description="PPO's ratio clip")
+    iterations: int = Field(default=2, ge=1, description="optimisation passes over each batch of samples")
+
+
 class EvalSettings(BaseModel):
     """What a round measures on its new adapter before registering it."""
 
@@ -68,12 +99,16 @@ class TrainerSection(BaseModel):
     """Versioned models and the current/canary pointers (``trainer.registry``); shared with the gateways."""
     base_policy: Path = Path("models/default/policy")
     """The fixed base model every LoRA version sits on (what vLLM serves as the base)."""
+    base_reward_model: Path = Path("models/default/reward_model")
+    """The reward model PPO optimises while the registry has no reward-model version."""
     base_policy_version: str = "base"
     """The base policy's version label (the gateway's ``policy_version``) while no version is current."""
     base_rm_version: str = "rm-base"
     """The reward model's version label while the registry has no reward-model version."""
     algorithm: Literal["dpo", "kto", "ppo"] = "dpo"
-    min_pairs: int = Field(default=32, ge=1, description="fewer pairs in the window: the round is skipped (exit 0)")
+    min_pairs: int = Field(
+        default=32, ge=1, description="fewer pairs (KTO: rows; PPO: prompts) in the window: the round is skipped (exit 0)"
+    )
     max_age: str = "7d"
     """Staleness bound: records older than this are not trained on (7d, 12h, 30m)."""
     publish_to: Literal["current", "canary"] = "current"
@@ -85,6 +120,10 @@ class TrainerSection(BaseModel):
     pushgateway_url: str | None = None
     """Also push the round's metrics to a Prometheus Pushgateway (a CronJob's usual route)."""
     dpo: DpoSettings = Field(default_factory=DpoSettings)
+    """DPO's knobs, and the adapter's shape (``lora_*``, ``target_modules``), ``bf16``, ``seed`` and ``max_length``
+    for every algorithm."""
+    kto: KtoSettings = Field(default_factory=KtoSettings)
+    ppo: PpoSettings = Field(default_factory=PpoSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
 
 

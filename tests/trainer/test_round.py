@@ -9,75 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from gateway.store.records import CandidateRecord, CompletionRecord
-from gateway.store.sql import SqlStore
+from tests.trainer.rounds import pair, write_log
 from tests.trainer.test_cli import assert_one_line_error, run_cli
 from trainer.__main__ import main
 from trainer.registry import Registry
 
 pytestmark = pytest.mark.slow
-
-
-def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-
-
-def write_log(url: str, tokenizer: Any, n: int, policy_version: str = "base", seed: int = 0) -> None:
-    """``n`` arithmetic completions with a right (high reward) and a wrong (low reward) candidate."""
-    rng = random.Random(seed)
-    store = SqlStore(url)
-    store.migrate()
-    records = []
-    for i, (a, b) in enumerate(rng.sample([(a, b) for a in range(1, 13) for b in range(1, 13)], n)):
-        good, bad = f"{a} + {b} = {a + b}. Glad to help!", f"{a + b + rng.randint(1, 3)}."
-        candidates = [
-            CandidateRecord(0, good, _tokens(tokenizer, good), "stop", reward=1.0 + rng.random(), chosen=True),
-            CandidateRecord(1, bad, _tokens(tokenizer, bad), "stop", reward=-1.0 - rng.random()),
-        ]
-        messages = [{"role": "user", "content": f"What is {a} + {b}?"}]
-        records.append(
-            CompletionRecord(
-                f"c-{policy_version}-{i}", time.time(), "k", messages, {}, policy_version, "rm-base", 2, 9, 12, {}, candidates
-            )
-        )
-    store.write(records)
-    store.close()
-
-
-@pytest.fixture
-def tokenizer(test_models: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(test_models / "policy")
-
-
-@pytest.fixture
-def deployment(tmp_path: Path, test_models: Path, tokenizer: Any) -> Path:
-    """A config file whose log holds 24 pairs served by the base policy, and an empty registry."""
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    write_log(url, tokenizer, 24)
-    (tmp_path / "registry").mkdir()
-    config = {
-        "store": {"url": url, "data_dir": str(tmp_path / "data")},
-        "trainer": {
-            "registry_dir": str(tmp_path / "registry"),
-            "base_policy": str(test_models / "policy"),
-            "min_pairs": 8,
-            "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 4, "lora_alpha": 8, "bf16": False},  # fp32: exact comparisons
-            "evaluation": {"prompts": 4, "max_new_tokens": 12},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: Path, test_models: Path, capsys: Any) -> None:
@@ -143,7 +85,7 @@ def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer import dpo
+    from trainer import adapter, dpo
     from trainer.settings import load
 
     assert main(["run", "--config", str(deployment), "--quiet"]) == 0
@@ -159,9 +101,9 @@ def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
     reference = f"{dpo.reference_id(test_models / 'policy')}-fp32"
     cache = dpo.RefCache(settings.trainer.registry_dir / "cache" / "ref_logps.sqlite", reference)
     base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
-    row = dpo.rows([_pair(tokenizer, "What is 2 + 3?", "2 + 3 = 5. Glad to help!", "6.")], tokenizer, 256).rows[0]
+    row = dpo.rows([pair(tokenizer, "What is 2 + 3?", "2 + 3 = 5. Glad to help!", "6.")], tokenizer, 256).rows[0]
     cache_key = cache.key(row["prompt_ids"], row["chosen_ids"])
-    init = dpo.policy_model(test_models / "policy", registry.path("policy", "v0001"), settings.trainer.dpo)
+    init = adapter.policy_model(test_models / "policy", registry.path("policy", "v0001"), settings.trainer.dpo)
     import tempfile
 
     frozen = settings.trainer.dpo.model_copy(update={"learning_rate": 1e-12})
@@ -178,16 +120,6 @@ def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
     assert cache.get_many([cache_key])[cache_key] == pytest.approx(_logp(base, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
 
 
-def _pair(tokenizer: Any, question: str, chosen: str, rejected: str) -> dict[str, Any]:
-    return {
-        "prompt": [{"role": "user", "content": question}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-        "chosen_token_ids": _tokens(tokenizer, chosen),
-        "rejected_token_ids": _tokens(tokenizer, rejected),
-    }
-
-
 def _logp(model: Any, prompt: list[int], answer: list[int]) -> float:
     """Sum of the answer's token log-probs given the prompt, by hand."""
     import torch
@@ -202,10 +134,10 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
     """First step: -mean log σ(β[(π_c − ref_c) − (π_r − ref_r)]) with the reference values taken from our cache."""
     from transformers import AutoModelForCausalLM
 
-    from trainer import dpo
+    from trainer import adapter, dpo
     from trainer.settings import DpoSettings
 
-    pairs = [_pair(tokenizer, f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a * b + 1}.") for a, b in ((2, 3), (4, 5))]
+    pairs = [pair(tokenizer, f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a * b + 1}.") for a, b in ((2, 3), (4, 5))]
     made = dpo.rows(pairs, tokenizer, 256)
     assert made.retokenized == 0
     assert len(made.rows) == 2
@@ -225,7 +157,7 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
         rejected = _logp(base, row["prompt_ids"], row["rejected_ids"]) - (-10.0 + k)
         expected += -math.log(1 / (1 + math.exp(-settings.beta * (chosen - rejected)))) / len(made.rows)
 
-    init = dpo.policy_model(test_models / "policy", None, settings)  # LoRA B starts at 0: policy == base at step 1
+    init = adapter.policy_model(test_models / "policy", None, settings)  # LoRA B starts at 0: policy == base at step 1
     result, _ = dpo.train(init, tokenizer, made.rows, settings, tmp_path / "work", cache, progress=False, max_steps=1)
     assert result.ref_cached == 4
     assert result.ref_computed == 0

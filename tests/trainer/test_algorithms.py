@@ -1,0 +1,124 @@
+"""KTO and PPO rounds on the tiny test models (real TRL): each runs a few steps, registers a version
+that differs from the base, and records its algorithm; KTO's rows come from thumbs and pair sides."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.store.records import FeedbackRecord
+from gateway.store.sql import SqlStore
+from tests.trainer.rounds import pair, tokens
+from trainer.__main__ import main
+from trainer.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+
+def _thumbs(url: str, thumbs: dict[str, str]) -> None:
+    store = SqlStore(url)
+    store.write([FeedbackRecord(cid, "k", thumb, None, time.time()) for cid, thumb in thumbs.items()])  # type: ignore[arg-type]
+    store.close()
+
+
+def _configure(path: Path, **trainer: Any) -> None:
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(trainer)
+    path.write_text(yaml.safe_dump(config))
+
+
+def _probe_moved(registry: Registry, version: str, base_dir: Path) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer import probe
+
+    stored = probe.Probe.load(registry.path("policy", version))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), registry.path("policy", version))
+    with model.disable_adapter():
+        base = probe.compute(model, probe.sequences(AutoTokenizer.from_pretrained(base_dir)))
+    return probe.difference(stored.top, base.top)
+
+
+def test_kto_rows_come_from_thumbs_and_pair_sides(tokenizer: Any) -> None:
+    from trainer import kto
+
+    example = pair(tokenizer, "What is 2 + 3?", "2 + 3 = 5.", "6.")
+    thumb_down = {
+        "prompt": example["prompt"], "completion": example["chosen"], "label": False, "token_ids": example["chosen_token_ids"],
+    }  # fmt: skip
+    made = kto.rows([thumb_down], [example], tokenizer, 256, seed=0)
+    by_answer = {tuple(r["completion_ids"]): r["label"] for r in made.rows}
+    # The thumb's label wins over the pair side with the same answer; the rejected side is undesirable.
+    assert by_answer == {tuple(example["chosen_token_ids"]): False, tuple(example["rejected_token_ids"]): False}
+    assert (made.desirable, made.undesirable, made.from_thumbs, made.retokenized) == (0, 2, 1, 0)
+    no_ids = {**thumb_down, "token_ids": None, "label": True, "completion": [{"role": "assistant", "content": "five"}]}
+    again = kto.rows([no_ids], [], tokenizer, 256, seed=0)
+    assert again.retokenized == 1
+    assert again.rows[0]["completion_ids"] == tokens(tokenizer, "five")
+
+
+def test_a_kto_round_trains_on_thumbs_and_pairs(deployment: Path, test_models: Path, tokenizer: Any, capsys: Any) -> None:
+    config = yaml.safe_load(deployment.read_text())
+    url = config["store"]["url"]
+    _thumbs(url, {f"c-base-{i}": "down" if i % 3 == 0 else "up" for i in range(12)})
+    _configure(deployment, kto={"epochs": 1, "batch_size": 8, "learning_rate": 1e-3})
+    assert main(["run", "--config", str(deployment), "--algo", "kto", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round trained" in out
+    assert "kto version v0001" in out
+    registry = Registry(deployment.parent / "registry")
+    manifest = registry.verify("policy", "v0001")
+    assert manifest.algorithm == "kto"
+    ev = manifest.evaluation
+    # 24 prompts, each with a right and a wrong answer: 48 distinct rows. 12 served (right) answers are thumbed,
+    # 4 of them down: those 4 are undesirable (the thumb's label wins over the pair side) and their pairs, thumbs
+    # overriding, make the wrong answer chosen, so desirable. The 20 other wrong answers are undesirable.
+    assert ev["from_thumbs"] == 12
+    assert ev["desirable"] + ev["undesirable"] == manifest.data_window["rows"] == 48
+    assert ev["undesirable"] == 4 + 20
+    assert ev["steps"] == 6
+    assert math.isfinite(ev["loss"])
+    assert math.isfinite(ev["kl_to_reference"])
+    assert _probe_moved(registry, "v0001", test_models / "policy") > 1e-3
+
+
+def test_a_ppo_round_optimises_the_reward_model_with_a_kl_penalty(deployment: Path, test_models: Path, capsys: Any) -> None:
+    _configure(
+        deployment,
+        base_reward_model=str(test_models / "reward_model"),
+        ppo={"steps": 3, "prompts_per_step": 2, "generations": 2, "max_new_tokens": 12, "learning_rate": 1e-3, "beta": 0.05},
+    )
+    assert main(["run", "--config", str(deployment), "--algo", "ppo", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "ppo version v0001" in out
+    registry = Registry(deployment.parent / "registry")
+    manifest = registry.verify("policy", "v0001")
+    assert manifest.algorithm == "ppo"
+    assert manifest.hyperparameters["implementation"] == "trl.GRPOTrainer"
+    assert manifest.hyperparameters["reward_model"] == "rm-base"
+    assert manifest.data_window["rows"] == 24  # distinct prompts
+    ev = manifest.evaluation
+    assert ev["steps"] == 3
+    assert math.isfinite(ev["reward"])
+    assert ev["kl"] >= 0
+    assert _probe_moved(registry, "v0001", test_models / "policy") > 1e-4
+
+
+def test_ppo_without_a_reward_model_is_one_line(deployment: Path, tmp_path: Path) -> None:
+    from tests.trainer.test_cli import assert_one_line_error, run_cli
+
+    _configure(deployment, base_reward_model=str(tmp_path / "nowhere"))
+    assert_one_line_error(run_cli("run", "--config", str(deployment), "--algo", "ppo"), "no reward model at")
+
+
+def test_kto_skips_under_min_pairs(deployment: Path, capsys: Any) -> None:
+    _configure(deployment, kto={"from_pairs": False})
+    assert main(["run", "--config", str(deployment), "--algo", "kto", "--quiet"]) == 0
+    assert "0 KTO rows" in capsys.readouterr().out
+    assert Registry(deployment.parent / "registry").versions("policy") == []

@@ -1,0 +1,90 @@
+"""What every algorithm's round shares: the LoRA adapter it trains and how a conversation becomes ids.
+
+Knows that a version is one LoRA adapter over the fixed base policy, initialised from its
+parent version's adapter (continued, never stacked, so vLLM serves one adapter), and that
+the reference of every algorithm is the base with the adapter disabled. TRL trainers are
+given the base model and a ``peft_config`` and the parent's weights are loaded into the
+adapter afterwards (``start_from_parent``): handed a ready ``PeftModel``, TRL 1.x makes a
+frozen copy of the parent adapter the reference ("ref" adapter), which would chain the
+reference from round to round. Does not know any algorithm's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.settings import DpoSettings
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """A conversation rendered as vLLM renders a chat request: the chat template plus the generation prompt."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return [int(i) for i in rendered["input_ids"]]
+
+
+@dataclass
+class PolicyInit:
+    """What a round trains: the base model, the adapter's shape, and its parent's weights to start from."""
+
+    base: Any
+    lora: Any
+    """A ``peft.LoraConfig``: the parent's, or one from the settings for the first version."""
+    parent_weights: dict[str, Any] | None = None
+
+
+@dataclass
+class Trained:
+    """What any algorithm's training reports (the round adds evaluation figures)."""
+
+    steps: int
+    seconds: float
+    loss: float
+    figures: dict[str, float] = field(default_factory=dict)
+    """The algorithm's own last logged figures (reward margin, KL, mean reward...)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def policy_model(base: Path, parent_adapter: Path | None, settings: DpoSettings) -> PolicyInit:
+    """The base model and the adapter to train: initialised from the parent version's adapter when there is
+    one (continuing it, not stacking a second one), else fresh (LoRA B = 0, so it starts as the base).
+    The adapter's shape comes from ``trainer.dpo`` (``lora_*``, ``target_modules``) for every algorithm."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    if parent_adapter is not None:
+        config = LoraConfig.from_pretrained(str(parent_adapter))
+        config.inference_mode = False
+        return PolicyInit(model, config, load_file(parent_adapter / "adapter_model.safetensors"))
+    config = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return PolicyInit(model, config)
+
+
+def start_from_parent(model: Any, init: PolicyInit) -> None:
+    """Load the parent version's weights into the adapter a TRL trainer created from ``init.lora``."""
+    from peft import set_peft_model_state_dict
+
+    if init.parent_weights is None:
+        return
+    unexpected = getattr(set_peft_model_state_dict(model, init.parent_weights), "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"the parent adapter does not fit this model: unexpected {unexpected[:3]}")
+
+
+def load_adapter(base: Path, adapter: Path) -> Any:
+    """A fresh base model with a saved adapter, for inference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="float32"), adapter)
+
+
+def log_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """A ``transformers.Trainer``'s training log entries (those with a loss), as floats."""
+    return [{k: float(v) for k, v in entry.items() if isinstance(v, int | float)} for entry in log_history if "loss" in entry]
