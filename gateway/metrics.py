@@ -76,7 +76,10 @@ class Metrics:
         self.log_queue_depth = Gauge(f"{p}log_queue_depth", "Records waiting for the log writer", registry=r)
         self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
         self.swaps = Counter(
-            f"{p}swaps", "Policy hot-swap attempts by result (ok, registry, verification)", ["result"], registry=r
+            f"{p}swaps",
+            "Policy hot-swap attempts by result (ok, registry, verification, waiting: no adapter slot yet)",
+            ["result"],
+            registry=r,
         )
         self.swap_seconds = Histogram(
             f"{p}swap_seconds", "Time to load and verify a policy version on every backend", buckets=LATENCY_BUCKETS, registry=r

@@ -54,6 +54,10 @@ class SwapSettings(BaseModel):
     admin_timeout_s: float = Field(default=30.0, gt=0, description="each vLLM admin call (load, list, probe)")
     retry_s: float = Field(default=30.0, ge=0, description="wait before retrying a version that failed to swap")
     drain_s: float = Field(default=150.0, ge=0, description="an unrouted adapter is unloaded after this (requests done)")
+    max_live_adapters: int = Field(default=3, ge=1)
+    """Most policy versions loaded on a backend at once (routed + rollback target + draining). A swap that would
+    exceed it first unloads a drained rollback target, else waits for a slot; at most the managed vLLM's
+    ``max_loras`` (vLLM keeps that many adapters' weights; more would be evicted and reloaded from disk)."""
 
 
 class ScorerSettings(BaseModel):
@@ -179,6 +183,11 @@ class GatewaySettings(YamlSettings):
             )
         if self.store.enabled and self.store.url and not self.store.url.startswith("sqlite") and self.store.id_secret is None:
             raise ValueError("store.url is a shared database: set store.id_secret (the same on every replica)")
+        managed = self.managed_vllm
+        if self.swap.enabled and managed.enabled and self.swap.max_live_adapters > managed.max_loras:
+            raise ValueError(
+                f"swap.max_live_adapters {self.swap.max_live_adapters} exceeds managed_vllm.max_loras {managed.max_loras}"
+            )
         return self
 
     def registry_dir(self) -> Path:

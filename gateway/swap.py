@@ -13,7 +13,11 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
 5. route new requests to the backends that passed (a backend that failed is not routed to
    until it passes; if none passed, the old route stays and the swap is retried later);
 6. unload versions that are neither routed nor the previous one (the rollback target)
-   once requests that may still use them have finished (``drain_s``).
+   once requests that may still use them have finished (``drain_s``);
+7. keep at most ``max_live_adapters`` versions loaded per backend: a swap that would load
+   one more first unloads the rollback target if it has drained, else waits (the old
+   version keeps serving) until a draining version is unloaded; it never unloads a version
+   that requests may still be using.
 A request keeps the route it started with (``Route`` is immutable), so a swap never
 fails a request in flight. Full fine-tunes (``format: full``) are not swapped here: they
 need a second vLLM instance (blue-green), which this module does not do yet.
@@ -78,6 +82,8 @@ class Swapper:
         self._previous: str | None = None
         self._failed: dict[str, float] = {}
         """Version → when its last swap attempt failed (retried after ``retry_s``)."""
+        self._waiting: str | None = None
+        """A version whose swap waits for an adapter slot (logged and counted once)."""
 
     # ---- the loop ----
     async def run(self) -> None:
@@ -93,12 +99,12 @@ class Swapper:
         target = await asyncio.to_thread(self._target)
         target_version = target if target is not None else self._base.version
         missing = [b for b in self._backends if b.url not in self.route.models]
+        await self._unload_drained()
         if target_version != self.route.version:
-            if self._due(target_version):
+            if self._due(target_version) and await self._room_for(target):
                 await self._swap(target)
         elif missing and target is not None:
             await self._add_backends(target, missing)
-        await self._unload_drained()
 
     def _target(self) -> str | None:
         state = self._registry.pointer("policy", "current")
@@ -196,17 +202,45 @@ class Swapper:
             return None
 
     # ---- retiring ----
+    def live(self) -> set[str]:
+        """Adapter versions loaded on the backends: the routed one, the rollback target and those draining."""
+        return set(self._retired) | ({self.route.version} if self.route is not self._base else set())
+
+    async def _room_for(self, version: str | None) -> bool:
+        """Whether loading ``version`` keeps within ``max_live_adapters``; may unload a drained rollback target."""
+        live = self.live()
+        if version is None or version in live or len(live) < self._settings.max_live_adapters:
+            return True
+        previous = self._previous
+        if previous is not None and self._drained(previous):
+            log.warning("unloading the rollback target %s to make room for %s (max_live_adapters)", previous, version)
+            self._previous = None
+            await self._unload(previous)
+            return True
+        if self._waiting != version:
+            self._waiting = version
+            self._metrics.swaps.labels("waiting").inc()
+            log.warning(
+                "policy %s waits for an adapter slot: %d live (%s), max_live_adapters %d; %s keeps serving",
+                version, len(live), ", ".join(sorted(live)), self._settings.max_live_adapters, self.route.version,
+            )  # fmt: skip
+        return False
+
+    def _drained(self, version: str) -> bool:
+        return time.monotonic() - self._retired.get(version, -1e9) >= self._settings.drain_s
+
     async def _unload_drained(self) -> None:
-        now = time.monotonic()
-        for version, since in list(self._retired.items()):
-            if version == self._previous or now - since < self._settings.drain_s:
-                continue  # the rollback target stays loaded; others wait until their requests are done
-            for backend in self._backends:
-                try:
-                    await self._post(backend, "/v1/unload_lora_adapter", {"lora_name": self.adapter_name(backend, version)})
-                except (aiohttp.ClientError, TimeoutError, VerificationError) as exc:
-                    log.warning("unloading %s from %s failed: %s", version, backend.url, exc)
-            del self._retired[version]
+        for version in list(self._retired):
+            if version != self._previous and self._drained(version):
+                await self._unload(version)  # the rollback target stays loaded while there is room
+
+    async def _unload(self, version: str) -> None:
+        for backend in self._backends:
+            try:
+                await self._post(backend, "/v1/unload_lora_adapter", {"lora_name": self.adapter_name(backend, version)})
+            except (aiohttp.ClientError, TimeoutError, VerificationError) as exc:
+                log.warning("unloading %s from %s failed: %s", version, backend.url, exc)
+        self._retired.pop(version, None)
 
     # ---- vLLM admin API ----
     async def _models(self, backend: Backend) -> set[str]:

@@ -5,6 +5,9 @@
   logging    the log's cost: the same gateway (mock backend, N=1) with the log on and off
   bon        best-of-N through the gateway (real vLLM + the real reward model) for N = 1, 2, 4, 8;
              baseline = the same requests sent straight to that vLLM (one request with n=N, no scoring)
+  train      one DPO round's training on the default models with the reference log-probs cached
+             (computed once per pair; cold: this round's pairs are new; warm: seen in an earlier round);
+             baseline = recomputed by TRL at every step (``dpo.cache_reference: false``)
 
 Baseline and gateway run in the same process tree and are interleaved over several rounds
 (the order alternates per round), because these machines are noisy; each ratio is reported
@@ -396,6 +399,80 @@ def bon(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _toy_pairs(tokenizer: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` toy-world pairs: a right answer in the SFT mix of styles against a wrong one, as the log stores them."""
+    import random
+
+    from trainer.toyworld.answers import Fault, Style, render
+    from trainer.toyworld.world import sample_task
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        task = sample_task(rng)
+        chosen = render(task, rng.choice(list(Style)), Fault.NONE, rng)
+        rejected = render(task, rng.choice(list(Style)), Fault.WRONG, rng)
+        row: dict[str, Any] = {"prompt": [{"role": "user", "content": task.prompt}]}
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            row[side] = [{"role": "assistant", "content": text}]
+            row[f"{side}_token_ids"] = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        pairs.append(row)
+    return pairs
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds of ``dpo.train`` (the trainer's set-up, reference log-probs, the epochs) per variant and round."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from trainer import adapter, dpo
+    from trainer.settings import DpoSettings
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    base = Path(args.models) / "policy"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    settings = DpoSettings(epochs=args.epochs)  # the defaults of a round (bf16 autocast as in TRL, batch 16, LoRA r 16)
+    reference = f"{dpo.reference_id(base)}-{'bf16' if settings.bf16 else 'fp32'}"
+    seconds: dict[str, list[float]] = {"recompute": [], "cached_cold": [], "cached_warm": []}
+    losses: dict[str, list[float]] = {name: [] for name in seconds}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for r in range(args.rounds):
+            made = dpo.rows(_toy_pairs(tokenizer, args.pairs, seed=1000 + r), tokenizer, settings.max_length)
+            cache = dpo.RefCache(Path(tmp) / f"ref-{r}.sqlite", reference)  # empty: this round's pairs are new
+            order = ["recompute", "cached_cold", "cached_warm"]
+            order = order if r % 2 == 0 else ["cached_cold", "cached_warm", "recompute"]  # warm needs cold first
+            for name in order:
+                torch.manual_seed(settings.seed)
+                init = adapter.policy_model(base, None, settings)
+                result, _ = dpo.train(init, tokenizer, made.rows, settings, Path(tmp) / "work",
+                                      None if name == "recompute" else cache, progress=False)  # fmt: skip
+                if name == "cached_cold" and result.ref_computed != 2 * len(made.rows):
+                    raise RuntimeError(f"the cold cache was not cold: {result.ref_cached} cached")
+                if name == "cached_warm" and result.ref_computed != 0:
+                    raise RuntimeError(f"the warm cache was not warm: {result.ref_computed} computed")
+                seconds[name].append(result.seconds)
+                losses[name].append(result.loss)
+                print(f"round {r + 1} {name}: {result.seconds:.2f} s, loss {result.loss:.4f}", file=sys.stderr, flush=True)
+    pairs = len(made.rows)
+    return {
+        "benchmark": "train",
+        "pairs": pairs,
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "seconds": {name: round(statistics.median(v), 3) for name, v in seconds.items()},
+        "ref_cache_ratio": mean_ci([c / b for c, b in zip(seconds["cached_cold"], seconds["recompute"], strict=True)]),
+        "ref_cache_ratio_warm": mean_ci([c / b for c, b in zip(seconds["cached_warm"], seconds["recompute"], strict=True)]),
+        "pairs_per_s": {name: round(pairs * args.epochs / statistics.median(v), 1) for name, v in seconds.items()},
+        "loss_abs_diff_cached_vs_recompute": round(
+            max(abs(c - b) for c, b in zip(losses["cached_cold"], losses["recompute"], strict=True)), 6
+        ),
+        "goal": {"ref_cache_ratio": "<= 0.8"},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -418,8 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     best.add_argument("--concurrency", type=int, default=1)
     best.add_argument("--max-tokens", type=int, default=64)
     best.add_argument("--device", default="auto", help="the reward model's device (auto, cpu, cuda)")
+    trn = sub.add_parser("train", help="a DPO round's training with reference log-probs cached vs recomputed")
+    trn.add_argument("--models", default="models/default", help="the toy models (policy/)")
+    trn.add_argument("--rounds", type=int, default=3)
+    trn.add_argument("--pairs", type=int, default=128, help="pairs per round")
+    trn.add_argument("--epochs", type=float, default=2.0, help="a round's epochs (the default round's)")
     args = parser.parse_args(argv)
-    commands = {"overhead": overhead, "logging": logging_cost, "bon": bon}
+    commands = {"overhead": overhead, "logging": logging_cost, "bon": bon, "train": train}
     report = commands[args.command](args)
     print(json.dumps(report))
     return 0

@@ -1,0 +1,178 @@
+"""The swapper against a fake vLLM admin API: verification, routing, draining and the live-adapter bound.
+
+The fake serves an adapter's probe values from the ``probe.json`` in the directory it was
+asked to load (what real weights would give), or wrong values when told to; it records
+loads and unloads. The real vLLM path is ``tests/e2e/test_swap.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.metrics import Metrics
+from gateway.settings import Backend, SwapSettings
+from gateway.swap import Swapper
+from gateway.vllm_process import free_port
+from trainer.probe import Probe
+from trainer.registry import Registry
+
+PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
+
+
+class FakeVLLM:
+    """``/v1/models``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and one-token ``/v1/completions``."""
+
+    def __init__(self, base: str = "policy", wrong: bool = False) -> None:
+        self.base = base
+        self.wrong = wrong
+        self.loaded: dict[str, Path] = {}
+        self.unloaded: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/load_lora_adapter", self.load)
+        app.router.add_post("/v1/unload_lora_adapter", self.unload)
+        app.router.add_post("/v1/completions", self.complete)
+        return app
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": name} for name in [self.base, *self.loaded]]})
+
+    async def load(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["lora_name"] in self.loaded:
+            return web.json_response({"error": "already loaded"}, status=400)
+        self.loaded[body["lora_name"]] = Path(body["lora_path"])
+        return web.Response(text="ok")
+
+    async def unload(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        if self.loaded.pop(name, None) is None:
+            return web.json_response({"error": "not loaded"}, status=404)
+        self.unloaded.append(name)
+        return web.Response(text="ok")
+
+    async def complete(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        probe = Probe.load(self.loaded[body["model"]])
+        top = probe.top[probe.prefixes.index(body["prompt"])]
+        shift = 0.5 if self.wrong else 0.0
+        logprobs = {f"token_id:{token}": value - shift for token, value in top.items()}
+        return web.json_response({"choices": [{"logprobs": {"top_logprobs": [logprobs]}}]})
+
+
+@asynccontextmanager
+async def serving(fake: FakeVLLM) -> AsyncIterator[Backend]:
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield Backend(url=f"http://127.0.0.1:{port}", model=fake.base)
+    finally:
+        await runner.cleanup()
+
+
+def publish(registry: Registry, seed: int) -> str:
+    def write(directory: Path) -> None:
+        (directory / "adapter_model.safetensors").write_bytes(bytes([seed]) * 16)
+        (directory / "adapter_config.json").write_text(json.dumps({"r": 4}))
+        top = [{str(seed): -0.1 * seed, str(seed + 1): -2.0} for _ in PREFIXES]
+        Probe(prefixes=PREFIXES, top=top).save(directory)
+
+    version = registry.publish("policy", write, format="lora", parent=None, algorithm="dpo").version
+    registry.set_pointer("policy", "current", version, reason="test")
+    return version
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(test())
+
+
+def test_a_verified_version_is_routed_and_a_wrong_one_is_not(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        good, bad = FakeVLLM(), FakeVLLM(wrong=True)
+        metrics = Metrics()
+        async with serving(good) as b1, serving(bad) as b2, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [b1, b2], "base", SwapSettings(retry_s=0), tmp_path, metrics, "rm-base")
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            assert swapper.route.version == v1
+            assert swapper.route.models == {b1.url: f"policy@{v1}"}  # the backend serving wrong values gets no traffic
+            assert metrics.swap_backend_failures.labels(b2.url)._value.get() >= 1
+            bad.wrong = False  # fixed: the next check adds it
+            await swapper.sync()
+            assert swapper.route.models == {b1.url: f"policy@{v1}", b2.url: f"policy@{v1}"}
+
+    run(test)
+
+
+def test_a_damaged_version_is_never_loaded(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(), tmp_path, Metrics(), "rm-base")
+            version = publish(registry, 1)
+            (registry.path("policy", version) / "adapter_model.safetensors").write_bytes(b"tampered")
+            await swapper.sync()
+            assert swapper.route.version == "base"
+            assert fake.loaded == {}
+
+    run(test)
+
+
+@pytest.mark.parametrize("drain_s", [0.0, 3600.0])
+def test_live_adapters_stay_within_the_bound(tmp_path: Path, drain_s: float) -> None:
+    """max_live_adapters 2: routed + rollback target. A third version unloads a drained rollback target;
+    while the target may still serve requests (drain_s not over) the swap waits and the old version serves."""
+
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        metrics = Metrics()
+        settings = SwapSettings(max_live_adapters=2, drain_s=drain_s, retry_s=0)
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", settings, tmp_path, metrics, "rm-base")
+            versions = [publish(registry, 1)]
+            await swapper.sync()
+            versions.append(publish(registry, 2))
+            await swapper.sync()
+            assert swapper.route.version == versions[1]
+            assert set(fake.loaded) == {f"policy@{v}" for v in versions}  # v1 kept as the rollback target
+            versions.append(publish(registry, 3))
+            await swapper.sync()
+            assert len(fake.loaded) <= 2
+            if drain_s == 0:
+                assert swapper.route.version == versions[2]
+                assert fake.unloaded == [f"policy@{versions[0]}"]
+                assert set(fake.loaded) == {f"policy@{versions[1]}", f"policy@{versions[2]}"}
+            else:
+                assert swapper.route.version == versions[1]  # waits; nothing in use was unloaded
+                assert fake.unloaded == []
+                assert metrics.swaps.labels("waiting")._value.get() == 1
+                swapper._retired[versions[0]] = time.monotonic() - drain_s  # the drain period passes
+                await swapper.sync()
+                assert swapper.route.version == versions[2]
+                assert set(fake.loaded) == {f"policy@{versions[1]}", f"policy@{versions[2]}"}
+
+    run(test)
+
+
+def test_the_bound_may_not_exceed_the_managed_vllm_slots() -> None:
+    from gateway.settings import GatewaySettings
+
+    with pytest.raises(ValueError, match=r"max_live_adapters 5 exceeds managed_vllm\.max_loras 4"):
+        GatewaySettings(swap={"max_live_adapters": 5}, managed_vllm={"enabled": True, "max_loras": 4})  # type: ignore[arg-type]
