@@ -33,6 +33,7 @@ from gateway.ids import CompletionIds, load_or_create_secret
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, FeedbackRequest
+from gateway.reward_follow import RewardModelFollower
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService, Plan
 from gateway.settings import GatewaySettings
@@ -160,20 +161,30 @@ def create_app(
                 registry_dir = settings.registry_dir()
                 await asyncio.to_thread(registry_dir.mkdir, parents=True, exist_ok=True)
                 swapper = Swapper(session, settings.all_backends(), settings.policy_version, settings.swap, registry_dir,
-                                  metrics, score.version if score else "none")  # fmt: skip
+                                  metrics)  # fmt: skip
                 await swapper.sync()  # serve the registry's current version from the first request on
             route = (lambda: swapper.route) if swapper is not None else None
             service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
+            rm_follower: RewardModelFollower | None = None
+            if scorer is None and score is not None and settings.scorer.kind == "local" and settings.swap.enabled:
+                s = settings.scorer
+                rm_follower = RewardModelFollower(
+                    service, lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch,
+                                                                     s.batch_wait_ms),
+                    s.model_dir, s.version, settings.registry_dir(), metrics, settings.swap.poll_s, settings.swap.retry_s,
+                )  # fmt: skip
+                await rm_follower.sync()  # score with the registry's current reward model from the first request on
             limit = RateLimiter(settings.feedback.per_minute, settings.feedback.burst)
             state = GatewayState(settings, service, KeyRing(settings.api_keys), metrics, limit, writer)
             app.state.gateway = state
             stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
             watcher = asyncio.create_task(_watch(vllm, state, stop)) if vllm is not None else None
             follower = asyncio.create_task(swapper.run()) if swapper is not None else None
+            rm_task = asyncio.create_task(rm_follower.run()) if rm_follower is not None else None
             try:
                 yield
             finally:
-                for task in (watcher, follower):
+                for task in (watcher, follower, rm_task):
                     if task is not None:
                         task.cancel()
                 await service.drain()  # background scoring of N=1 answers for the log
@@ -181,8 +192,10 @@ def create_app(
                     await asyncio.to_thread(writer.close)  # everything accepted reaches the database or the spool
                     if store is None:
                         await asyncio.to_thread(writer.store.close)
-                if score is not None:
-                    await score.close()
+                if rm_follower is not None:
+                    await rm_follower.close()
+                if service.scorer is not None:
+                    await service.scorer.close()  # the one scoring now (a follower may have replaced the first)
 
     app = FastAPI(title="bon-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)

@@ -29,6 +29,7 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        self._versions = ("none", "none")
         r, p = self.registry, PREFIX
         self.requests = Counter(f"{p}requests", "Chat completion requests by HTTP status", ["status"], registry=r)
         self.request_latency = Histogram(
@@ -94,10 +95,11 @@ class Metrics:
             f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
         )
 
-    def set_versions(self, policy: str, reward_model: str) -> None:
-        """The versions served now (the previous label set is dropped)."""
+    def set_versions(self, policy: str | None = None, reward_model: str | None = None) -> None:
+        """The versions served now (the previous label set is dropped); None keeps that one as it is."""
+        self._versions = (policy or self._versions[0], reward_model or self._versions[1])
         self.policy_info.clear()
-        self.policy_info.labels(policy, reward_model).set(1)
+        self.policy_info.labels(*self._versions).set(1)
 
     def watch_log(self, queue_depth: Callable[[], float], spool_pending: Callable[[], float]) -> None:
         self.log_queue_depth.set_function(queue_depth)

@@ -72,6 +72,8 @@ class Outcome:
     generation: Generation
     rewards: list[float] | None
     chosen: list[int]
+    rm_version: str | None = None
+    """The reward model that gave ``rewards`` (the scorer may be swapped while a request runs)."""
 
 
 class ChatService:
@@ -143,10 +145,11 @@ class ChatService:
         self.metrics.candidates.observe(len(generation.candidates))
 
         rewards: list[float] | None = None
-        if self.scorer is not None and (len(generation.candidates) > 1 or plan.request.return_candidates):
+        scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
+        if scorer is not None and (len(generation.candidates) > 1 or plan.request.return_candidates):
             started = time.perf_counter()
             messages = _messages(plan)
-            rewards = await self.scorer.score([Conversation(messages, c.text) for c in generation.candidates])
+            rewards = await scorer.score([Conversation(messages, c.text) for c in generation.candidates])
             plan.timings["score"] = time.perf_counter() - started
             self.metrics.stage_latency.labels("score").observe(plan.timings["score"])
 
@@ -157,7 +160,7 @@ class ChatService:
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
-        return Outcome(generation, rewards, chosen)
+        return Outcome(generation, rewards, chosen, scorer.version if scorer is not None and rewards is not None else None)
 
     def _observe_rewards(self, rewards: list[float], chosen: int, version: str) -> None:
         self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
@@ -186,12 +189,13 @@ class ChatService:
 
     async def _score_then_submit(self, plan: Plan, record: CompletionRecord) -> None:
         assert self.sink is not None
-        assert self.scorer is not None
+        scorer = self.scorer
+        assert scorer is not None
         try:
-            rewards = await self.scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates])
+            rewards = await scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates])
             for c, reward in zip(record.candidates, rewards, strict=True):
                 c.reward = reward
-            record.rm_version = self.scorer.version
+            record.rm_version = scorer.version
         except Exception as exc:
             log.warning("scoring %s for the log failed: %s", record.id, exc)
         self.sink.submit(record)
@@ -210,7 +214,7 @@ class ChatService:
             messages=_messages(plan),
             params={k: v for k, v in plan.body.items() if k != "messages"},
             policy_version=plan.policy_version,
-            rm_version=self.scorer.version if self.scorer is not None and rewards is not None else None,
+            rm_version=outcome.rm_version,
             n_candidates=plan.n_candidates,
             prompt_tokens=outcome.generation.prompt_tokens,
             completion_tokens=outcome.generation.completion_tokens,

@@ -66,7 +66,6 @@ class Swapper:
         settings: SwapSettings,
         registry_dir: Path,
         metrics: Metrics,
-        rm_version: str,
     ) -> None:
         self._session = session
         self._backends = list(backends)
@@ -75,7 +74,6 @@ class Swapper:
         self._settings = settings
         self._registry = Registry(registry_dir)
         self._metrics = metrics
-        self._rm_version = rm_version
         self._timeout = aiohttp.ClientTimeout(total=settings.admin_timeout_s)
         self._retired: dict[str, float] = {}
         """Adapter version → when it stopped being routed."""
@@ -139,7 +137,7 @@ class Swapper:
         seconds = time.perf_counter() - started
         self._metrics.swaps.labels("ok").inc()
         self._metrics.swap_seconds.observe(seconds)
-        self._metrics.set_versions(new.version, self._rm_version)
+        self._metrics.set_versions(policy=new.version)
         log.warning(
             "policy %s -> %s on %d of %d backends in %.2f s",
             old.version,

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--min-pairs", type=int, default=None, help="override trainer.min_pairs")
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
         cmd.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
+    sub.choices["run"].add_argument(
+        "--refit-reward-model", action="store_true",
+        help="instead of a policy round: refit the reward model on thumb-decided pairs (a new reward-model version)",
+    )  # fmt: skip
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
     sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     return parser
@@ -91,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     from trainer.lock import LockHeld
     from trainer.metrics import report
     from trainer.registry import Registry, RegistryError
-    from trainer.round import RoundError, RoundResult, run
+    from trainer.round import RoundError, RoundResult, refit_reward_model, run
 
     command = f"{PROG} run"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -101,15 +105,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
     s = settings.trainer
-    result = RoundResult("failed", "did not start")
+    refit = bool(getattr(args, "refit_reward_model", False))
+    kind = "reward" if refit else (args.algo or s.algorithm)  # which metrics a failure is reported under
+    result = RoundResult("failed", "did not start", algorithm=kind)
     try:
-        result = run(settings, args.algo, progress=not args.quiet)
+        if refit:
+            result = refit_reward_model(settings, progress=not args.quiet)
+        else:
+            result = run(settings, args.algo, progress=not args.quiet)
     except LockHeld as exc:
-        result = RoundResult("skipped", f"{exc}; this round is not needed")
+        result = RoundResult("skipped", f"{exc}; this round is not needed", algorithm=kind)
     except (RoundError, RegistryError) as exc:
-        result = RoundResult("failed", str(exc))
+        result = RoundResult("failed", str(exc), algorithm=kind)
     except Exception as exc:  # any failure is one line (and a metric), the traceback on request
-        result = RoundResult("failed", f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result = RoundResult("failed", reason, algorithm=kind)
         if args.debug:
             traceback.print_exc()
     finally:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 
-from trainer.registry import Registry
+from trainer.registry import Kind, Registry
 
 if TYPE_CHECKING:
     from trainer.round import RoundResult
@@ -25,31 +25,50 @@ log = logging.getLogger("trainer.metrics")
 OUTCOMES = ("trained", "skipped", "failed")
 
 
+POLICY_FIGURES = (
+    ("loss", "training loss of the last trained round"),
+    ("kl_to_reference", "KL to the base policy of the last trained version (nats per response)"),
+    ("mean_length", "mean sampled answer length of the last trained version (tokens)"),
+)
+REFIT_FIGURES = (
+    ("loss", "Bradley-Terry loss of the last reward-model refit"),
+    ("agreement_before_held_out", "held-out agreement with thumbs of the reward model before the last refit"),
+    ("agreement_after_held_out", "held-out agreement with thumbs of the last refit reward model"),
+)
+
+
 def collect(result: RoundResult, registry: Registry | None) -> CollectorRegistry:
+    """``trainer_round_*`` for a policy round, ``trainer_reward_refit_*`` for a reward-model refit."""
+    refit = result.algorithm == "reward"
+    prefix = "trainer_reward_refit" if refit else "trainer_round"
+    kind: Kind = "reward_model" if refit else "policy"
+    figures = REFIT_FIGURES if refit else POLICY_FIGURES
     metrics = CollectorRegistry()
-    outcome = Gauge("trainer_round_outcome", "1 for the last round's outcome, 0 for the others", ["outcome"], registry=metrics)
+    outcome = Gauge(f"{prefix}_outcome", "1 for the last run's outcome, 0 for the others", ["outcome"], registry=metrics)
     for name in OUTCOMES:
         outcome.labels(name).set(1 if name == result.outcome else 0)
-    Gauge("trainer_round_duration_seconds", "wall time of the last round", registry=metrics).set(result.seconds)
-    Gauge("trainer_round_pairs", "pairs the last round used (or found, when it skipped)", registry=metrics).set(result.pairs)
-    Gauge("trainer_round_last_run_timestamp_seconds", "when the last round ended", registry=metrics).set(time.time())
+    Gauge(f"{prefix}_duration_seconds", "wall time of the last run", registry=metrics).set(result.seconds)
+    Gauge(f"{prefix}_pairs", "pairs the last run used (or found, when it skipped)", registry=metrics).set(result.pairs)
+    Gauge(f"{prefix}_last_run_timestamp_seconds", "when the last run ended", registry=metrics).set(time.time())
     last_success = Gauge(
-        "trainer_round_last_success_timestamp_seconds", "when the newest policy version was registered", registry=metrics
+        f"{prefix}_last_success_timestamp_seconds", f"when the newest {kind} version was registered", registry=metrics
     )
-    versions = registry.versions("policy") if registry is not None and registry.root.is_dir() else []
+    versions = registry.versions(kind) if registry is not None and registry.root.is_dir() else []
     if versions:
         last_success.set(max(m.created for m in versions))
-    for key, help_text in (("loss", "DPO loss of the last trained round"),
-                           ("kl_to_reference", "KL to the base policy of the last trained version (nats per response)"),
-                           ("mean_length", "mean sampled answer length of the last trained version (tokens)")):  # fmt: skip
+    for key, help_text in figures:
         if key in result.figures:
-            Gauge(f"trainer_round_{key}", help_text, registry=metrics).set(float(result.figures[key]))
+            Gauge(f"{prefix}_{key}", help_text, registry=metrics).set(float(result.figures[key]))
     return metrics
 
 
 def report(result: RoundResult, registry: Registry | None, textfile: Path | None, pushgateway: str | None) -> None:
-    """Write the textfile and push; a metrics failure is logged, never turned into a failed round."""
+    """Write the textfile and push; a metrics failure is logged, never turned into a failed round. A refit
+    writes ``reward_refit.prom`` beside the round's textfile and pushes under its own job."""
     metrics = collect(result, registry)
+    refit = result.algorithm == "reward"
+    if refit and textfile is not None:
+        textfile = textfile.with_name("reward_refit.prom")
     if textfile is not None:
         try:
             textfile.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +77,6 @@ def report(result: RoundResult, registry: Registry | None, textfile: Path | None
             log.warning("cannot write round metrics to %s: %s", textfile, exc)
     if pushgateway:
         try:
-            push_to_gateway(pushgateway, job="bon-trainer", registry=metrics, timeout=10)
+            push_to_gateway(pushgateway, job="bon-trainer-reward" if refit else "bon-trainer", registry=metrics, timeout=10)
         except OSError as exc:
             log.warning("cannot push round metrics to %s: %s", pushgateway, exc)

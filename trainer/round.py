@@ -57,6 +57,13 @@ class RoundResult:
         if self.outcome != "trained":
             return head
         f = self.figures
+        if self.algorithm == "reward":
+            return (
+                f"{head}\n  {self.pairs} thumb-decided pairs ({f['train_pairs']} trained on, {f['held_out_pairs']} held out), "
+                f"loss {f['loss']:.4f}\n  agreement with thumbs: held out {f['agreement_before_held_out']:.3f} -> "
+                f"{f['agreement_after_held_out']:.3f}, trained-on {f['agreement_before_train']:.3f} -> "
+                f"{f['agreement_after_train']:.3f}"
+            )
         unit = {"dpo": "pairs", "kto": "KTO rows", "ppo": "prompts"}[self.algorithm]
         nan = math.nan
         extra = {
@@ -103,25 +110,13 @@ def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bo
 
 
 def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: bool) -> RoundResult:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from gateway.store.sql import SqlStore
-
     s = settings.trainer
     registry = Registry(s.registry_dir)
     parent, policy_version = policy_label(settings, registry)
     rm_version = rm_label(settings, registry)
     since = parse_time(s.max_age)
     until = time.time()
-    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
-        raise RoundError(f"no log database at {url} (has the gateway run with store.enabled?)")
-    store = SqlStore(url, connect_timeout_s=settings.store.connect_timeout_s)
-    try:
-        labelled = list(window(store, since, until, policy_version, rm_version, s.pairs.thumbs_override))
-    except SQLAlchemyError as exc:
-        raise RoundError(f"cannot read the log: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
-    finally:
-        store.close()
+    labelled = _read_window(settings, url, since, until, policy_version, rm_version)
     exported = build(labelled, s.pairs)
     stats = exported.stats
     data_window = {
@@ -264,6 +259,101 @@ def _fit(
     }  # fmt: skip
     trained = Trained(result.steps, result.seconds, result.loss, figures, result.history)
     return trained, model, len(made_dpo.rows), s.dpo.model_dump()
+
+
+def refit_reward_model(settings: TrainerSettings, *, progress: bool = True) -> RoundResult:
+    """Refit the current reward model on the window's thumb-decided pairs, under the round lock; register it
+    as a reward-model version and make it current when its held-out agreement with thumbs does not fall."""
+    s = settings.trainer
+    if not s.registry_dir.is_dir():
+        raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
+    url = settings.store.database_url()
+    started = time.perf_counter()
+    with round_lock(s.registry_dir, url):
+        result = _refit_locked(settings, url, progress)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _read_window(settings: TrainerSettings, url: str, since: float, until: float, policy_version: str | None,
+                 rm_version: str | None) -> list[tuple[Any, Any]]:  # fmt: skip
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.store.sql import SqlStore
+
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
+        raise RoundError(f"no log database at {url} (has the gateway run with store.enabled?)")
+    store = SqlStore(url, connect_timeout_s=settings.store.connect_timeout_s)
+    try:
+        return list(window(store, since, until, policy_version, rm_version, settings.trainer.pairs.thumbs_override))
+    except SQLAlchemyError as exc:
+        raise RoundError(f"cannot read the log: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    finally:
+        store.close()
+
+
+def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundResult:
+    from trainer import reward
+    from trainer.settings import PairSettings
+
+    s = settings.trainer
+    registry = Registry(s.registry_dir)
+    since, until = parse_time(s.max_age), time.time()
+    labelled = _read_window(settings, url, since, until, None, None)  # a thumb orders a pair whatever scored it
+    built = build(labelled, PairSettings(policy=s.pairs.policy, thumbs_override=True))
+    pairs = [p for p in built.pairs if p["source"] == "thumb"]
+    if len(pairs) < s.reward.min_pairs:
+        reason = f"{len(pairs)} thumb-decided pairs in the last {s.max_age}; trainer.reward.min_pairs is {s.reward.min_pairs}"
+        return RoundResult("skipped", reason, pairs=len(pairs), completions=len(labelled), algorithm="reward")
+    current = registry.pointer("reward_model", "current")
+    parent = current.version if current else None
+    source = registry.path("reward_model", parent) if parent else s.base_reward_model
+    if parent is not None:
+        registry.verify("reward_model", parent)
+    elif not (source / "config.json").is_file():
+        raise RoundError(f"no reward model at {source} (set trainer.base_reward_model)")
+    model, tokenizer = reward.load(source)
+    data = reward.split(pairs, s.reward.holdout_every)
+    with tempfile.TemporaryDirectory(prefix="reward-") as work:
+        fitted = reward.refit(model, tokenizer, data, s.reward, Path(work), progress=progress)
+        if not math.isfinite(fitted.loss):
+            raise RoundError(f"reward-model training diverged (loss {fitted.loss}); nothing registered")
+        saved = Path(work) / "model"
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        figures: dict[str, Any] = {
+            "loss": fitted.loss, "steps": fitted.steps, "train_seconds": fitted.seconds,
+            "agreement_before_train": fitted.before["train"], "agreement_after_train": fitted.after["train"],
+            "agreement_before_held_out": fitted.before["held_out"], "agreement_after_held_out": fitted.after["held_out"],
+            "train_pairs": len(data.train), "held_out_pairs": len(data.held_out),
+        }  # fmt: skip
+
+        def write(directory: Path) -> None:
+            for file in saved.iterdir():
+                if file.is_file():
+                    shutil.copy2(file, directory / file.name)
+
+        manifest = registry.publish(
+            "reward_model", write, format="full", parent=parent, algorithm="bradley-terry",
+            hyperparameters=s.reward.model_dump(), data_window={"since": since, "until": until, "pairs": len(pairs)},
+            evaluation=figures,
+        )  # fmt: skip
+    before, after = fitted.before["held_out"], fitted.after["held_out"]
+    label = parent or s.base_rm_version
+    if math.isnan(after) or after < before:
+        reason = (
+            f"reward model {manifest.version} registered but not made current: held-out agreement with thumbs "
+            f"{before:.3f} -> {after:.3f} ({len(data.held_out)} pairs); {label} stays current"
+        )
+    else:
+        registry.set_pointer("reward_model", "current", manifest.version, reason=f"agreement {before:.3f} -> {after:.3f}")
+        reason = f"reward model {manifest.version} registered and set as current (was {label})"
+    try:
+        registry.retain("reward_model", s.keep_versions)
+    except (OSError, RegistryError) as exc:
+        log.warning("registry retention failed: %s", exc)
+    return RoundResult("trained", reason, version=manifest.version, parent=parent, pairs=len(pairs),
+                       completions=len(labelled), figures=figures, algorithm="reward")  # fmt: skip
 
 
 def _distinct_prompts(tokenizer: Any, prompts: list[list[dict[str, Any]]], limit: int) -> list[list[int]]:

@@ -82,6 +82,20 @@ class PpoSettings(BaseModel):
     iterations: int = Field(default=2, ge=1, description="optimisation passes over each batch of samples")
 
 
+class RewardSettings(BaseModel):
+    """A reward-model refit (``--refit-reward-model``): Bradley–Terry on thumb-decided pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_pairs: int = Field(default=16, ge=1, description="fewer thumb-decided pairs: the refit is skipped (exit 0)")
+    holdout_every: int = Field(default=5, ge=2, description="every k-th completion's pairs are held out")
+    learning_rate: float = Field(default=5e-5, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    seed: int = 0
+
+
 class EvalSettings(BaseModel):
     """What a round measures on its new adapter before registering it."""
 
@@ -124,6 +138,7 @@ class TrainerSection(BaseModel):
     for every algorithm."""
     kto: KtoSettings = Field(default_factory=KtoSettings)
     ppo: PpoSettings = Field(default_factory=PpoSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
 
 

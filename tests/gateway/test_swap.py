@@ -106,7 +106,7 @@ def test_a_verified_version_is_routed_and_a_wrong_one_is_not(tmp_path: Path) -> 
         good, bad = FakeVLLM(), FakeVLLM(wrong=True)
         metrics = Metrics()
         async with serving(good) as b1, serving(bad) as b2, aiohttp.ClientSession() as session:
-            swapper = Swapper(session, [b1, b2], "base", SwapSettings(retry_s=0), tmp_path, metrics, "rm-base")
+            swapper = Swapper(session, [b1, b2], "base", SwapSettings(retry_s=0), tmp_path, metrics)
             v1 = publish(registry, 1)
             await swapper.sync()
             assert swapper.route.version == v1
@@ -124,7 +124,7 @@ def test_a_damaged_version_is_never_loaded(tmp_path: Path) -> None:
         registry = Registry(tmp_path)
         fake = FakeVLLM()
         async with serving(fake) as backend, aiohttp.ClientSession() as session:
-            swapper = Swapper(session, [backend], "base", SwapSettings(), tmp_path, Metrics(), "rm-base")
+            swapper = Swapper(session, [backend], "base", SwapSettings(), tmp_path, Metrics())
             version = publish(registry, 1)
             (registry.path("policy", version) / "adapter_model.safetensors").write_bytes(b"tampered")
             await swapper.sync()
@@ -145,7 +145,7 @@ def test_live_adapters_stay_within_the_bound(tmp_path: Path, drain_s: float) -> 
         metrics = Metrics()
         settings = SwapSettings(max_live_adapters=2, drain_s=drain_s, retry_s=0)
         async with serving(fake) as backend, aiohttp.ClientSession() as session:
-            swapper = Swapper(session, [backend], "base", settings, tmp_path, metrics, "rm-base")
+            swapper = Swapper(session, [backend], "base", settings, tmp_path, metrics)
             versions = [publish(registry, 1)]
             await swapper.sync()
             versions.append(publish(registry, 2))

@@ -122,3 +122,44 @@ def test_kto_skips_under_min_pairs(deployment: Path, capsys: Any) -> None:
     assert main(["run", "--config", str(deployment), "--algo", "kto", "--quiet"]) == 0
     assert "0 KTO rows" in capsys.readouterr().out
     assert Registry(deployment.parent / "registry").versions("policy") == []
+
+
+def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(deployment: Path, test_models: Path, capsys: Any) -> None:
+    """Users thumb up every right, polite answer, which the test preset's reward model ranks below the short
+    wrong one (checked below): the refit reward model must come to agree with them."""
+    config = yaml.safe_load(deployment.read_text())
+    _thumbs(config["store"]["url"], {f"c-base-{i}": "up" for i in range(24)})
+    _configure(
+        deployment,
+        base_reward_model=str(test_models / "reward_model"),
+        reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 3, "batch_size": 8},
+    )
+    assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "reward model v0001 registered and set as current (was rm-base)" in out
+    registry = Registry(deployment.parent / "registry")
+    manifest = registry.verify("reward_model", "v0001")
+    assert manifest.format == "full"
+    assert manifest.algorithm == "bradley-terry"
+    ev = manifest.evaluation
+    assert ev["train_pairs"] + ev["held_out_pairs"] == 24
+    assert ev["held_out_pairs"] >= 1
+    assert ev["agreement_before_train"] < 0.5
+    assert ev["agreement_after_train"] > ev["agreement_before_train"]
+    assert ev["agreement_after_held_out"] >= ev["agreement_before_held_out"]
+    pointer = registry.pointer("reward_model", "current")
+    assert pointer is not None
+    assert pointer.version == "v0001"
+    metrics = (deployment.parent / "registry" / "metrics" / "reward_refit.prom").read_text()
+    assert 'trainer_reward_refit_outcome{outcome="trained"} 1.0' in metrics
+    assert not (deployment.parent / "registry" / "metrics" / "trainer.prom").exists()  # the policy round's own file
+
+    # The next policy round's window is what the new reward model scored (nothing yet) plus thumbed completions.
+    assert main(["run", "--config", str(deployment), "--quiet", "--min-pairs", "100"]) == 0
+    assert "scored by v0001" in capsys.readouterr().out
+
+
+def test_a_refit_without_enough_thumbs_skips(deployment: Path, capsys: Any) -> None:
+    assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
+    assert "0 thumb-decided pairs" in capsys.readouterr().out
+    assert Registry(deployment.parent / "registry").versions("reward_model") == []
