@@ -99,6 +99,7 @@ def test_the_command_config_and_volumes_fit_the_trainer(name: str, tmp_path: Pat
     claims = {d["metadata"]["name"] for _, d in _all() if d["kind"] == "PersistentVolumeClaim"}
     assert claim(settings.registry_dir) == "bon-registry"
     assert claim(settings.base_policy) in claims
+    assert claim(settings.base_reward_model) in claims
     env = {e["name"]: e for e in container["env"]}
     assert env["TRAINER_STORE__URL"]["valueFrom"]["secretKeyRef"]["name"] == "bon-store"
 
