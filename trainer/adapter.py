@@ -30,8 +30,10 @@ class PolicyInit:
 
     base: Any
     lora: Any
-    """A ``peft.LoraConfig``: the parent's, or one from the settings for the first version."""
+    """A ``peft.LoraConfig``: the parent's, or one from the settings for the first version; None: all weights."""
     parent_weights: dict[str, Any] | None = None
+    reference: Any = None
+    """A full fine-tune's reference: the base model, loaded apart (a LoRA round disables its adapter instead)."""
 
 
 @dataclass
@@ -66,6 +68,22 @@ def policy_model(base: Path, parent_adapter: Path | None, settings: DpoSettings)
     return PolicyInit(model, config)
 
 
+def full_model(base: Path, parent: Path | None, *, parent_is_adapter: bool = False) -> PolicyInit:
+    """A full fine-tune: all weights, starting from the parent version's weights (a LoRA parent merged into
+    the base), or the base; the reference is a second copy of the base, frozen, whatever the parent (the
+    reference is never chained)."""
+    from transformers import AutoModelForCausalLM
+
+    if parent is not None and parent_is_adapter:
+        model = load_adapter(base, parent).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(parent or base, dtype="float32")
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype="float32").eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return PolicyInit(model, None, reference=reference)
+
+
 def start_from_parent(model: Any, init: PolicyInit) -> None:
     """Load the parent version's weights into the adapter a TRL trainer created from ``init.lora``."""
     from peft import set_peft_model_state_dict
@@ -83,6 +101,13 @@ def load_adapter(base: Path, adapter: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="float32"), adapter)
+
+
+def load_full(directory: Path) -> Any:
+    """A saved full fine-tune, for inference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype="float32")
 
 
 def log_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:

@@ -156,8 +156,8 @@ def train(
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress, bf16=settings.bf16,
     )  # fmt: skip
     trainer = _CachedReferenceDPO(
-        cache, model=init.base, peft_config=init.lora, args=config, train_dataset=datasets.Dataset.from_list(dpo_rows),
-        processing_class=tokenizer,
+        cache, model=init.base, ref_model=init.reference, peft_config=init.lora, args=config,
+        train_dataset=datasets.Dataset.from_list(dpo_rows), processing_class=tokenizer,
     )  # fmt: skip
     start_from_parent(trainer.model, init)
     if not progress:
@@ -204,7 +204,8 @@ class _CachedReferenceDPO(DPOTrainer):
             position = 0
             with torch.no_grad():
                 for batch in loader:
-                    chosen, rejected = self.compute_ref_log_probs(self.model, batch)
+                    reference = self.ref_model if self.ref_model is not None else self.model  # LoRA: adapter off
+                    chosen, rejected = self.compute_ref_log_probs(reference, batch)
                     for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
                         key_c, key_r = keys[missing[position]]
                         computed[key_c], computed[key_r] = c, r

@@ -26,9 +26,17 @@ class Drift:
 
 
 def measure(
-    model: Any, eos_id: int, pad_id: int, prompts: Sequence[list[int]], max_new_tokens: int, seed: int, batch: int = 32
+    model: Any,
+    eos_id: int,
+    pad_id: int,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    seed: int,
+    batch: int = 32,
+    reference: Any = None,
 ) -> Drift:
-    """One sampled answer per prompt from ``model`` (a peft model), scored with the adapter on and off."""
+    """One sampled answer per prompt from ``model``, scored by it and by the reference: ``reference`` when
+    given (a full fine-tune's base), else ``model`` with its adapter disabled (a peft model)."""
     import torch
 
     torch.manual_seed(seed)
@@ -49,9 +57,12 @@ def measure(
             keep = _answer_mask(answers, eos_id)
             full_mask = torch.cat([mask, keep.long()], dim=1)
             policy = _sequence_logps(model, out, full_mask, ids.shape[1], keep)
-            with model.disable_adapter():
-                reference = _sequence_logps(model, out, full_mask, ids.shape[1], keep)
-        ratios.extend((policy - reference).tolist())
+            if reference is not None:
+                base = _sequence_logps(reference.to(device).eval(), out, full_mask, ids.shape[1], keep)
+            else:
+                with model.disable_adapter():
+                    base = _sequence_logps(model, out, full_mask, ids.shape[1], keep)
+        ratios.extend((policy - base).tolist())
         lengths.extend(keep.sum(dim=1).tolist())
     n = max(len(ratios), 1)
     return Drift(kl=sum(ratios) / n, mean_length=sum(lengths) / n, samples=len(ratios))

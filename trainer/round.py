@@ -169,22 +169,32 @@ def _train(
     torch.manual_seed(s.dpo.seed)
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)
     parent_dir = registry.path("policy", parent) if parent else None
-    if parent is not None:
-        registry.verify("policy", parent)
-    init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
+    parent_format = registry.verify("policy", parent).format if parent is not None else None
+    if s.format == "full":
+        if algorithm != "dpo":
+            raise RoundError(f"trainer.format full is implemented for dpo only, not {algorithm}")
+        init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
+    elif parent_format == "full":
+        raise RoundError(f"the current version {parent} is a full fine-tune; trainer.format lora cannot continue it")
+    else:
+        init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
         trained, model, used, hyperparameters = _fit(settings, registry, algorithm, rm_version, init, tokenizer, data,
                                                      Path(work), progress)  # fmt: skip
         if not math.isfinite(trained.loss):
             raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
-        # Everything below measures the adapter as saved (what vLLM will load), not the trainer's in-memory model:
+        # Everything below measures the version as saved (what vLLM will load), not the trainer's in-memory model:
         # after a bf16 round the two gave probe log-probs 0.014 nats per token apart (cause not pinned down).
-        saved = Path(work) / "adapter"
+        saved = Path(work) / "version"
         model.save_pretrained(saved)
-        served = adapter.load_adapter(s.base_policy, saved)
+        if s.format == "full":
+            tokenizer.save_pretrained(saved)  # vLLM serves the directory as a model of its own
+            served = adapter.load_full(saved)
+        else:
+            served = adapter.load_adapter(s.base_policy, saved)
         eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
         drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
-                           s.evaluation.max_new_tokens, seed=s.dpo.seed)  # fmt: skip
+                           s.evaluation.max_new_tokens, seed=s.dpo.seed, reference=init.reference)  # fmt: skip
         probe.compute(served, probe.sequences(tokenizer)).save(saved)
         figures: dict[str, Any] = {
             "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl, "mean_length": drift.mean_length,
@@ -197,7 +207,7 @@ def _train(
                     shutil.copy2(file, directory / file.name)
 
         manifest = registry.publish(
-            "policy", write, format="lora", parent=parent, algorithm=algorithm, hyperparameters=hyperparameters,
+            "policy", write, format=s.format, parent=parent, algorithm=algorithm, hyperparameters=hyperparameters,
             data_window={**data_window, "rows": used}, evaluation=figures,
         )  # fmt: skip
     registry.set_pointer("policy", s.publish_to, manifest.version, reason=f"{algorithm} on {used} rows")

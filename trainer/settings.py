@@ -120,6 +120,10 @@ class TrainerSection(BaseModel):
     base_rm_version: str = "rm-base"
     """The reward model's version label while the registry has no reward-model version."""
     algorithm: Literal["dpo", "kto", "ppo"] = "dpo"
+    format: Literal["lora", "full"] = "lora"
+    """What a version is: a LoRA adapter over the base (hot-swapped into running vLLM) or, DPO only, all the
+    policy's weights (learns more at tiny sizes, served without the adapter's cost; the gateway's swap does
+    not serve it yet, it needs a blue-green switch between two vLLM instances)."""
     min_pairs: int = Field(
         default=32, ge=1, description="fewer pairs (KTO: rows; PPO: prompts) in the window: the round is skipped (exit 0)"
     )

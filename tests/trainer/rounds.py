@@ -44,3 +44,13 @@ def pair(tokenizer: Any, question: str, chosen: str, rejected: str) -> dict[str,
         "chosen_token_ids": tokens(tokenizer, chosen),
         "rejected_token_ids": tokens(tokenizer, rejected),
     }
+
+
+def logp(model: Any, prompt: list[int], answer: list[int]) -> float:
+    """Sum of the answer's token log-probs given the prompt, by hand."""
+    import torch
+
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    return float(sum(logps[len(prompt) - 1 + k, t] for k, t in enumerate(answer)))

@@ -13,8 +13,10 @@ import yaml
 
 from gateway.store.records import FeedbackRecord
 from gateway.store.sql import SqlStore
-from tests.trainer.rounds import pair, tokens
+from tests.trainer.rounds import logp, pair, tokens, write_log
 from trainer.__main__ import main
+from trainer.export import window
+from trainer.pairs import build
 from trainer.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -163,3 +165,53 @@ def test_a_refit_without_enough_thumbs_skips(deployment: Path, capsys: Any) -> N
     assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
     assert "0 thumb-decided pairs" in capsys.readouterr().out
     assert Registry(deployment.parent / "registry").versions("reward_model") == []
+
+
+def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_reference(
+    deployment: Path, test_models: Path, tokenizer: Any, capsys: Any
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer import dpo
+    from trainer.settings import load
+
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0  # v0001: a LoRA adapter
+    settings = load(deployment)
+    write_log(settings.store.database_url(), tokenizer, 16, policy_version="v0001", seed=1)
+    _configure(deployment, format="full")
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    registry = Registry(deployment.parent / "registry")
+    manifest = registry.verify("policy", "v0002")
+    assert manifest.format == "full"
+    assert manifest.parent == "v0001"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "probe.json"} <= set(manifest.files)
+    ev = manifest.evaluation
+    assert ev["ref_computed"] + ev["ref_cached"] == 2 * manifest.data_window["rows"]  # pairs seen in v0001's round: cached
+    assert math.isfinite(manifest.evaluation["kl_to_reference"])
+
+    # The saved model is a model of its own (vLLM serves the directory) and its probe is what it computes.
+    from transformers import AutoTokenizer
+
+    from trainer import probe
+
+    served = AutoModelForCausalLM.from_pretrained(registry.path("policy", "v0002"))
+    stored = probe.Probe.load(registry.path("policy", "v0002"))
+    again = probe.compute(served, probe.sequences(AutoTokenizer.from_pretrained(registry.path("policy", "v0002"))))
+    assert probe.difference(stored.top, again.top) < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
+    assert probe.difference(stored.top, probe.compute(base, probe.sequences(tokenizer)).top) > 1e-3
+
+    # The reference of the full round is the base, not the merged parent: its cached log-probs are the base's.
+    reference = f"{dpo.reference_id(test_models / 'policy')}-fp32"
+    cache = dpo.RefCache(settings.trainer.registry_dir / "cache" / "ref_logps.sqlite", reference)
+    store = SqlStore(settings.store.database_url())
+    child_window = list(window(store, 0, None, "v0001", "rm-base"))
+    store.close()
+    row = dpo.rows(build(child_window, settings.trainer.pairs).pairs, tokenizer, 256).rows[0]
+    key = cache.key(row["prompt_ids"], row["rejected_ids"])
+    assert cache.get_many([key])[key] == pytest.approx(logp(base, row["prompt_ids"], row["rejected_ids"]), abs=1e-4)
+    # A later LoRA round cannot continue a full version: one line, nothing registered.
+    _configure(deployment, format="lora")
+    write_log(settings.store.database_url(), tokenizer, 16, policy_version="v0002", seed=2)
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 1
+    assert "is a full fine-tune" in capsys.readouterr().err

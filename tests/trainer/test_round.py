@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.trainer.rounds import pair, write_log
+from tests.trainer.rounds import logp, pair, write_log
 from tests.trainer.test_cli import assert_one_line_error, run_cli
 from trainer.__main__ import main
 from trainer.registry import Registry
@@ -117,17 +117,7 @@ def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
     assert set(trained) == set(init.parent_weights)
     assert all(torch.allclose(trained[k], init.parent_weights[k], atol=1e-6) for k in trained)
     assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)
-    assert cache.get_many([cache_key])[cache_key] == pytest.approx(_logp(base, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
-
-
-def _logp(model: Any, prompt: list[int], answer: list[int]) -> float:
-    """Sum of the answer's token log-probs given the prompt, by hand."""
-    import torch
-
-    ids = torch.tensor([prompt + answer])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-    return float(sum(logps[len(prompt) - 1 + k, t] for k, t in enumerate(answer)))
+    assert cache.get_many([cache_key])[cache_key] == pytest.approx(logp(base, row["prompt_ids"], row["chosen_ids"]), abs=1e-4)
 
 
 def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: Any, tmp_path: Path) -> None:
@@ -153,8 +143,8 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
     base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
     expected = 0.0
     for k, row in enumerate(made.rows):
-        chosen = _logp(base, row["prompt_ids"], row["chosen_ids"]) - (-20.0 - k)
-        rejected = _logp(base, row["prompt_ids"], row["rejected_ids"]) - (-10.0 + k)
+        chosen = logp(base, row["prompt_ids"], row["chosen_ids"]) - (-20.0 - k)
+        rejected = logp(base, row["prompt_ids"], row["rejected_ids"]) - (-10.0 + k)
         expected += -math.log(1 / (1 + math.exp(-settings.beta * (chosen - rejected)))) / len(made.rows)
 
     init = adapter.policy_model(test_models / "policy", None, settings)  # LoRA B starts at 0: policy == base at step 1
