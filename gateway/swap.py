@@ -214,7 +214,8 @@ class Swapper:
             log.warning("unloading the rollback target %s to make room for %s (max_live_adapters)", previous, version)
             self._previous = None
             await self._unload(previous)
-            return True
+            if len(self.live()) < self._settings.max_live_adapters:
+                return True
         if self._waiting != version:
             self._waiting = version
             self._metrics.swaps.labels("waiting").inc()
