@@ -11,6 +11,8 @@ reference from round to round. Does not know any algorithm's loss.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,56 @@ def load_full(directory: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory, dtype="float32")
+
+
+@dataclass
+class AnswerIds:
+    """Answers as the token ids vLLM sampled, cut to fit after their prompt; an answer logged without ids is
+    tokenised from its text (plus EOS). Counts both, for the round's figures."""
+
+    tokenizer: Any
+    max_length: int
+    retokenized: int = 0
+    truncated: int = 0
+
+    def __call__(self, prompt: list[int], stored: Sequence[int] | None, text: str) -> list[int] | None:
+        """The answer's ids, or None when the prompt alone fills ``max_length``."""
+        ids = [int(i) for i in stored or ()]
+        if not ids:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            self.retokenized += 1
+        room = self.max_length - len(prompt)
+        if room < 1:
+            return None
+        if len(ids) > room:
+            ids = ids[:room]
+            self.truncated += 1
+        return ids
+
+
+def trainer_args(work_dir: Path, steps: int, seed: int, bf16: bool, progress: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` every round's TRL trainer shares: no checkpoints or trackers, ten log lines,
+    the CPU unless torch sees a GPU, progress bars on request."""
+    import torch
+
+    return {
+        "output_dir": str(work_dir), "logging_steps": max(1, steps // 10), "report_to": [], "save_strategy": "no",
+        "seed": seed, "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, "disable_tqdm": not progress,
+        "bf16": bf16,
+    }  # fmt: skip
+
+
+def fit(trainer: Any, init: PolicyInit | None, progress: bool) -> tuple[Any, float, list[dict[str, float]]]:
+    """Train a TRL trainer (its adapter first set to the parent's weights): (train output, seconds, log)."""
+    from transformers import PrinterCallback
+
+    if init is not None:
+        start_from_parent(trainer.model, init)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    output = trainer.train()
+    return output, time.perf_counter() - started, log_history(trainer.state.log_history)
 
 
 def log_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:

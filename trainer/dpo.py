@@ -19,17 +19,15 @@ import hashlib
 import logging
 import math
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback
 from trl import DPOTrainer  # type: ignore[attr-defined]
 
-from trainer.adapter import PolicyInit, log_history, prompt_ids, start_from_parent
+from trainer.adapter import AnswerIds, PolicyInit, fit, prompt_ids, trainer_args
 from trainer.settings import DpoSettings
 
 log = logging.getLogger("trainer.dpo")
@@ -103,24 +101,16 @@ class RefCache:
 def rows(pairs: Iterable[dict[str, Any]], tokenizer: Any, max_length: int) -> DpoRows:
     """TRL's tokenized DPO rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) from exported pairs."""
     out = DpoRows([])
-    eos = tokenizer.eos_token_id
+    answer = AnswerIds(tokenizer, max_length)
     for pair in pairs:
         prompt = prompt_ids(tokenizer, pair["prompt"])
-        answers = []
-        for side in ("chosen", "rejected"):
-            ids = [int(i) for i in pair.get(f"{side}_token_ids") or ()]
-            if not ids:
-                ids = tokenizer(pair[side][-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
-                out.retokenized += 1
-            room = max_length - len(prompt)
-            if room < 1:
-                break
-            if len(ids) > room:
-                ids = ids[:room]
-                out.truncated += 1
-            answers.append(ids)
-        if len(answers) == 2 and answers[0] != answers[1]:
-            out.rows.append({"prompt_ids": prompt, "chosen_ids": answers[0], "rejected_ids": answers[1]})
+        chosen = answer(prompt, pair.get("chosen_token_ids"), pair["chosen"][-1]["content"])
+        if chosen is None:
+            continue
+        rejected = answer(prompt, pair.get("rejected_token_ids"), pair["rejected"][-1]["content"])
+        if rejected is not None and chosen != rejected:
+            out.rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    out.retokenized, out.truncated = answer.retokenized, answer.truncated
     return out
 
 
@@ -143,29 +133,21 @@ def train(
     reference, chaining the reference from round to round (what let the policy game the reward model's
     length bias in a probe here)."""
     import datasets
-    import torch
     from trl import DPOConfig  # type: ignore[attr-defined]
 
     steps_per_epoch = math.ceil(len(dpo_rows) / settings.batch_size)
     total = max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     config = DPOConfig(
-        output_dir=str(work_dir), beta=settings.beta, learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs, max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
+        beta=settings.beta, learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
+        max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
         precompute_ref_log_probs=cache is not None, precompute_ref_batch_size=settings.batch_size, max_length=None,
-        logging_steps=max(1, total // 10), report_to=[], save_strategy="no", seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress, bf16=settings.bf16,
+        **trainer_args(work_dir, total, settings.seed, settings.bf16, progress),
     )  # fmt: skip
     trainer = _CachedReferenceDPO(
         cache, model=init.base, ref_model=init.reference, peft_config=init.lora, args=config,
         train_dataset=datasets.Dataset.from_list(dpo_rows), processing_class=tokenizer,
     )  # fmt: skip
-    start_from_parent(trainer.model, init)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - started
-    history = log_history(trainer.state.log_history)
+    output, seconds, history = fit(trainer, init, progress)
     last = history[-1] if history else {}
     return DpoResult(
         steps=output.global_step, seconds=seconds, loss=float(output.training_loss),

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback
 from trl import KTOTrainer  # type: ignore[attr-defined]
 
-from trainer.adapter import PolicyInit, Trained, log_history, prompt_ids, start_from_parent
+from trainer.adapter import AnswerIds, PolicyInit, Trained, fit, prompt_ids, trainer_args
 from trainer.settings import DpoSettings, KtoSettings
 
 
@@ -52,18 +50,12 @@ def rows(
     for p in pairs:
         examples.append((p["prompt"], p.get("chosen_token_ids"), p["chosen"][-1]["content"], True, False))
         examples.append((p["prompt"], p.get("rejected_token_ids"), p["rejected"][-1]["content"], False, False))
+    answer = AnswerIds(tokenizer, max_length)
     for messages, stored, text, label, thumb in examples:
         prompt = prompt_ids(tokenizer, messages)
-        ids = [int(i) for i in stored or ()]
-        if not ids:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            out.retokenized += 1
-        room = max_length - len(prompt)
-        if room < 1:
+        ids = answer(prompt, stored, text)
+        if ids is None:
             continue
-        if len(ids) > room:
-            ids = ids[:room]
-            out.truncated += 1
         key = (tuple(prompt), tuple(ids))
         if key in seen:
             continue
@@ -72,6 +64,7 @@ def rows(
         out.desirable += label
         out.undesirable += not label
         out.from_thumbs += thumb
+    out.retokenized, out.truncated = answer.retokenized, answer.truncated
     random.Random(seed).shuffle(out.rows)
     return out
 
@@ -90,31 +83,23 @@ def train(
     """Train the adapter with KTO's loss; the reference is the base (adapter disabled). ``shape`` gives the
     settings every algorithm shares (bf16, seed)."""
     import datasets
-    import torch
     from trl import KTOConfig  # type: ignore[attr-defined]
 
     total = max_steps or max(1, math.ceil(math.ceil(len(kto_rows) / settings.batch_size) * settings.epochs))
     config = KTOConfig(
-        output_dir=str(work_dir), beta=settings.beta, desirable_weight=settings.desirable_weight,
-        undesirable_weight=settings.undesirable_weight, learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs, max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
-        max_length=None, logging_steps=max(1, total // 10), report_to=[], save_strategy="no", seed=shape.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress, bf16=shape.bf16,
+        beta=settings.beta, desirable_weight=settings.desirable_weight, undesirable_weight=settings.undesirable_weight,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, max_steps=max_steps or -1,
+        per_device_train_batch_size=settings.batch_size, max_length=None,
+        **trainer_args(work_dir, total, shape.seed, shape.bf16, progress),
     )  # fmt: skip
     trainer = _TokenizedKTO(
         model=init.base, peft_config=init.lora, args=config, train_dataset=datasets.Dataset.from_list(kto_rows),
         processing_class=tokenizer,
     )  # fmt: skip
-    start_from_parent(trainer.model, init)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    output = trainer.train()
-    history = log_history(trainer.state.log_history)
+    output, seconds, history = fit(trainer, init, progress)
     last = history[-1] if history else {}
     figures = {k: v for k, v in last.items() if k.startswith(("rewards/", "kl", "logps/"))}
-    trained = Trained(output.global_step, time.perf_counter() - started, float(output.training_loss), figures, history)
-    return trained, trainer.model
+    return Trained(output.global_step, seconds, float(output.training_loss), figures, history), trainer.model
 
 
 class _TokenizedKTO(KTOTrainer):

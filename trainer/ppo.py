@@ -17,16 +17,12 @@ or write the registry.
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback
-
-from trainer.adapter import PolicyInit, Trained, log_history, start_from_parent
+from trainer.adapter import PolicyInit, Trained, fit, trainer_args
 from trainer.settings import DpoSettings, PpoSettings
 
 IMPLEMENTATION = "trl.GRPOTrainer"
@@ -81,7 +77,6 @@ def train(
 ) -> tuple[Trained, Any]:
     """Train the adapter online on ``prompts`` (conversations without the answer) against ``reward``."""
     import datasets
-    import torch
 
     with warnings.catch_warnings():
         # Importing GRPOTrainer imports vLLM (TRL's optional generation backend, unused here: use_vllm is off and
@@ -92,25 +87,17 @@ def train(
 
     steps = max_steps or settings.steps
     config = GRPOConfig(
-        output_dir=str(work_dir), beta=settings.beta, learning_rate=settings.learning_rate, max_steps=steps,
+        beta=settings.beta, learning_rate=settings.learning_rate, max_steps=steps,
         per_device_train_batch_size=settings.prompts_per_step * settings.generations,
         num_generations=settings.generations, max_completion_length=settings.max_new_tokens,
         temperature=settings.temperature, epsilon=settings.epsilon, num_iterations=settings.iterations,
-        logging_steps=max(1, steps // 10), report_to=[], save_strategy="no", seed=shape.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=not progress, bf16=shape.bf16,
+        **trainer_args(work_dir, steps, shape.seed, shape.bf16, progress),
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=init.base, reward_funcs=reward, args=config, peft_config=init.lora, processing_class=tokenizer,
         train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
     )  # fmt: skip
-    start_from_parent(trainer.model, init)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    output = trainer.train()
-    history = log_history(trainer.state.log_history)
+    output, seconds, history = fit(trainer, init, progress)
     last = history[-1] if history else {}
     figures = {k: v for k, v in last.items() if k in ("reward", "reward_std", "kl", "completions/mean_length")}
-    loss = float(output.training_loss)
-    return Trained(output.global_step, time.perf_counter() - started, loss if math.isfinite(loss) else math.nan, figures,
-                   history), trainer.model  # fmt: skip
+    return Trained(output.global_step, seconds, float(output.training_loss), figures, history), trainer.model

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback
-
+from trainer.adapter import fit, trainer_args
 from trainer.settings import RewardSettings
 
 
@@ -89,7 +87,6 @@ class Refit:
 def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, work_dir: Path, *, progress: bool = True) -> Refit:
     """Fine-tune ``model`` in place on ``data.train``; agreement with thumbs before and after on both parts."""
     import datasets
-    import torch
     from trl import RewardConfig, RewardTrainer  # type: ignore[attr-defined]
 
     def measure() -> dict[str, float]:
@@ -106,17 +103,12 @@ def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, wor
     ]
     steps = max(1, math.ceil(math.ceil(len(rows) / settings.batch_size) * settings.epochs))
     config = RewardConfig(
-        output_dir=str(work_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size, max_length=None, logging_steps=max(1, steps // 10),
-        report_to=[], save_strategy="no", seed=settings.seed, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=not progress, bf16=False,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, max_length=None,
+        **trainer_args(work_dir, steps, settings.seed, False, progress),
     )  # fmt: skip
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     trainer = RewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - started
+    output, seconds, _ = fit(trainer, None, progress)
     return Refit(output.global_step, seconds, float(output.training_loss), before, measure())
