@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import aiohttp
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import KeyRing
+from gateway.blue_green import launcher
 from gateway.errors import CompletionNotFound, GatewayError, InvalidRequest, NotReady, RateLimited, UnsupportedMediaType
 from gateway.generate import Generator, VLLMGenerator
 from gateway.ids import CompletionIds, load_or_create_secret
@@ -160,8 +162,10 @@ def create_app(
             if generator is None and settings.swap.enabled:
                 registry_dir = settings.registry_dir()
                 await asyncio.to_thread(registry_dir.mkdir, parents=True, exist_ok=True)
+                swap = settings.swap
+                launch = launcher(settings.managed_vllm, Path("logs"), swap.full_cpu_binds) if swap.full == "blue_green" else None
                 swapper = Swapper(session, settings.all_backends(), settings.policy_version, settings.swap, registry_dir,
-                                  metrics)  # fmt: skip
+                                  metrics, launch)  # fmt: skip
                 await swapper.sync()  # serve the registry's current version from the first request on
             route = (lambda: swapper.route) if swapper is not None else None
             service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
@@ -184,9 +188,12 @@ def create_app(
             try:
                 yield
             finally:
-                for task in (watcher, follower, rm_task):
-                    if task is not None:
-                        task.cancel()
+                tasks = [task for task in (watcher, follower, rm_task) if task is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)  # a cancelled blue-green start stops its vLLM
+                if swapper is not None:
+                    await swapper.close()  # blue-green instances it started
                 await service.drain()  # background scoring of N=1 answers for the log
                 if writer is not None:
                     await asyncio.to_thread(writer.close)  # everything accepted reaches the database or the spool

@@ -53,8 +53,9 @@ class Generator(Protocol):
     """Where candidates come from (vLLM in production, a fake in unit tests).
 
     ``models`` (backend URL → model name) is the request's route from the hot-swap
-    (``gateway.swap.Route.models``): only those backends are used, each asked for its name;
-    None: every backend, under its configured model name."""
+    (``gateway.swap.Route.models``): only those backends are used, each asked for its name
+    (possibly a vLLM the config does not list: a blue-green instance serving a full
+    version); None: every configured backend, under its configured model name."""
 
     async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation: ...
 
@@ -73,54 +74,55 @@ class VLLMGenerator:
             raise ValueError("at least one backend is required")
         self._session = session
         self._backends = list(backends)
-        self._in_flight = [0] * len(self._backends)
+        self._in_flight: dict[str, int] = {}
+        """Backend URL → requests in flight (routed backends may be ones the config does not list: blue-green)."""
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
 
-    def _order(self, models: dict[str, str] | None) -> list[int]:
-        """Backends to try (those routed to), fewest requests in flight first (ties: config order)."""
-        usable = [i for i, b in enumerate(self._backends) if models is None or b.url in models]
-        return sorted(usable, key=lambda i: self._in_flight[i])
+    def _order(self, models: dict[str, str] | None) -> list[tuple[str, str]]:
+        """(URL, model name) to try: the route's, else the configured backends; fewest requests in flight first."""
+        usable = list(models.items()) if models is not None else [(b.url, b.model) for b in self._backends]
+        return sorted(usable, key=lambda backend: self._in_flight.get(backend[0], 0))
 
     @asynccontextmanager
     async def _post(
         self, payload: Callable[[str], dict[str, Any]], models: dict[str, str] | None
-    ) -> AsyncIterator[tuple[Backend, aiohttp.ClientResponse]]:
+    ) -> AsyncIterator[tuple[str, aiohttp.ClientResponse]]:
         """POST a chat request to the first reachable backend; yields it and its 200 response.
 
         A backend that cannot be connected to is skipped (the request never reached it);
         every other failure, also while the caller reads the response, maps to a typed error."""
         last_error: Exception | None = None
-        for i in self._order(models):
-            backend = self._backends[i]
-            model = models[backend.url] if models is not None else backend.model
-            self._in_flight[i] += 1
+        for url, model in self._order(models):
+            self._in_flight[url] = self._in_flight.get(url, 0) + 1
             try:
                 try:
-                    response = await self._session.post(
-                        f"{backend.url}/v1/chat/completions", json=payload(model), timeout=self._timeout
-                    )
+                    response = await self._session.post(f"{url}/v1/chat/completions", json=payload(model), timeout=self._timeout)
                 except aiohttp.ClientConnectorError as exc:
                     last_error = exc
                     continue
                 async with response:
                     if response.status != 200:
                         await _json_or_raise(response)
-                    yield backend, response
+                    yield url, response
                 return
             except TimeoutError:
                 raise BackendTimeout(f"the model backend did not answer within {self._timeout.total:.0f} s") from None
             except aiohttp.ClientError as exc:
                 raise BackendFailed(f"the model backend failed: {exc.__class__.__name__}") from None
             finally:
-                self._in_flight[i] -= 1
+                left = self._in_flight[url] - 1
+                if left:
+                    self._in_flight[url] = left
+                else:
+                    del self._in_flight[url]  # blue-green instances come and go
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__ if last_error else 'none'})")
 
     async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
         def payload(model: str) -> dict[str, Any]:
             return {**body, "model": model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
 
-        async with self._post(payload, models) as (backend, response):
-            return _generation(await _json_or_raise(response), backend.url)
+        async with self._post(payload, models) as (url, response):
+            return _generation(await _json_or_raise(response), url)
         raise AssertionError("unreachable: _post yields or raises")
 
     async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:

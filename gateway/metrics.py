@@ -21,6 +21,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 REWARD_BUCKETS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 MARGIN_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 N_BUCKETS = (1, 2, 4, 8, 16, 32)
+SWAP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LENGTH_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -78,12 +79,17 @@ class Metrics:
         self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
         self.swaps = Counter(
             f"{p}swaps",
-            "Policy hot-swap attempts by result (ok, registry, verification, waiting: no adapter slot yet)",
+            "Policy hot-swap attempts by result (ok, registry, verification, launch: a full version's vLLM did not start, "
+            "waiting: no adapter slot yet, died: a routed full version's vLLM exited)",
             ["result"],
             registry=r,
         )
         self.swap_seconds = Histogram(
-            f"{p}swap_seconds", "Time to load and verify a policy version on every backend", buckets=LATENCY_BUCKETS, registry=r
+            f"{p}swap_seconds",
+            "Time to serve a policy version, verified, by format (lora: load on every backend; full: start a vLLM)",
+            ["format"],
+            buckets=SWAP_BUCKETS,
+            registry=r,
         )
         self.swap_probe_diff = Gauge(
             f"{p}swap_probe_diff_nats",

@@ -58,6 +58,15 @@ class SwapSettings(BaseModel):
     """Most policy versions loaded on a backend at once (routed + rollback target + draining). A swap that would
     exceed it first unloads a drained rollback target, else waits for a slot; at most the managed vLLM's
     ``max_loras`` (vLLM keeps that many adapters' weights; more would be evicted and reloaded from disk)."""
+    full: Literal["blue_green", "refuse"] = "blue_green"
+    """Full fine-tuned versions: ``blue_green`` starts a vLLM for each on this host with ``managed_vllm``'s settings
+    (a free port; needs memory for two servers during the switch); ``refuse`` leaves them unserved (e.g. when the
+    policy runs on separate vLLM deployments: roll those out instead)."""
+    full_cpu_binds: list[str] = Field(default_factory=list)
+    """CPU only: ``VLLM_CPU_OMP_THREADS_BIND`` for blue-green instances, used in turn (empty: vLLM's auto binding).
+    vLLM's CPU worker spins on its cores while serving; measured here, a second vLLM pinned to the same core as a
+    serving one got no CPU at all and never became healthy, on another core it started in 71 s. Give each
+    instance cores the previous one does not use, e.g. ``["1", "0"]`` on 2 cores with the managed vLLM on core 0."""
 
 
 class ScorerSettings(BaseModel):

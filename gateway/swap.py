@@ -19,8 +19,15 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
    version keeps serving) until a draining version is unloaded; it never unloads a version
    that requests may still be using.
 A request keeps the route it started with (``Route`` is immutable), so a swap never
-fails a request in flight. Full fine-tunes (``format: full``) are not swapped here: they
-need a second vLLM instance (blue-green), which this module does not do yet.
+fails a request in flight.
+
+Full fine-tunes (``format: full``) swap blue-green (``swap.full: blue_green``): a new vLLM
+instance is started on the version's directory (``gateway.blue_green``), verified with the
+same probe, routed to alone, and the instance it replaced is stopped after ``drain_s``.
+LoRA versions keep being served by the configured backends, so a rollback from a full
+version to a LoRA one (the rollback target stays loaded) is immediate. If a routed full
+instance dies, new requests go to the rollback target (else the base) and it is started
+again. ``swap.full: refuse`` leaves full versions unserved (counted as ``registry``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.blue_green import Instance, Launcher, VLLMStartError
 from gateway.metrics import Metrics
 from gateway.settings import Backend, SwapSettings
 from trainer.probe import TOP_K, Probe, difference
@@ -66,7 +74,9 @@ class Swapper:
         settings: SwapSettings,
         registry_dir: Path,
         metrics: Metrics,
+        launch: Launcher | None = None,
     ) -> None:
+        """``launch`` starts a vLLM instance for a full version (None: full versions are refused)."""
         self._session = session
         self._backends = list(backends)
         self._base = Route(base_version, {b.url: b.model for b in self._backends})
@@ -82,6 +92,13 @@ class Swapper:
         """Version → when its last swap attempt failed (retried after ``retry_s``)."""
         self._waiting: str | None = None
         """A version whose swap waits for an adapter slot (logged and counted once)."""
+        self._launch = launch
+        self._instances: dict[str, Instance] = {}
+        """Full version → the vLLM instance serving it (routed or draining)."""
+        self._formats: dict[str, str] = {}
+        """Version → its format (lora, full), for every version routed since start."""
+        self._routes: dict[str, Route] = {}
+        """Version → the route it was served with (the fallback when a routed full instance dies)."""
 
     # ---- the loop ----
     async def run(self) -> None:
@@ -96,13 +113,20 @@ class Swapper:
         """One check of the pointer; swaps (or retries unverified backends) when needed."""
         target = await asyncio.to_thread(self._target)
         target_version = target if target is not None else self._base.version
-        missing = [b for b in self._backends if b.url not in self.route.models]
+        await self._reap()
         await self._unload_drained()
         if target_version != self.route.version:
-            if self._due(target_version) and await self._room_for(target):
+            if self._due(target_version):
                 await self._swap(target)
-        elif missing and target is not None:
-            await self._add_backends(target, missing)
+        elif target is not None and self._formats.get(target) == "lora":
+            missing = [b for b in self._backends if b.url not in self.route.models]
+            if missing:
+                await self._add_backends(target, missing)
+
+    async def close(self) -> None:
+        """Stop the vLLM instances this swapper started (the gateway is shutting down)."""
+        for version in list(self._instances):
+            await self._stop(version)
 
     def _target(self) -> str | None:
         state = self._registry.pointer("policy", "current")
@@ -113,39 +137,54 @@ class Swapper:
         started = time.perf_counter()
         old = self.route
         if version is None:  # the pointer was removed: back to the base model
-            new = self._base
+            new, kind = self._base, "base"
         else:
             try:
                 manifest = await asyncio.to_thread(self._registry.verify, "policy", version)
-                if manifest.format != "lora":
-                    raise RegistryError(f"policy {version} is a {manifest.format} model; only LoRA versions hot-swap")
+                kind = manifest.format
+                if kind == "full" and self._launch is None:
+                    raise RegistryError(f"policy {version} is a full model and swap.full is refuse")
+                if kind not in ("lora", "full"):
+                    raise RegistryError(f"policy {version} has format {kind!r}; only lora and full versions are served")
                 probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
             except (RegistryError, OSError, ValueError) as exc:
                 self._fail(version, "registry", str(exc))
                 return
-            models = await self._load_everywhere(version, probe, self._backends)
+            if kind == "lora" and not await self._room_for(version):
+                return
+            if kind == "full":
+                try:
+                    models = await self._start(version, probe)
+                except VLLMStartError as exc:
+                    self._fail(version, "launch", str(exc))
+                    return
+            else:
+                models = await self._load_everywhere(version, probe, self._backends)
             if not models:
                 self._fail(version, "verification", "no backend verified it")
                 return
             new = Route(version, models)
-        self.route = new
-        if old.version != new.version and old is not self._base:
-            self._previous = old.version
-            self._retired[old.version] = time.monotonic()
-        self._retired.pop(new.version, None)
-        self._failed.pop(new.version, None)
+            self._formats[version] = kind
+        self._route_to(new)
         seconds = time.perf_counter() - started
         self._metrics.swaps.labels("ok").inc()
-        self._metrics.swap_seconds.observe(seconds)
+        self._metrics.swap_seconds.labels(kind).observe(seconds)
+        log.warning("policy %s -> %s (%s) on %d backend(s) in %.2f s", old.version, new.version, kind, len(new.models), seconds)
+
+    def _route_to(self, new: Route) -> None:
+        old = self.route
+        self.route = new
+        if old.version != new.version and old is not self._base:
+            self._retired[old.version] = time.monotonic()
+            if self._formats.get(old.version) == "lora":
+                self._previous = old.version  # a full version is not kept: rolling back to it starts it again
+        if new.version == self._previous:
+            self._previous = None  # routed again (a rollback, or the fallback when a full instance died)
+        self._retired.pop(new.version, None)
+        self._failed.pop(new.version, None)
+        if new is not self._base:
+            self._routes[new.version] = new
         self._metrics.set_versions(policy=new.version)
-        log.warning(
-            "policy %s -> %s on %d of %d backends in %.2f s",
-            old.version,
-            new.version,
-            len(new.models),
-            len(self._backends),
-            seconds,
-        )
 
     async def _add_backends(self, version: str, backends: list[Backend]) -> None:
         """Retry the backends that failed verification for the routed version."""
@@ -157,7 +196,7 @@ class Swapper:
             return
         added = await self._load_everywhere(version, probe, backends)
         if added:
-            self.route = Route(version, {**self.route.models, **added})
+            self.route = self._routes[version] = Route(version, {**self.route.models, **added})
         if len(added) < len(backends):
             self._failed[version] = time.monotonic()
 
@@ -178,11 +217,19 @@ class Swapper:
     def adapter_name(self, backend: Backend, version: str) -> str:
         return f"{backend.model}@{version}"
 
-    async def _load_and_verify(self, backend: Backend, version: str, path: Path, probe: Probe) -> str | None:
-        name = self.adapter_name(backend, version)
+    async def _load_and_verify(self, backend: Backend, version: str, path: Path | None, probe: Probe) -> str | None:
+        """Load an adapter (``path``; None: the backend serves ``version`` as its model) and verify it; its name."""
+        name = self.adapter_name(backend, version) if path is not None else backend.model
         try:
             if name not in await self._models(backend):
-                await self._post(backend, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+                if path is None:
+                    raise VerificationError(f"{name} is not listed in /v1/models")
+                try:
+                    await self._post(backend, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+                except VerificationError:
+                    if name not in await self._models(backend):
+                        raise
+                    # another gateway sharing this backend loaded it meanwhile: the probe below still decides
                 if name not in await self._models(backend):
                     raise VerificationError(f"{name} is not listed in /v1/models after loading")
             served = await self._probe(backend, name, probe.prefixes)
@@ -199,15 +246,58 @@ class Swapper:
             self._metrics.swap_backend_failures.labels(backend.url).inc()
             return None
 
+    # ---- blue-green (full versions) ----
+    async def _start(self, version: str, probe: Probe) -> dict[str, str]:
+        """Start (or reuse a draining) vLLM instance serving a full version and verify it; its route, or {}."""
+        assert self._launch is not None  # checked by _swap
+        instance = self._instances.get(version)
+        if instance is None or instance.returncode() is not None:
+            path = self._registry.path("policy", version).resolve()
+            log.warning("starting a vLLM instance for full version %s (blue-green)", version)
+            instance = await self._launch(path, version)
+            self._instances[version] = instance
+        served = await self._load_and_verify(Backend(url=instance.url, model=instance.served_name), version, None, probe)
+        if served is None:
+            await self._stop(version)
+            return {}
+        return {instance.url: served}
+
+    async def _stop(self, version: str) -> None:
+        instance = self._instances.pop(version, None)
+        if instance is not None:
+            log.warning("stopping the vLLM instance of full version %s at %s", version, instance.url)
+            await asyncio.to_thread(instance.stop)
+
+    async def _reap(self) -> None:
+        """Notice instances that died; if it was the routed one, route to the rollback target (else the base)."""
+        for version, instance in list(self._instances.items()):
+            code = instance.returncode()
+            if code is None:
+                continue
+            if version == self.route.version:
+                fallback = self._routes.get(self._previous or "", self._base)
+                log.error(
+                    "the vLLM instance of policy %s exited with code %s; serving %s until it is started again",
+                    version, code, fallback.version,
+                )  # fmt: skip
+                self._metrics.swaps.labels("died").inc()
+                self._route_to(fallback)
+            else:
+                log.warning("the draining vLLM instance of policy %s exited with code %s", version, code)
+            await self._stop(version)  # its engine-core child may still be alive
+            self._retired.pop(version, None)
+            self._routes.pop(version, None)
+
     # ---- retiring ----
     def live(self) -> set[str]:
         """Adapter versions loaded on the backends: the routed one, the rollback target and those draining."""
-        return set(self._retired) | ({self.route.version} if self.route is not self._base else set())
+        versions = set(self._retired) | ({self.route.version} if self.route is not self._base else set())
+        return {v for v in versions if self._formats.get(v) == "lora"}
 
-    async def _room_for(self, version: str | None) -> bool:
+    async def _room_for(self, version: str) -> bool:
         """Whether loading ``version`` keeps within ``max_live_adapters``; may unload a drained rollback target."""
         live = self.live()
-        if version is None or version in live or len(live) < self._settings.max_live_adapters:
+        if version in live or len(live) < self._settings.max_live_adapters:
             return True
         previous = self._previous
         if previous is not None and self._drained(previous):
@@ -226,7 +316,8 @@ class Swapper:
         return False
 
     def _drained(self, version: str) -> bool:
-        return time.monotonic() - self._retired.get(version, -1e9) >= self._settings.drain_s
+        """Whether ``version`` is unrouted and requests that may use it are done (never true for the routed one)."""
+        return version in self._retired and time.monotonic() - self._retired[version] >= self._settings.drain_s
 
     async def _unload_drained(self) -> None:
         for version in list(self._retired):
@@ -234,12 +325,16 @@ class Swapper:
                 await self._unload(version)  # the rollback target stays loaded while there is room
 
     async def _unload(self, version: str) -> None:
+        self._retired.pop(version, None)
+        if version in self._instances:
+            await self._stop(version)
+            return
         for backend in self._backends:
             try:
                 await self._post(backend, "/v1/unload_lora_adapter", {"lora_name": self.adapter_name(backend, version)})
             except (aiohttp.ClientError, TimeoutError, VerificationError) as exc:
                 log.warning("unloading %s from %s failed: %s", version, backend.url, exc)
-        self._retired.pop(version, None)
+        self._routes.pop(version, None)
 
     # ---- vLLM admin API ----
     async def _models(self, backend: Backend) -> set[str]:

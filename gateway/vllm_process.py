@@ -58,6 +58,8 @@ class VLLMProcess:
         extra_args: list[str] | None = None,
         log_path: Path | None = None,
         pooling: bool = False,
+        lora: bool = True,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         self.served_name = served_name
@@ -72,9 +74,11 @@ class VLLMProcess:
         ]  # fmt: skip
         if pooling:
             args += ["--runner", "pooling"]
-        else:
+        elif lora:
             args += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras)]
         self.args = args + list(extra_args or [])
+        self.env = dict(env or {})
+        """Extra environment (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -94,6 +98,7 @@ class VLLMProcess:
             "HF_HUB_OFFLINE": "1",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **self.env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -116,6 +121,8 @@ class VLLMProcess:
     def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
+            if self._proc is None:
+                raise VLLMStartError(f"vLLM on port {self.port} was stopped while starting")
             code = self.returncode()
             if code is not None:
                 raise VLLMStartError(

@@ -122,8 +122,8 @@ class TrainerSection(BaseModel):
     algorithm: Literal["dpo", "kto", "ppo"] = "dpo"
     format: Literal["lora", "full"] = "lora"
     """What a version is: a LoRA adapter over the base (hot-swapped into running vLLM) or, DPO only, all the
-    policy's weights (learns more at tiny sizes, served without the adapter's cost; the gateway's swap does
-    not serve it yet, it needs a blue-green switch between two vLLM instances)."""
+    policy's weights (learns more at tiny sizes, served without the adapter's cost; the gateway swaps it
+    blue-green, starting a vLLM on the version's directory: ``swap.full``)."""
     min_pairs: int = Field(
         default=32, ge=1, description="fewer pairs (KTO: rows; PPO: prompts) in the window: the round is skipped (exit 0)"
     )

@@ -13,12 +13,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.blue_green import VLLMStartError
 from gateway.metrics import Metrics
 from gateway.settings import Backend, SwapSettings
 from gateway.swap import Swapper
@@ -32,9 +33,11 @@ PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
 class FakeVLLM:
     """``/v1/models``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and one-token ``/v1/completions``."""
 
-    def __init__(self, base: str = "policy", wrong: bool = False) -> None:
+    def __init__(self, base: str = "policy", wrong: bool = False, base_dir: Path | None = None) -> None:
         self.base = base
         self.wrong = wrong
+        self.base_dir = base_dir
+        """The model directory it serves as ``base`` (a full version's; its probe.json gives the values)."""
         self.loaded: dict[str, Path] = {}
         self.unloaded: list[str] = []
 
@@ -65,7 +68,7 @@ class FakeVLLM:
 
     async def complete(self, request: web.Request) -> web.Response:
         body = await request.json()
-        probe = Probe.load(self.loaded[body["model"]])
+        probe = Probe.load(self.base_dir if body["model"] == self.base and self.base_dir else self.loaded[body["model"]])
         top = probe.top[probe.prefixes.index(body["prompt"])]
         shift = 0.5 if self.wrong else 0.0
         logprobs = {f"token_id:{token}": value - shift for token, value in top.items()}
@@ -84,14 +87,15 @@ async def serving(fake: FakeVLLM) -> AsyncIterator[Backend]:
         await runner.cleanup()
 
 
-def publish(registry: Registry, seed: int) -> str:
+def publish(registry: Registry, seed: int, format: Literal["lora", "full"] = "lora") -> str:
     def write(directory: Path) -> None:
-        (directory / "adapter_model.safetensors").write_bytes(bytes([seed]) * 16)
-        (directory / "adapter_config.json").write_text(json.dumps({"r": 4}))
+        weights = "adapter_model.safetensors" if format == "lora" else "model.safetensors"
+        (directory / weights).write_bytes(bytes([seed]) * 16)
+        (directory / ("adapter_config.json" if format == "lora" else "config.json")).write_text(json.dumps({"r": 4}))
         top = [{str(seed): -0.1 * seed, str(seed + 1): -2.0} for _ in PREFIXES]
         Probe(prefixes=PREFIXES, top=top).save(directory)
 
-    version = registry.publish("policy", write, format="lora", parent=None, algorithm="dpo").version
+    version = registry.publish("policy", write, format=format, parent=None, algorithm="dpo").version
     registry.set_pointer("policy", "current", version, reason="test")
     return version
 
@@ -176,3 +180,162 @@ def test_the_bound_may_not_exceed_the_managed_vllm_slots() -> None:
 
     with pytest.raises(ValueError, match=r"max_live_adapters 5 exceeds managed_vllm\.max_loras 4"):
         GatewaySettings(swap={"max_live_adapters": 5}, managed_vllm={"enabled": True, "max_loras": 4})  # type: ignore[arg-type]
+
+
+class FakeInstance:
+    """A blue-green instance: a fake vLLM serving a full version's directory under ``policy@<version>``."""
+
+    def __init__(self, runner: web.AppRunner, url: str, served_name: str, fake: FakeVLLM) -> None:
+        self._runner = runner
+        self._loop = asyncio.get_running_loop()
+        self.url = url
+        self.served_name = served_name
+        self.fake = fake
+        self.code: int | None = None
+        self.stopped = False
+
+    def returncode(self) -> int | None:
+        return self.code
+
+    def stop(self) -> None:  # called in a worker thread, like VLLMProcess.stop
+        if not self.stopped:
+            self.stopped = True
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.started: list[FakeInstance] = []
+        self.wrong = False
+        self.fail: str | None = None
+
+    async def __call__(self, model_dir: Path, version: str) -> FakeInstance:
+        if self.fail:
+            raise VLLMStartError(self.fail)
+        fake = FakeVLLM(base=f"policy@{version}", wrong=self.wrong, base_dir=model_dir)
+        runner = web.AppRunner(fake.app())
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        instance = FakeInstance(runner, f"http://127.0.0.1:{port}", fake.base, fake)
+        self.started.append(instance)
+        return instance
+
+
+def test_full_versions_swap_blue_green_and_roll_back_to_the_loaded_adapter(tmp_path: Path) -> None:
+    """LoRA v1 → full v2 (own instance) → full v3 (another; v2's stopped after drain) → rollback to v1:
+    the adapter is still loaded, so no load and no start; v3's instance is stopped."""
+
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake, launch, metrics = FakeVLLM(), FakeLauncher(), Metrics()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(drain_s=0, retry_s=0), tmp_path, metrics, launch)
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            v2 = publish(registry, 2, "full")
+            await swapper.sync()
+            first = launch.started[0]
+            assert swapper.route.version == v2
+            assert swapper.route.models == {first.url: f"policy@{v2}"}  # only the instance serving v2
+            assert set(fake.loaded) == {f"policy@{v1}"}  # the LoRA rollback target stays loaded
+            assert swapper.live() == {v1}  # a full version takes no adapter slot
+
+            v3 = publish(registry, 3, "full")
+            await swapper.sync()
+            second = launch.started[1]
+            assert swapper.route.models == {second.url: f"policy@{v3}"}
+            await swapper.sync()  # v2 drained (drain_s 0): its instance is stopped, not kept for rollback
+            assert first.stopped
+            assert not second.stopped
+
+            registry.set_pointer("policy", "current", v1, reason="rollback")
+            await swapper.sync()
+            assert swapper.route.models == {backend.url: f"policy@{v1}"}
+            assert fake.unloaded == []
+            assert len(launch.started) == 2
+            await swapper.sync()
+            assert second.stopped
+            assert metrics.swap_seconds.labels("full")._sum.get() > 0
+            await swapper.close()
+
+    run(test)
+
+
+def test_a_full_version_that_fails_to_start_or_verify_is_not_routed(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake, launch, metrics = FakeVLLM(), FakeLauncher(), Metrics()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(retry_s=0), tmp_path, metrics, launch)
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            publish(registry, 2, "full")
+            launch.wrong = True  # it starts, but serves other weights
+            await swapper.sync()
+            assert swapper.route.version == v1
+            assert launch.started[0].stopped
+            assert metrics.swaps.labels("verification")._value.get() == 1
+            launch.wrong, launch.fail = False, "vLLM exited with code 1 while starting"
+            await swapper.sync()
+            assert swapper.route.version == v1
+            assert metrics.swaps.labels("launch")._value.get() == 1
+
+    run(test)
+
+
+def test_when_the_routed_full_instance_dies_the_rollback_target_serves_until_it_is_back(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake, launch, metrics = FakeVLLM(), FakeLauncher(), Metrics()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(retry_s=0), tmp_path, metrics, launch)
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            v2 = publish(registry, 2, "full")
+            await swapper.sync()
+            launch.started[0].code = -9  # killed (OOM, say)
+            launch.fail = "no memory"
+            await swapper.sync()
+            assert swapper.route.models == {backend.url: f"policy@{v1}"}
+            assert metrics.swaps.labels("died")._value.get() == 1
+            assert launch.started[0].stopped  # its engine-core child is cleaned up too
+            launch.fail = None
+            await swapper.sync()  # started again
+            assert swapper.route.models == {launch.started[1].url: f"policy@{v2}"}
+            await swapper.close()
+            assert launch.started[1].stopped
+
+    run(test)
+
+
+def test_full_versions_are_refused_without_a_launcher(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake, metrics = FakeVLLM(), Metrics()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(), tmp_path, metrics)
+            publish(registry, 1, "full")
+            await swapper.sync()
+            assert swapper.route.version == "base"
+            assert metrics.swaps.labels("registry")._value.get() == 1
+
+    run(test)
+
+
+def test_gateways_sharing_backends_each_verify_and_route_the_version(tmp_path: Path) -> None:
+    """Many replicas: every gateway follows the same registry and loads into the same vLLMs; whoever loads second
+    (or at the same time) finds the adapter there, still checks its probe, and routes to it."""
+
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fakes = [FakeVLLM(), FakeVLLM()]
+        async with serving(fakes[0]) as b1, serving(fakes[1]) as b2, aiohttp.ClientSession() as session:
+            gateways = [Swapper(session, [b1, b2], "base", SwapSettings(), tmp_path, Metrics()) for _ in range(3)]
+            version = publish(registry, 1)
+            await asyncio.gather(*(g.sync() for g in gateways))
+            for gateway in gateways:
+                assert gateway.route.models == {b1.url: f"policy@{version}", b2.url: f"policy@{version}"}
+            assert all(set(fake.loaded) == {f"policy@{version}"} for fake in fakes)
+
+    run(test)

@@ -87,7 +87,7 @@ def exposition() -> dict[str, Sample]:
     metrics.log_write_errors.labels("OperationalError").inc()
     metrics.watch_log(lambda: 3.0, lambda: 1.0)
     metrics.swaps.labels("ok").inc()
-    metrics.swap_seconds.observe(0.2)
+    metrics.swap_seconds.labels("lora").observe(0.2)
     metrics.swap_probe_diff.labels("http://vllm:8000").set(1e-5)
     metrics.swap_backend_failures.labels("http://vllm:8000").inc()
 
