@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, delete, event, func, literal, sele
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from gateway.gate import ArmTotals
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
 from gateway.store.schema import candidates, completions, feedback
 
@@ -151,6 +152,42 @@ class SqlStore:
             n_comp = conn.execute(delete(completions).where(completions.c.created < cutoff)).rowcount
             n_fb = conn.execute(delete(feedback).where(feedback.c.created < cutoff)).rowcount
         return Counts(n_comp, n_cand, n_fb)
+
+    def arm_totals(self, versions: Sequence[str], rm_version: str, since: float) -> dict[str, ArmTotals]:
+        """Per policy version, sums over its answers scored by ``rm_version`` since ``since`` (the canary gate's
+        input): the chosen candidates' rewards, squares and lengths, and the completions' latest thumbs. Two
+        aggregate queries, so many replicas' records add up in the database, not in any one gateway."""
+        chosen = (
+            select(
+                completions.c.policy_version,
+                func.count(),
+                func.sum(candidates.c.reward),
+                func.sum(candidates.c.reward * candidates.c.reward),
+                func.sum(candidates.c.token_count),
+            )
+            .join(candidates, candidates.c.completion_id == completions.c.id)
+            .where(candidates.c.chosen, candidates.c.reward.is_not(None), completions.c.rm_version == rm_version)
+            .where(completions.c.policy_version.in_(versions), completions.c.created >= since)
+            .group_by(completions.c.policy_version)
+        )
+        thumbs = (
+            select(completions.c.policy_version, feedback.c.thumb, func.count())
+            .join(feedback, feedback.c.completion_id == completions.c.id)
+            .where(completions.c.rm_version == rm_version)
+            .where(completions.c.policy_version.in_(versions), completions.c.created >= since)
+            .group_by(completions.c.policy_version, feedback.c.thumb)
+        )
+        with self.engine.connect() as conn:
+            sums = {row[0]: row[1:] for row in conn.execute(chosen)}
+            votes: dict[tuple[str, str], int] = {(row[0], row[1]): int(row[2]) for row in conn.execute(thumbs)}
+        result = {}
+        for version in versions:
+            n, total, squares, length = sums.get(version, (0, 0.0, 0.0, 0))
+            result[version] = ArmTotals(
+                n=int(n), reward_sum=float(total or 0.0), reward_sq_sum=float(squares or 0.0), length_sum=float(length or 0),
+                thumbs_up=votes.get((version, "up"), 0), thumbs_down=votes.get((version, "down"), 0),
+            )  # fmt: skip
+        return result
 
     def close(self) -> None:
         self.engine.dispose()

@@ -105,3 +105,29 @@ def test_reads_page_through_the_window_in_order_with_candidates_and_thumbs(sql_s
     assert all(r.candidates == records[int(r.id.split("-")[1])].candidates for r, _ in read)
     assert {r.id: t.thumb for r, t in read if t is not None} == {"chatcmpl-3": "down"}
     assert sql_store.read_feedback(["chatcmpl-4"]) == {}
+
+
+def test_arm_totals_sum_the_chosen_answers_and_thumbs_per_version(sql_store: SqlStore) -> None:
+    """The canary gate's input: only the chosen candidate counts, only the given reward model, only since ``since``."""
+    records: list[CompletionRecord | FeedbackRecord] = []
+    rows = [
+        ("v1", "rm-base", 1.0, 100.0), ("v1", "rm-base", 3.0, 100.0), ("v2", "rm-base", -2.0, 100.0),
+        ("v2", "rm-2", 9.0, 100.0), ("v1", "rm-base", 50.0, 10.0),
+    ]  # fmt: skip
+    for i, (version, rm, reward, created) in enumerate(rows):
+        record = completion(i, created=created)
+        record.policy_version, record.rm_version = version, rm
+        record.candidates[0].reward = reward
+        records.append(record)
+    records += [
+        FeedbackRecord("chatcmpl-0", "team-a", "up", None, 101.0),
+        FeedbackRecord("chatcmpl-1", "team-a", "down", None, 101.0),
+        FeedbackRecord("chatcmpl-2", "team-a", "down", None, 101.0),
+        FeedbackRecord("chatcmpl-3", "team-a", "up", None, 101.0),  # another reward model's answer: not counted
+    ]
+    sql_store.write(records)
+    totals = sql_store.arm_totals(["v1", "v2", "v3"], "rm-base", since=50.0)
+    v1, v2, v3 = totals["v1"], totals["v2"], totals["v3"]
+    assert (v1.n, v1.reward_sum, v1.reward_sq_sum, v1.length_sum, v1.thumbs_up, v1.thumbs_down) == (2, 4.0, 10.0, 4.0, 1, 1)
+    assert (v2.n, v2.reward_sum, v2.thumbs_up, v2.thumbs_down) == (1, -2.0, 0, 1)
+    assert v3.n == 0
