@@ -90,6 +90,26 @@ def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer
     return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
 
 
+def _scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) -> Callable[[Path, str], Scorer]:
+    """How the reward-model follower builds the scorer of a registry version (its directory, its name).
+
+    Local: the version's weights in this process. Remote: the pooling server must serve the version under its
+    name (``--served-model-name v0003``: a rollout of the pooling server, which the gateway does not start);
+    until it lists that name, the follower retries and the old version keeps scoring. Its tokenizer is the
+    version directory's."""
+    s = settings.scorer
+    if s.kind == "remote":
+        assert s.remote_url is not None  # checked by the settings
+        url = s.remote_url
+
+        def remote(path: Path, version: str) -> Scorer:
+            model = s.remote_model if version == s.version else version
+            return RemotePoolingScorer(session, url, model, path, version, require_listed=version != s.version)
+
+        return remote
+    return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
+
+
 def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) -> RecordWriter:
     s = settings.store
     if store is None:
@@ -170,13 +190,10 @@ def create_app(
             route = (lambda: swapper.route) if swapper is not None else None
             service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
             rm_follower: RewardModelFollower | None = None
-            if scorer is None and score is not None and settings.scorer.kind == "local" and settings.swap.enabled:
-                s = settings.scorer
-                rm_follower = RewardModelFollower(
-                    service, lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch,
-                                                                     s.batch_wait_ms),
-                    s.model_dir, s.version, settings.registry_dir(), metrics, settings.swap.poll_s, settings.swap.retry_s,
-                )  # fmt: skip
+            if scorer is None and score is not None and settings.swap.enabled:
+                rm_follower = RewardModelFollower(service, _scorer_factory(settings, session), settings.scorer.model_dir,
+                                                  settings.scorer.version, settings.registry_dir(), metrics,
+                                                  settings.swap.poll_s, settings.swap.retry_s)  # fmt: skip
                 await rm_follower.sync()  # score with the registry's current reward model from the first request on
             limit = RateLimiter(settings.feedback.per_minute, settings.feedback.burst)
             state = GatewayState(settings, service, KeyRing(settings.api_keys), metrics, limit, writer)

@@ -1,11 +1,11 @@
 """Follow the registry's reward-model pointer: load the new reward model beside the old, then switch.
 
-Knows how a gateway with an in-process reward model (``scorer.kind: local``) picks up a
-refit: it polls the ``reward_model`` ``current`` pointer (``trainer.registry``; the
-trainer's ``--refit-reward-model`` moves it), checks the version's files, starts a second
-``LocalRewardModel`` on them under the version's name, and switches the service to it; the
-old one is closed after ``grace_s`` (requests that started scoring with it finish with it,
-and their records name it). No pointer: the configured model under ``scorer.version``.
+Knows how a gateway picks up a refit: it polls the ``reward_model`` ``current`` pointer
+(``trainer.registry``; the trainer's ``--refit-reward-model`` moves it), checks the
+version's files, starts a second scorer for it under the version's name (in-process
+weights, or a pooling server that serves the version by name: ``gateway.app``), and
+switches the service to it; the old one is closed after ``grace_s`` (requests that started
+scoring with it finish with it, and their records name it). No pointer: the configured model under ``scorer.version``.
 A version that fails to load is logged and retried later; the old model keeps scoring.
 Rewards of two versions never meet in one request or record. Does not know the policy.
 """

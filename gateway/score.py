@@ -172,9 +172,19 @@ class RemotePoolingScorer:
     """A vLLM ``--runner pooling`` server serving the reward model; one ``/classify`` call per request."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, url: str, model: str, tokenizer_dir: Path, version: str, timeout_s: float = 30.0
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        model: str,
+        tokenizer_dir: Path,
+        version: str,
+        timeout_s: float = 30.0,
+        *,
+        require_listed: bool = False,
     ) -> None:
+        """``require_listed``: ``start`` fails unless the server's ``/v1/models`` lists ``model`` (a new version)."""
         self.version = version
+        self._require_listed = require_listed
         self._session = session
         self._url = url.rstrip("/")
         self._model = model
@@ -185,6 +195,14 @@ class RemotePoolingScorer:
     async def start(self) -> None:
         from transformers import AutoTokenizer
 
+        if self._require_listed:
+            try:
+                async with self._session.get(f"{self._url}/v1/models", timeout=self._timeout) as response:
+                    listed = {m["id"] for m in (await response.json()).get("data", [])}
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise ScorerFailed(f"the reward model server at {self._url} failed: {exc.__class__.__name__}") from None
+            if self._model not in listed:
+                raise ScorerFailed(f"the reward model server at {self._url} does not serve '{self._model}' (yet)")
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_dir)
 
     async def score(self, conversations: Sequence[Conversation]) -> list[float]:

@@ -118,3 +118,67 @@ def test_a_request_records_the_reward_model_that_scored_it(make_client: Callable
     client.post("/v1/chat/completions", json={"model": "toy-bon", "messages": MESSAGES})
     records = completions(store.wait_for(lambda rs: len(completions(rs)) == 2))
     assert sorted(r.rm_version or "" for r in records) == ["rm-new", "rm-old"]
+
+
+def test_a_remote_scorer_follows_once_the_pooling_server_serves_the_version(tmp_path: Path, test_models: Path) -> None:
+    """scorer.kind remote: the gateway cannot load weights into the pooling server; it switches when the server
+    lists the version's name (a rollout), scores with that name and the version's tokenizer, and waits until then."""
+    import shutil
+
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.app import _scorer_factory
+    from gateway.settings import GatewaySettings
+    from gateway.vllm_process import free_port
+
+    served = ["reward"]
+    asked: list[str] = []
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": name} for name in served]})
+
+    async def classify(request: web.Request) -> web.Response:
+        body = await request.json()
+        asked.append(body["model"])
+        return web.json_response({"data": [{"index": i, "probs": [0.5]} for i in range(len(body["input"]))]})
+
+    async def test() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/classify", classify)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        registry = Registry(tmp_path / "registry")
+
+        def write(directory: Path) -> None:
+            shutil.copytree(test_models / "reward_model", directory, dirs_exist_ok=True)
+
+        version = registry.publish("reward_model", write, format="full", parent=None, algorithm="bradley-terry").version
+        registry.set_pointer("reward_model", "current", version, reason="refit")
+        settings = GatewaySettings(
+            backends=[{"url": "http://127.0.0.1:9", "model": "policy"}],  # type: ignore[list-item]
+            scorer={"kind": "remote", "remote_url": f"http://127.0.0.1:{port}", "remote_model": "reward"},  # type: ignore[arg-type]
+        )
+        try:
+            async with aiohttp.ClientSession() as session:
+                make = _scorer_factory(settings, session)
+                old = make(test_models / "reward_model", "rm-base")
+                await old.start()
+                service = Service(old)
+                follow = RewardModelFollower(service, make, test_models / "reward_model", "rm-base", tmp_path / "registry",
+                                             Metrics(), poll_s=1, retry_s=0, grace_s=0)  # fmt: skip
+                await follow.sync()
+                assert service.scorer is old  # the server does not serve the version yet
+                served.append(version)  # rolled out
+                await follow.sync()
+                assert service.scorer is not None
+                assert service.scorer.version == version
+                await service.scorer.score([Conversation([{"role": "user", "content": "2+2?"}], "4")])
+                assert asked == [version]
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(test())
