@@ -138,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
                 managed.model_dir, managed.served_name, managed.host, managed.port,
                 max_model_len=managed.max_model_len, max_lora_rank=managed.max_lora_rank, max_loras=managed.max_loras,
                 dtype=managed.dtype, extra_args=managed.extra_args, log_path=Path("logs") / f"vllm-{managed.port}.log",
+                env=_resolver_env(settings),
             )  # fmt: skip
             print(f"[gateway] starting vLLM on {managed.model_dir} at {vllm.url} (log: {vllm.log_path}) ...", flush=True)
             try:
@@ -168,6 +169,15 @@ def _serve(args: argparse.Namespace) -> int:
     if fatal:
         return _fail(fatal[0])
     return 0
+
+
+def _resolver_env(settings: GatewaySettings) -> dict[str, str]:
+    """vLLM's filesystem LoRA resolver over the registry's policy versions (``swap.lora_loading: resolver``)."""
+    if not settings.swap.enabled or settings.swap.lora_loading != "resolver":
+        return {}
+    versions = (settings.registry_dir() / "policy" / "versions").resolve()
+    versions.mkdir(parents=True, exist_ok=True)  # vLLM refuses to start on a missing cache dir
+    return {"VLLM_LORA_RESOLVER_CACHE_DIR": str(versions)}
 
 
 class _Terminated(Exception):

@@ -58,6 +58,12 @@ class SwapSettings(BaseModel):
     """Most policy versions loaded on a backend at once (routed + rollback target + draining). A swap that would
     exceed it first unloads a drained rollback target, else waits for a slot; at most the managed vLLM's
     ``max_loras`` (vLLM keeps that many adapters' weights; more would be evicted and reloaded from disk)."""
+    lora_loading: Literal["admin", "resolver"] = "admin"
+    """How a LoRA version gets into vLLM: ``admin``: the gateway loads it (``/v1/load_lora_adapter``) as
+    ``<served>@<version>``; ``resolver``: vLLM's filesystem LoRA resolver loads it from the shared registry volume
+    on the first request naming the version (``VLLM_LORA_RESOLVER_CACHE_DIR=<registry>/policy/versions``, set for
+    the managed vLLM; the adapter's ``base_model_name_or_path``, the trainer's ``base_policy``, must equal vLLM's
+    ``--model``). Either way the gateway verifies the probe before routing."""
     full: Literal["blue_green", "refuse"] = "blue_green"
     """Full fine-tuned versions: ``blue_green`` starts a vLLM for each on this host with ``managed_vllm``'s settings
     (a free port; needs memory for two servers during the switch); ``refuse`` leaves them unserved (e.g. when the

@@ -5,7 +5,9 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
    registry's pointers are the single source of truth, the trainer never calls vLLM);
 2. check the version's files against its manifest (a damaged version is never loaded);
 3. load it into each backend under a fresh name ``<served>@<version>`` (vLLM keys its
-   prefix cache by adapter name, so a name is never reused for other weights);
+   prefix cache by adapter name, so a name is never reused for other weights), or, with
+   ``swap.lora_loading: resolver``, let vLLM's filesystem LoRA resolver load it from the
+   shared registry volume on the first request naming the version;
 4. verify on each backend: ``/v1/models`` lists the name, and the teacher-forced
    next-token log-probs after the version's fixed probe prefixes match the values the
    trainer computed for it within ``probe_tolerance`` (mean nats, ``trainer.probe``);
@@ -215,24 +217,23 @@ class Swapper:
         return {b.url: name for b, name in zip(backends, results, strict=True) if name is not None}
 
     def adapter_name(self, backend: Backend, version: str) -> str:
-        return f"{backend.model}@{version}"
+        """admin loading: ``<served>@<version>``; the resolver: the version's directory name under its cache dir."""
+        return version if self._settings.lora_loading == "resolver" else f"{backend.model}@{version}"
 
     async def _load_and_verify(self, backend: Backend, version: str, path: Path | None, probe: Probe) -> str | None:
         """Load an adapter (``path``; None: the backend serves ``version`` as its model) and verify it; its name."""
         name = self.adapter_name(backend, version) if path is not None else backend.model
         try:
-            if name not in await self._models(backend):
-                if path is None:
-                    raise VerificationError(f"{name} is not listed in /v1/models")
+            if path is not None and self._settings.lora_loading == "admin" and name not in await self._models(backend):
                 try:
                     await self._post(backend, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
                 except VerificationError:
                     if name not in await self._models(backend):
                         raise
                     # another gateway sharing this backend loaded it meanwhile: the probe below still decides
-                if name not in await self._models(backend):
-                    raise VerificationError(f"{name} is not listed in /v1/models after loading")
-            served = await self._probe(backend, name, probe.prefixes)
+            served = await self._probe(backend, name, probe.prefixes)  # resolver: the first request loads it
+            if name not in await self._models(backend):
+                raise VerificationError(f"{name} is not listed in /v1/models")
             diff = difference(probe.top, served)
             self._metrics.swap_probe_diff.labels(backend.url).set(diff)
             if diff > self._settings.probe_tolerance:

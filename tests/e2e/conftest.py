@@ -17,10 +17,10 @@ from gateway.vllm_process import VLLMProcess, free_port
 
 
 @contextmanager
-def running_vllm(model: Path, name: str, *, pooling: bool = False) -> Iterator[str]:
+def running_vllm(model: Path, name: str, *, pooling: bool = False, env: dict[str, str] | None = None) -> Iterator[str]:
     process = VLLMProcess(
         model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
-        log_path=model.parent / f"vllm-{name}.log",
+        log_path=model.parent / f"vllm-{name}.log", env=env,
     )  # fmt: skip
     process.start()
     try:

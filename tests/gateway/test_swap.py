@@ -33,8 +33,12 @@ PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
 class FakeVLLM:
     """``/v1/models``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and one-token ``/v1/completions``."""
 
-    def __init__(self, base: str = "policy", wrong: bool = False, base_dir: Path | None = None) -> None:
+    def __init__(
+        self, base: str = "policy", wrong: bool = False, base_dir: Path | None = None, resolver_dir: Path | None = None
+    ) -> None:
         self.base = base
+        self.resolver_dir = resolver_dir
+        """Like vLLM's filesystem LoRA resolver: a request naming an unknown adapter loads ``resolver_dir/<name>``."""
         self.wrong = wrong
         self.base_dir = base_dir
         """The model directory it serves as ``base`` (a full version's; its probe.json gives the values)."""
@@ -68,6 +72,8 @@ class FakeVLLM:
 
     async def complete(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.resolver_dir is not None and body["model"] not in self.loaded and (self.resolver_dir / body["model"]).is_dir():
+            self.loaded[body["model"]] = self.resolver_dir / body["model"]
         probe = Probe.load(self.base_dir if body["model"] == self.base and self.base_dir else self.loaded[body["model"]])
         top = probe.top[probe.prefixes.index(body["prompt"])]
         shift = 0.5 if self.wrong else 0.0
@@ -337,5 +343,33 @@ def test_gateways_sharing_backends_each_verify_and_route_the_version(tmp_path: P
             for gateway in gateways:
                 assert gateway.route.models == {b1.url: f"policy@{version}", b2.url: f"policy@{version}"}
             assert all(set(fake.loaded) == {f"policy@{version}"} for fake in fakes)
+
+    run(test)
+
+
+def test_with_the_filesystem_resolver_the_gateway_loads_nothing_and_still_verifies(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM(resolver_dir=registry.versions_dir("policy"))
+        load_calls: list[str] = []
+        original = fake.load
+
+        async def counting_load(request: web.Request) -> web.Response:
+            load_calls.append("load")
+            return await original(request)
+
+        fake.load = counting_load  # type: ignore[method-assign]
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(lora_loading="resolver"), tmp_path, Metrics())
+            version = publish(registry, 1)
+            await swapper.sync()
+            assert swapper.route.models == {backend.url: version}  # the version's directory name
+            assert load_calls == []
+            assert set(fake.loaded) == {version}
+            fake.wrong = True  # a resolver that serves other weights is not trusted either
+            v2 = publish(registry, 2)
+            await swapper.sync()
+            assert swapper.route.version == version
+            assert v2 in fake.loaded
 
     run(test)
