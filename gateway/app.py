@@ -1,7 +1,8 @@
 """The FastAPI application: thin routes, state built in the lifespan, one error handler.
 
 Knows the HTTP surface (``/v1/chat/completions``, ``/v1/feedback``, ``/v1/models``,
-``/health``, ``/ready``, ``/metrics``), request parsing and authentication, cancelling
+``/health``, ``/ready``, ``/metrics``, ``/admin/policy[/promote|/rollback]``), request parsing and
+authentication (API keys; the admin token), cancelling
 work when a client goes away, and how every error becomes OpenAI error JSON. The pipeline
 itself is in ``service.py``; generators, scorers and the log writer are built here once
 and injected.
@@ -16,9 +17,9 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import aiohttp
 import structlog
@@ -27,14 +28,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.auth import KeyRing
+from gateway.auth import AdminGuard, KeyRing
 from gateway.blue_green import launcher
-from gateway.errors import CompletionNotFound, GatewayError, InvalidRequest, NotReady, RateLimited, UnsupportedMediaType
+from gateway.canary import CanaryGate, GateBusy, NoCanary, Totals
+from gateway.errors import (
+    CompletionNotFound,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    NotReady,
+    RateLimited,
+    UnsupportedMediaType,
+)
 from gateway.generate import Generator, VLLMGenerator
 from gateway.ids import CompletionIds, load_or_create_secret
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, FeedbackRequest
+from gateway.protocol import AdminAction, ChatCompletionRequest, FeedbackRequest
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService, Plan
@@ -56,7 +66,10 @@ class GatewayState:
     keys: KeyRing
     metrics: Metrics
     feedback_limit: RateLimiter
+    admin: AdminGuard
     writer: RecordWriter | None = None
+    swapper: Swapper | None = None
+    gate: CanaryGate | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     fatal: str | None = None
     """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
@@ -80,6 +93,13 @@ async def _key_id(request: Request, state: State) -> str:
 
 
 KeyId = Annotated[str, Depends(_key_id)]
+
+
+async def _admin(request: Request, state: State) -> None:
+    state.admin.check(request.headers.get("authorization"))
+
+
+Admin = Depends(_admin)
 
 
 def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer:
@@ -185,9 +205,9 @@ def create_app(
                 swap = settings.swap
                 launch = launcher(settings.managed_vllm, Path("logs"), swap.full_cpu_binds) if swap.full == "blue_green" else None
                 swapper = Swapper(session, settings.all_backends(), settings.policy_version, settings.swap, registry_dir,
-                                  metrics, launch)  # fmt: skip
+                                  metrics, launch, settings.canary.fraction)  # fmt: skip
                 await swapper.sync()  # serve the registry's current version from the first request on
-            route = (lambda: swapper.route) if swapper is not None else None
+            route = swapper.route_for if swapper is not None else None
             service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
             rm_follower: RewardModelFollower | None = None
             if scorer is None and score is not None and settings.swap.enabled:
@@ -195,17 +215,28 @@ def create_app(
                                                   settings.scorer.version, settings.registry_dir(), metrics,
                                                   settings.swap.poll_s, settings.swap.retry_s)  # fmt: skip
                 await rm_follower.sync()  # score with the registry's current reward model from the first request on
+            gate: CanaryGate | None = None
+            if settings.swap.enabled:  # moves the registry's pointers; the swapper (when there is one) follows them
+                totals = writer.store if writer is not None and isinstance(writer.store, Totals) else None
+                gate = CanaryGate(
+                    settings.registry_dir(), totals, lambda: service.scorer.version if service.scorer else None,
+                    settings.policy_version, settings.canary, metrics,
+                    settings.store.database_url() if settings.store.enabled else None,
+                )  # fmt: skip
             limit = RateLimiter(settings.feedback.per_minute, settings.feedback.burst)
-            state = GatewayState(settings, service, KeyRing(settings.api_keys), metrics, limit, writer)
+            keys = KeyRing(settings.api_keys)
+            admin = AdminGuard(settings.admin_token, settings.host, keys)
+            state = GatewayState(settings, service, keys, metrics, limit, admin, writer, swapper, gate)
             app.state.gateway = state
             stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
             watcher = asyncio.create_task(_watch(vllm, state, stop)) if vllm is not None else None
             follower = asyncio.create_task(swapper.run()) if swapper is not None else None
             rm_task = asyncio.create_task(rm_follower.run()) if rm_follower is not None else None
+            gate_task = asyncio.create_task(gate.run()) if gate is not None and gate.automatic else None
             try:
                 yield
             finally:
-                tasks = [task for task in (watcher, follower, rm_task) if task is not None]
+                tasks = [task for task in (watcher, follower, rm_task, gate_task) if task is not None]
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)  # a cancelled blue-green start stops its vLLM
@@ -295,6 +326,29 @@ def create_app(
         alias = state.settings.model_alias
         return {"object": "list", "data": [{"id": alias, "object": "model", "created": state.started, "owned_by": "bon-gateway"}]}
 
+    @app.get("/admin/policy", dependencies=[Admin])
+    async def policy_status(state: State) -> dict[str, Any]:
+        """What is served now: the current and canary versions, the canary's share and the gate's last look."""
+        swapper, gate = state.swapper, state.gate
+        return {
+            "object": "policy_status",
+            "current": swapper.route.version if swapper else state.settings.policy_version,
+            "canary": swapper.canary.version if swapper and swapper.canary else None,
+            "canary_fraction": state.settings.canary.fraction,
+            "canary_auto": state.settings.canary.auto,
+            "last_look": asdict(gate.last) if gate is not None and gate.last is not None else None,
+        }
+
+    @app.post("/admin/policy/promote", dependencies=[Admin])
+    async def promote(request: Request, state: State) -> dict[str, Any]:
+        """The canary becomes current; every gateway follows the pointer within ``swap.poll_s``."""
+        return await _decide_by_hand(request, state, "promote")
+
+    @app.post("/admin/policy/rollback", dependencies=[Admin])
+    async def rollback(request: Request, state: State) -> dict[str, Any]:
+        """The canary is dropped; without one, current goes back to the version it replaced."""
+        return await _decide_by_hand(request, state, "rollback")
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -316,6 +370,19 @@ def create_app(
         return Response(payload, media_type=content_type)
 
     return app
+
+
+async def _decide_by_hand(request: Request, state: GatewayState, action: Literal["promote", "rollback"]) -> dict[str, Any]:
+    if state.gate is None:
+        raise Conflict("hot-swap is disabled on this gateway (swap.enabled: false): there are no versions to move")
+    body = await _parse(request, AdminAction) if await request.body() else AdminAction()
+    try:
+        look = await asyncio.to_thread(state.gate.decide_by_hand, action, body.reason or f"{action} by hand")
+    except NoCanary as exc:
+        raise Conflict(str(exc)) from None
+    except GateBusy as exc:
+        raise Conflict(str(exc), code="gate_busy") from None
+    return {"object": "policy_decision", **asdict(look)}
 
 
 async def _parse(request: Request, model: type[M]) -> M:

@@ -44,6 +44,21 @@ class AuthenticationFailed(GatewayError):
     default_code = "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    """Authenticated, or on an address where nobody may be, but not allowed this endpoint."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class Conflict(InvalidRequest):
+    """The request cannot be carried out in the current state (e.g. no canary to promote)."""
+
+    status = 409
+    default_code = "conflict"
+
+
 class ModelNotFound(InvalidRequest):
     status = 404
     default_code = "model_not_found"

@@ -4,8 +4,9 @@ Knows the metric names (prefix ``bon_``, units in names), labels and buckets: re
 latency, latency per stage (generate, score, select, log), the chosen candidate's reward
 and length, its margin over the runner-up and over the mean, candidates per request,
 thumbs by value and policy version, the log's records written/spooled, its queue and
-spool depth and write errors, errors returned by type, the versions served and hot-swaps. Does not
-serve them.
+spool depth and write errors, errors returned by type, the versions served and hot-swaps, the
+canary trial (its version, answers per arm, the gate's decisions and reward interval) and
+each served version's KL to the starting policy. Does not serve them.
 """
 
 from __future__ import annotations
@@ -100,6 +101,37 @@ class Metrics:
         self.swap_backend_failures = Counter(
             f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
         )
+
+        self.canary_info = Gauge(
+            f"{p}canary_version_info", "The canary policy version on trial (none: no trial)", ["version"], registry=r
+        )
+        self.canary_decisions = Counter(
+            f"{p}canary_decisions",
+            "Canary gate decisions (promote, rollback, wait) by who made them (gate, admin)",
+            ["action", "by"],
+            registry=r,
+        )
+        self.canary_answers = Gauge(
+            f"{p}canary_answers", "Scored answers per arm of the running trial, all replicas (arm: canary, current)", ["arm"],
+            registry=r,
+        )  # fmt: skip
+        self.canary_reward_diff = Gauge(
+            f"{p}canary_reward_diff",
+            "Canary minus current mean chosen reward at the gate's last look (bound: estimate, low, high)",
+            ["bound"],
+            registry=r,
+        )
+        self.policy_kl = Gauge(
+            f"{p}policy_kl_nats",
+            "KL to the starting policy, nats per response (the trainer's evaluation of each served version)",
+            ["version", "role"],
+            registry=r,
+        )
+        self.set_canary(None)
+
+    def set_canary(self, version: str | None) -> None:
+        self.canary_info.clear()
+        self.canary_info.labels(version or "none").set(1)
 
     def set_versions(self, policy: str | None = None, reward_model: str | None = None) -> None:
         """The versions served now (the previous label set is dropped); None keeps that one as it is."""

@@ -100,6 +100,14 @@ class FeedbackRequest(BaseModel):
     comment: str | None = None
 
 
+class AdminAction(BaseModel):
+    """``POST /admin/policy/promote|rollback`` (the body is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
 GATEWAY_FIELDS = frozenset({"model", "n", "stream", "stream_options", "store", "metadata", "n_candidates", "return_candidates"})
 """Handled by the gateway itself; never forwarded as they are."""
 

@@ -76,6 +76,11 @@ class Outcome:
     """The reward model that gave ``rewards`` (the scorer may be swapped while a request runs)."""
 
 
+def sticky_key(request: ChatCompletionRequest, key_id: str) -> str:
+    """Who a canary trial keeps on one version: the end user when the client names one, else the API key."""
+    return f"user:{request.user}" if request.user else f"key:{key_id}"
+
+
 class ChatService:
     def __init__(
         self,
@@ -85,7 +90,7 @@ class ChatService:
         metrics: Metrics,
         ids: CompletionIds,
         sink: RecordSink | None = None,
-        route: Callable[[], Route] | None = None,
+        route: Callable[[str], Route] | None = None,
     ) -> None:
         self.settings = settings
         self.generator = generator
@@ -94,7 +99,7 @@ class ChatService:
         self.ids = ids
         self.sink = sink
         self.route = route
-        """The hot-swap's current route (``gateway.swap``); None: the configured backends and version."""
+        """The hot-swap's route for a sticky key (``gateway.swap``: current or canary); None: the configured backends."""
         self._background: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[str, str] = OrderedDict()
 
@@ -131,7 +136,7 @@ class ChatService:
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
-        route = self.route() if self.route is not None else None
+        route = self.route(sticky_key(request, key_id)) if self.route is not None else None
         version = route.version if route is not None else s.policy_version
         models = route.models if route is not None else None
         return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)

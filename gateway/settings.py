@@ -75,6 +75,29 @@ class SwapSettings(BaseModel):
     instance cores the previous one does not use, e.g. ``["1", "0"]`` on 2 cores with the managed vLLM on core 0."""
 
 
+class CanarySettings(BaseModel):
+    """Canary trials of the registry's ``canary`` policy version and the gate that ends them (``gateway.canary``)."""
+
+    fraction: float = Field(default=0.1, ge=0, le=1)
+    """Share of users (by ``user``, else by API key; sticky) whose requests the canary version answers."""
+    auto: bool = True
+    """Promote or roll back automatically when the gate decides; off: only the admin endpoint or the CLI does."""
+    poll_s: float = Field(default=10.0, gt=0, description="how often the gate reads the arms' totals")
+    min_requests: int = Field(default=200, ge=2)
+    """Canary answers (and current answers) before the first look; later looks at 2x, 4x, ... this."""
+    looks: int = Field(default=4, ge=1)
+    """Looks at most; each tests at ``alpha / looks``; undecided at the last look: rolled back."""
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    reward_margin: float = Field(default=0.05, ge=0)
+    """Non-inferiority margin on the mean chosen reward (reward-model units)."""
+    min_thumbs: int = Field(default=30, ge=1, description="thumbs per arm before the thumbs-up rate counts")
+    thumbs_margin: float = Field(default=0.05, ge=0)
+    max_length_ratio: float = Field(default=1.3, gt=1)
+    """Canary mean answer length over current's above this: rolled back even if its reward is higher."""
+    max_kl: float | None = Field(default=8.0, gt=0)
+    """KL to the starting policy (nats per response, the trainer's evaluation in the manifest) above this: rolled back."""
+
+
 class ScorerSettings(BaseModel):
     kind: Literal["local", "remote"] = "local"
     model_dir: Path = Path("models/default/reward_model")
@@ -178,6 +201,9 @@ class GatewaySettings(YamlSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     log_prompts: bool = False
     swap: SwapSettings = Field(default_factory=SwapSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+    admin_token: SecretStr | None = None
+    """Bearer token of the admin endpoints (``/admin/...``). None: they answer only on a loopback ``host``."""
     trainer: dict[str, Any] = Field(default_factory=dict)
     """The trainer's section of the same file (``trainer.settings``); the gateway does not read it."""
     models_preset: str | None = "default"

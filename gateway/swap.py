@@ -23,6 +23,14 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
 A request keeps the route it started with (``Route`` is immutable), so a swap never
 fails a request in flight.
 
+Canary: the ``canary`` pointer's version is loaded and verified the same way (counted in
+the live bound) and answers the share ``canary.fraction`` of requests, chosen by a hash of
+the version and the request's sticky key (its ``user``, else its API key), so a user stays
+on one version for the whole trial, on every replica. When the pointer is cleared the
+canary drains and is unloaded (rolled back); when ``current`` moves to it (promoted) its
+route becomes the current route as it is, without loading it again. The decision is
+``gateway.canary``'s, or a person's; this module only follows the pointers.
+
 Full fine-tunes (``format: full``) swap blue-green (``swap.full: blue_green``): a new vLLM
 instance is started on the version's directory (``gateway.blue_green``), verified with the
 same probe, routed to alone, and the instance it replaced is stopped after ``drain_s``.
@@ -35,6 +43,7 @@ again. ``swap.full: refuse`` leaves full versions unserved (counted as ``registr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -49,7 +58,7 @@ from gateway.blue_green import Instance, Launcher, VLLMStartError
 from gateway.metrics import Metrics
 from gateway.settings import Backend, SwapSettings
 from trainer.probe import TOP_K, Probe, difference
-from trainer.registry import Registry, RegistryError
+from trainer.registry import Pointer, Registry, RegistryError
 
 log = logging.getLogger("gateway.swap")
 
@@ -67,6 +76,13 @@ class VerificationError(Exception):
     """A backend does not serve the version it was asked to load."""
 
 
+def in_canary(key: str, version: str, fraction: float) -> bool:
+    """Whether the sticky ``key`` falls in the ``fraction`` of keys the canary ``version`` answers (the same on
+    every replica and for the whole trial; another version's trial draws another share)."""
+    digest = hashlib.sha256(f"{version}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
 class Swapper:
     def __init__(
         self,
@@ -77,12 +93,17 @@ class Swapper:
         registry_dir: Path,
         metrics: Metrics,
         launch: Launcher | None = None,
+        canary_fraction: float = 0.0,
     ) -> None:
-        """``launch`` starts a vLLM instance for a full version (None: full versions are refused)."""
+        """``launch`` starts a vLLM instance for a full version (None: full versions are refused);
+        ``canary_fraction``: the share of sticky keys the canary version answers."""
         self._session = session
         self._backends = list(backends)
         self._base = Route(base_version, {b.url: b.model for b in self._backends})
         self.route = self._base
+        self.canary: Route | None = None
+        """The canary pointer's version, verified and answering ``canary_fraction`` of keys; None: no trial."""
+        self._canary_fraction = canary_fraction
         self._settings = settings
         self._registry = Registry(registry_dir)
         self._metrics = metrics
@@ -112,8 +133,8 @@ class Swapper:
             await asyncio.sleep(self._settings.poll_s)
 
     async def sync(self) -> None:
-        """One check of the pointer; swaps (or retries unverified backends) when needed."""
-        target = await asyncio.to_thread(self._target)
+        """One check of the pointers; swaps (or retries unverified backends) when needed."""
+        target = await asyncio.to_thread(self._target, "current")
         target_version = target if target is not None else self._base.version
         await self._reap()
         await self._unload_drained()
@@ -124,14 +145,22 @@ class Swapper:
             missing = [b for b in self._backends if b.url not in self.route.models]
             if missing:
                 await self._add_backends(target, missing)
+        await self._sync_canary()
+
+    def route_for(self, key: str) -> Route:
+        """The route of a request with this sticky key (its ``user``, else its API key)."""
+        canary = self.canary
+        if canary is not None and in_canary(key, canary.version, self._canary_fraction):
+            return canary
+        return self.route
 
     async def close(self) -> None:
         """Stop the vLLM instances this swapper started (the gateway is shutting down)."""
         for version in list(self._instances):
             await self._stop(version)
 
-    def _target(self) -> str | None:
-        state = self._registry.pointer("policy", "current")
+    def _target(self, pointer: Pointer) -> str | None:
+        state = self._registry.pointer("policy", pointer)
         return state.version if state is not None else None
 
     # ---- swapping ----
@@ -140,38 +169,76 @@ class Swapper:
         old = self.route
         if version is None:  # the pointer was removed: back to the base model
             new, kind = self._base, "base"
+        elif self.canary is not None and self.canary.version == version:  # the canary was promoted: already verified
+            new, kind = self.canary, self._formats[version]
+            self.canary = None
+            self._metrics.set_canary(None)
         else:
-            try:
-                manifest = await asyncio.to_thread(self._registry.verify, "policy", version)
-                kind = manifest.format
-                if kind == "full" and self._launch is None:
-                    raise RegistryError(f"policy {version} is a full model and swap.full is refuse")
-                if kind not in ("lora", "full"):
-                    raise RegistryError(f"policy {version} has format {kind!r}; only lora and full versions are served")
-                probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
-            except (RegistryError, OSError, ValueError) as exc:
-                self._fail(version, "registry", str(exc))
+            prepared = await self._prepare(version)
+            if prepared is None:
                 return
-            if kind == "lora" and not await self._room_for(version):
-                return
-            if kind == "full":
-                try:
-                    models = await self._start(version, probe)
-                except VLLMStartError as exc:
-                    self._fail(version, "launch", str(exc))
-                    return
-            else:
-                models = await self._load_everywhere(version, probe, self._backends)
-            if not models:
-                self._fail(version, "verification", "no backend verified it")
-                return
-            new = Route(version, models)
-            self._formats[version] = kind
+            new, kind = prepared
         self._route_to(new)
         seconds = time.perf_counter() - started
         self._metrics.swaps.labels("ok").inc()
         self._metrics.swap_seconds.labels(kind).observe(seconds)
         log.warning("policy %s -> %s (%s) on %d backend(s) in %.2f s", old.version, new.version, kind, len(new.models), seconds)
+
+    async def _prepare(self, version: str) -> tuple[Route, str] | None:
+        """Check, load (or start) and verify ``version``: its route and format, or None (failure logged and counted)."""
+        try:
+            manifest = await asyncio.to_thread(self._registry.verify, "policy", version)
+            kind = manifest.format
+            if kind == "full" and self._launch is None:
+                raise RegistryError(f"policy {version} is a full model and swap.full is refuse")
+            if kind not in ("lora", "full"):
+                raise RegistryError(f"policy {version} has format {kind!r}; only lora and full versions are served")
+            probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
+        except (RegistryError, OSError, ValueError) as exc:
+            self._fail(version, "registry", str(exc))
+            return None
+        if kind == "lora" and not await self._room_for(version):
+            return None
+        if kind == "full":
+            try:
+                models = await self._start(version, probe)
+            except VLLMStartError as exc:
+                self._fail(version, "launch", str(exc))
+                return None
+        else:
+            models = await self._load_everywhere(version, probe, self._backends)
+        if not models:
+            self._fail(version, "verification", "no backend verified it")
+            return None
+        self._formats[version] = kind
+        self._retired.pop(version, None)
+        return Route(version, models), kind
+
+    async def _sync_canary(self) -> None:
+        """Follow the canary pointer: start a trial, or end one (rolled back: drain; promoted: already routed)."""
+        target = await asyncio.to_thread(self._target, "canary")
+        if target == self.route.version:
+            target = None  # promoted, or pointed at what everyone gets anyway
+        trial = self.canary
+        if trial is not None and trial.version != target:
+            self.canary = None
+            if trial.version != self.route.version:
+                self._retired[trial.version] = time.monotonic()  # drains, then unloaded like any unrouted version
+                log.warning("canary %s ended: no longer routed (unloaded after drain)", trial.version)
+            self._metrics.set_canary(None)
+        if target is None or (self.canary is not None) or not self._due(target):
+            return
+        started = time.perf_counter()
+        prepared = await self._prepare(target)
+        if prepared is None:
+            return
+        self.canary, kind = prepared
+        self._routes[target] = self.canary
+        self._metrics.set_canary(target)
+        log.warning(
+            "canary %s (%s) answers %.0f%% of users on %d backend(s), ready in %.2f s",
+            target, kind, 100 * self._canary_fraction, len(self.canary.models), time.perf_counter() - started,
+        )  # fmt: skip
 
     def _route_to(self, new: Route) -> None:
         old = self.route
@@ -275,7 +342,12 @@ class Swapper:
             code = instance.returncode()
             if code is None:
                 continue
-            if version == self.route.version:
+            if self.canary is not None and version == self.canary.version:
+                log.error("the vLLM instance of canary %s exited with code %s; trial paused until it starts again", version, code)
+                self._metrics.swaps.labels("died").inc()
+                self.canary = None
+                self._failed[version] = time.monotonic()
+            elif version == self.route.version:
                 fallback = self._routes.get(self._previous or "", self._base)
                 log.error(
                     "the vLLM instance of policy %s exited with code %s; serving %s until it is started again",
@@ -291,8 +363,10 @@ class Swapper:
 
     # ---- retiring ----
     def live(self) -> set[str]:
-        """Adapter versions loaded on the backends: the routed one, the rollback target and those draining."""
+        """Adapter versions loaded on the backends: the routed one, the canary, the rollback target and those draining."""
         versions = set(self._retired) | ({self.route.version} if self.route is not self._base else set())
+        if self.canary is not None:
+            versions.add(self.canary.version)
         return {v for v in versions if self._formats.get(v) == "lora"}
 
     async def _room_for(self, version: str) -> bool:

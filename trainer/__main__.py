@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
         cmd.add_argument("--db", default=None, help="override store.url (a SQLAlchemy URL)")
         cmd.add_argument("--min-pairs", type=int, default=None, help="override trainer.min_pairs")
+        cmd.add_argument(
+            "--publish-to", choices=["current", "canary"], default=None,
+            help="override trainer.publish_to: serve the new version to everyone, or as a canary the gateways' gate judges",
+        )  # fmt: skip
         cmd.add_argument("--quiet", action="store_true", help="no progress bars")
         cmd.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     sub.choices["run"].add_argument(
@@ -81,7 +85,11 @@ def _round_settings(args: argparse.Namespace) -> TrainerSettings:
 
     settings = load(args.config)
     section = settings.trainer.model_copy(
-        update={k: v for k, v in (("registry_dir", args.registry), ("min_pairs", args.min_pairs)) if v is not None}
+        update={
+            k: v
+            for k, v in (("registry_dir", args.registry), ("min_pairs", args.min_pairs), ("publish_to", args.publish_to))
+            if v is not None
+        }
     )
     store = settings.store.model_copy(update={"url": args.db}) if args.db else settings.store
     return settings.model_copy(update={"trainer": section, "store": store})
@@ -152,7 +160,10 @@ def _schedule(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     passthrough = ["--config", str(args.config)]
-    for flag, value in (("--algo", args.algo), ("--registry", args.registry), ("--db", args.db), ("--min-pairs", args.min_pairs)):
+    for flag, value in (
+        ("--algo", args.algo), ("--registry", args.registry), ("--db", args.db), ("--min-pairs", args.min_pairs),
+        ("--publish-to", args.publish_to),
+    ):  # fmt: skip
         if value is not None:
             passthrough += [flag, str(value)]
     passthrough += ["--quiet"] * args.quiet + ["--debug"] * args.debug

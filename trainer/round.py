@@ -112,6 +112,10 @@ def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bo
 def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: bool) -> RoundResult:
     s = settings.trainer
     registry = Registry(s.registry_dir)
+    trial = registry.pointer("policy", "canary")
+    if s.publish_to == "canary" and trial is not None:  # a new canary would restart the trial the gate is judging
+        return RoundResult("skipped", f"policy {trial.version} is still on trial as the canary; the next round waits for the "
+                           "gateway's canary gate to promote or roll it back", parent=None, pairs=0, completions=0)  # fmt: skip
     parent, policy_version = policy_label(settings, registry)
     rm_version = rm_label(settings, registry)
     since = parse_time(s.max_age)

@@ -22,10 +22,10 @@ from aiohttp import web
 from gateway.blue_green import VLLMStartError
 from gateway.metrics import Metrics
 from gateway.settings import Backend, SwapSettings
-from gateway.swap import Swapper
+from gateway.swap import Swapper, in_canary
 from gateway.vllm_process import free_port
 from trainer.probe import Probe
-from trainer.registry import Registry
+from trainer.registry import Pointer, Registry
 
 PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
 
@@ -43,6 +43,7 @@ class FakeVLLM:
         self.base_dir = base_dir
         """The model directory it serves as ``base`` (a full version's; its probe.json gives the values)."""
         self.loaded: dict[str, Path] = {}
+        self.loads: list[str] = []
         self.unloaded: list[str] = []
 
     def app(self) -> web.Application:
@@ -61,6 +62,7 @@ class FakeVLLM:
         if body["lora_name"] in self.loaded:
             return web.json_response({"error": "already loaded"}, status=400)
         self.loaded[body["lora_name"]] = Path(body["lora_path"])
+        self.loads.append(body["lora_name"])
         return web.Response(text="ok")
 
     async def unload(self, request: web.Request) -> web.Response:
@@ -93,7 +95,7 @@ async def serving(fake: FakeVLLM) -> AsyncIterator[Backend]:
         await runner.cleanup()
 
 
-def publish(registry: Registry, seed: int, format: Literal["lora", "full"] = "lora") -> str:
+def publish(registry: Registry, seed: int, format: Literal["lora", "full"] = "lora", pointer: Pointer | None = "current") -> str:
     def write(directory: Path) -> None:
         weights = "adapter_model.safetensors" if format == "lora" else "model.safetensors"
         (directory / weights).write_bytes(bytes([seed]) * 16)
@@ -102,7 +104,8 @@ def publish(registry: Registry, seed: int, format: Literal["lora", "full"] = "lo
         Probe(prefixes=PREFIXES, top=top).save(directory)
 
     version = registry.publish("policy", write, format=format, parent=None, algorithm="dpo").version
-    registry.set_pointer("policy", "current", version, reason="test")
+    if pointer is not None:
+        registry.set_pointer("policy", pointer, version, reason="test")
     return version
 
 
@@ -373,3 +376,71 @@ def test_with_the_filesystem_resolver_the_gateway_loads_nothing_and_still_verifi
             assert v2 in fake.loaded
 
     run(test)
+
+
+def test_a_canary_answers_its_share_of_users_sticky_on_every_replica_and_is_promoted_without_reloading(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        metrics = Metrics()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            replicas = [Swapper(session, [backend], "base", SwapSettings(), tmp_path, metrics, canary_fraction=0.2) for _ in "ab"]
+            v1 = publish(registry, 1)
+            v2 = publish(registry, 2, pointer="canary")
+            for swapper in replicas:
+                await swapper.sync()
+            a, b = replicas
+            assert a.route.version == v1
+            assert a.canary is not None
+            assert a.canary.version == v2
+            assert a.live() == {v1, v2}  # the canary counts in the live-adapter bound
+            keys = [f"user:{i}" for i in range(4000)]
+            chosen = [a.route_for(key).version for key in keys]
+            share = chosen.count(v2) / len(keys)
+            assert 0.17 < share < 0.23  # binomial sd 0.006 at 0.2
+            assert chosen == [b.route_for(key).version for key in keys]  # the same users on every replica
+            assert chosen == [a.route_for(key).version for key in keys]  # and on every request
+            assert set(chosen) == {v1, v2}
+            assert metrics.registry.get_sample_value("bon_canary_version_info", {"version": v2}) == 1
+            loads = list(fake.loads)
+            registry.promote("policy")
+            await a.sync()
+            assert a.route.version == v2
+            assert a.canary is None
+            assert fake.loads == loads  # promoted as verified: not loaded again
+            assert {a.route_for(key).version for key in keys} == {v2}
+            assert metrics.registry.get_sample_value("bon_canary_version_info", {"version": "none"}) == 1
+
+    run(test)
+
+
+def test_a_rolled_back_canary_stops_answering_then_is_unloaded_after_drain(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(drain_s=0), tmp_path, Metrics(), canary_fraction=1.0)
+            v1 = publish(registry, 1)
+            v2 = publish(registry, 2, pointer="canary")
+            await swapper.sync()
+            assert swapper.route_for("key:k").version == v2
+            registry.rollback("policy")  # drops the canary pointer
+            await swapper.sync()
+            assert swapper.canary is None
+            assert swapper.route_for("key:k").version == v1
+            await swapper.sync()
+            assert fake.unloaded == [f"policy@{v2}"]
+            assert set(fake.loaded) == {f"policy@{v1}"}
+
+    run(test)
+
+
+def test_the_canary_share_is_a_stable_hash() -> None:
+    assert not in_canary("user:a", "v0002", 0.0)
+    assert in_canary("user:a", "v0002", 1.0)
+    inside = [in_canary(f"key:{i}", "v0002", 0.5) for i in range(2000)]
+    assert 0.45 < sum(inside) / len(inside) < 0.55
+    # another trial draws another share of users (not always the same guinea pigs)
+    assert inside != [in_canary(f"key:{i}", "v0003", 0.5) for i in range(2000)]

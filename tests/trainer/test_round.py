@@ -167,6 +167,21 @@ def test_too_few_pairs_skip_with_exit_0_and_register_nothing(deployment: Path, c
     assert 'trainer_round_outcome{outcome="skipped"} 1.0' in metrics
 
 
+def test_while_a_canary_is_on_trial_a_round_publishing_canaries_skips(deployment: Path, capsys: Any) -> None:
+    registry = Registry(deployment.parent / "registry")
+
+    def write(directory: Path) -> None:
+        (directory / "adapter_model.safetensors").write_bytes(b"w")
+
+    trial = registry.publish("policy", write, format="lora", parent=None)
+    registry.set_pointer("policy", "canary", trial.version)
+    assert main(["run", "--config", str(deployment), "--publish-to", "canary", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round skipped" in out
+    assert "still on trial" in out
+    assert [m.version for m in registry.versions("policy")] == [trial.version]
+
+
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:
     config = str(deployment)
     assert_one_line_error(run_cli("run", "--config", config, "--algo", "sgd"), "invalid choice", "sgd")
