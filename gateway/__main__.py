@@ -82,14 +82,14 @@ def _store_command(args: argparse.Namespace) -> int:
 
 def _ensure_models(settings: GatewaySettings, allow_build: bool) -> str | None:
     """Build the toy world's models when the config points at the embedded default and they are absent."""
-    from trainer.toyworld.bootstrap import PRESETS, bootstrap, summary
-
     wanted = [settings.scorer.model_dir] if settings.scoring_enabled else []
     if settings.managed_vllm.enabled:
         wanted.append(settings.managed_vllm.model_dir)
     missing = [d for d in wanted if not (d / "config.json").is_file()]
     if not missing:
-        return None
+        return None  # the bootstrap (which reads the toy world's gold reward to build data) is not even imported
+    from trainer.toyworld.bootstrap import PRESETS, bootstrap, summary
+
     out = missing[0].parent
     toy_layout = all(d.parent == out and d.name in ("policy", "reward_model") for d in missing)
     if not allow_build or settings.models_preset not in PRESETS or not toy_layout:

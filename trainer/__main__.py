@@ -6,6 +6,7 @@ Subcommands:
   registry       init|list|show|promote|rollback versions and the current/canary pointers
   run            one training round: the log's window -> pairs -> DPO/KTO/PPO -> a registered version
   schedule       run a round every --every (a local stand-in for the Kubernetes CronJob)
+  evaluate-loop  rounds of traffic -> training -> hot-swap through a gateway, measured on the hidden gold reward
 
 Errors a user can fix print one line and exit non-zero, never a traceback.
 """
@@ -75,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
         "--refit-reward-model", action="store_true",
         help="instead of a policy round: refit the reward model on thumb-decided pairs (a new reward-model version)",
     )  # fmt: skip
+    loop = sub.add_parser("evaluate-loop", help="the online loop measured against the toy world's gold reward")
+    loop.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
+    loop.add_argument("--rounds", type=int, default=3)
+    loop.add_argument("--arms", default="rm,thumbs", help="comma-separated: rm (reward model only), thumbs (+ simulated thumbs)")
+    loop.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds 0..K-1")
+    loop.add_argument("--thumb-rate", type=float, default=0.2, help="thumbs arm: share of answers the simulated user thumbs")
+    loop.add_argument("--thumb-noise", type=float, default=0.1, help="sd of the noise on gold behind each thumb")
+    loop.add_argument("--refit-every", type=int, default=0, help="thumbs arm: refit the reward model every K rounds (0: never)")
+    loop.add_argument("--prompts-per-round", type=int, default=384, help="training prompts sent through the gateway per round")
+    loop.add_argument("--heldout", type=int, default=200, help="held-out prompts every measurement uses")
+    loop.add_argument("--samples", type=int, default=8, help="samples per held-out prompt (best-of-N up to this)")
+    loop.add_argument("--concurrency", type=int, default=8)
+    loop.add_argument("--max-tokens", type=int, default=64)
+    loop.add_argument("--out", type=Path, default=Path("runs/evaluate-loop"), help="a new directory for the runs and report")
+    loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
     sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     return parser
@@ -291,6 +307,51 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_loop(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.settings import ConfigError
+    from trainer.loop.report import arm_report, plot
+    from trainer.loop.runner import ARMS, Loop, LoopError, LoopOptions
+
+    command = f"{PROG} evaluate-loop"
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    problems = [f"unknown arm {a!r} (choose from {', '.join(ARMS)})" for a in arms if a not in ARMS]
+    if not arms:
+        problems.append("--arms is empty")
+    if args.rounds < 1 or args.seeds < 1 or args.prompts_per_round < 1 or args.heldout < 2 or args.samples < 1:
+        problems.append("--rounds, --seeds, --prompts-per-round and --samples must be positive, --heldout at least 2")
+    if not 0.0 <= args.thumb_rate <= 0.2:
+        problems.append(f"--thumb-rate {args.thumb_rate}: the simulated user thumbs at most 20% of answers")
+    if problems:
+        print(f"{command}: error: {problems[0]}", file=sys.stderr)
+        return 2
+    options = LoopOptions(
+        config=args.config, rounds=args.rounds, arms=arms, seeds=tuple(range(args.seeds)), thumb_rate=args.thumb_rate,
+        thumb_noise=args.thumb_noise, refit_every=args.refit_every, prompts_per_round=args.prompts_per_round,
+        heldout=args.heldout, samples=args.samples, max_tokens=args.max_tokens, concurrency=args.concurrency,
+        out=args.out, vllm_url=args.vllm,
+    )  # fmt: skip
+    try:
+        runs = Loop(options).run()
+    except (LoopError, ConfigError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
+    reports = [arm_report([r for r in runs if r.arm == arm]) for arm in arms]
+    png = args.out / "loop.png"
+    plot(reports, png)
+    result = {"arms": reports, "plot": str(png), "rounds_per_run": args.rounds, "heldout_prompts": args.heldout,
+              "samples_per_prompt": args.samples, "prompts_per_round": args.prompts_per_round}  # fmt: skip
+    (args.out / "report.json").write_text(json.dumps(result, indent=2))
+    for arm in reports:
+        bon = arm["start_bon_gold"]
+        rounds = ", ".join(f"{r['n1_gold']:.3f}" for r in arm["rounds"])
+        print(f"{arm['arm']}: start N=1 {arm['start_n1_gold']:.3f}, BoN-2 {bon.get('2', float('nan')):.3f}, "
+              f"BoN-4 {bon.get('4', float('nan')):.3f}; N=1 by round {rounds}; {len(arm['warnings'])} warnings")  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bootstrap":
@@ -303,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "schedule":
         return _schedule(args)
+    if args.command == "evaluate-loop":
+        return _evaluate_loop(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,100 @@
+"""A quick evaluate-loop on the test preset: one short round per arm through a real gateway and vLLM.
+
+Checks the report's fields (the JSON on the last line and report.json), that the plot is
+written, that the answers the loop trained on came through the gateway and its log, and that
+the gold reward is out of the serving and training paths' reach: the loop starts the gateway
+and the rounds through ``trainer.loop.sealed``, under which importing the gold module fails
+(shown here on the bootstrap, which does read gold), so the rounds that trained prove that
+training never needed it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.trainer.test_cli import assert_one_line_error, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def test_a_sealed_process_cannot_import_the_gold_reward(tmp_path: Path) -> None:
+    sealed = subprocess.run(
+        [sys.executable, "-m", "trainer.loop.sealed", "trainer", "bootstrap", "--preset", "test", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert sealed.returncode != 0
+    assert "trainer.toyworld.gold" in sealed.stderr
+    assert "ImportError" in sealed.stderr or "ModuleNotFoundError" in sealed.stderr
+
+
+def test_bad_options_are_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("evaluate-loop", "--arms", "rm,magic"), "unknown arm", "magic")
+    assert_one_line_error(run_cli("evaluate-loop", "--thumb-rate", "0.5"), "at most 20%")
+    assert_one_line_error(run_cli("evaluate-loop", "--rounds", "0"), "must be positive")
+
+
+def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_alias": "toy-bon",
+                "managed_vllm": {"model_dir": str(test_models / "policy"), "served_name": "policy"},
+                "scorer": {"model_dir": str(test_models / "reward_model"), "threads": 1},
+                "n_candidates": 4,
+                "trainer": {
+                    "base_policy": str(test_models / "policy"),
+                    "base_reward_model": str(test_models / "reward_model"),
+                    "min_pairs": 8,
+                    "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 8, "lora_alpha": 16},
+                    "evaluation": {"prompts": 4, "max_new_tokens": 12},
+                },
+            }
+        )
+    )
+    out = tmp_path / "loop"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "trainer", "evaluate-loop", "--config", str(config), "--rounds", "1", "--seeds", "1",
+            "--arms", "rm,thumbs", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
+            "--max-tokens", "24", "--concurrency", "4", "--vllm", policy_vllm, "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=1200, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == json.loads((out / "report.json").read_text())
+    assert (out / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [arm["arm"] for arm in result["arms"]] == ["rm", "thumbs"]
+    for arm in result["arms"]:
+        assert arm["seeds"] == [0]
+        assert set(arm["start_bon_gold"]) == {"1", "2", "4"}  # 4 samples per prompt: best-of-N up to 4
+        assert 0.0 <= arm["start_bon_gold"]["1"] <= 1.0
+        assert arm["thumb_rate"] == (0.2 if arm["arm"] == "thumbs" else 0.0)
+        [first] = arm["rounds"]
+        assert set(first) >= {"round", "n1_gold", "n1_gold_ci95", "bon_gold", "rm_score", "kl_to_start", "mean_len",
+                              "pairs_used", "policy_version"}  # fmt: skip
+        assert first["policy_version"] == "v0001"  # trained, swapped in and measured through the gateway
+        assert first["pairs_used"] >= 8
+        assert first["kl_to_start"] != 0  # a trained version (the estimate is a sample mean: it may dip below 0)
+        low, high = first["n1_gold_ci95"]
+        assert low <= first["n1_gold"] <= high
+        assert arm["final_n1_gold"] == first["n1_gold"]
+        assert "final_n1_vs_start_bon4" in arm["goals"]
+        assert isinstance(arm["warnings"], list)
+        [seed] = arm["per_seed"]
+        assert seed["rounds"][0]["answers"] == 48
+        assert seed["rounds"][0]["failed"] == 0
+    thumbs = result["arms"][1]["per_seed"][0]["rounds"][0]
+    assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * 48 + 3 * (0.2 * 0.8 * 48) ** 0.5
+    rm_only = result["arms"][0]["per_seed"][0]["rounds"][0]
+    assert rm_only["thumbs_up"] + rm_only["thumbs_down"] == 0
+    # the loop starts every gateway and round through trainer.loop.sealed: these trained with gold unimportable
+    for run in ("rm-seed0", "thumbs-seed0"):
+        assert (out / run / "registry" / "policy" / "versions" / "v0001" / "manifest.json").is_file()

@@ -1,0 +1,1 @@
+"""``python -m trainer evaluate-loop``: the online loop run against the toy world's hidden gold reward."""

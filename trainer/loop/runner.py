@@ -1,0 +1,367 @@
+"""The online loop, run end to end against the hidden gold reward: traffic → log → round → hot-swap → measure.
+
+For each arm (``rm``: the reward model's picks only; ``thumbs``: plus a simulated user's
+thumbs on a stated share of answers, and a reward-model refit every K rounds) and each
+seed, a fresh run: its own registry, log and gateway (``python -m gateway serve``, started
+through ``trainer.loop.sealed`` so it cannot import the gold reward), all on one vLLM
+(started here, or ``--vllm URL``; adapters of a finished run are unloaded so versions of
+the next run, named alike, are loaded fresh). A run measures the start policy, then each
+round: the simulated user asks the next training prompts through the gateway (thumbing
+some), the round is trained by ``python -m trainer run`` (sealed too), the gateway
+swaps the new version in, and it is measured on the held-out prompts (``loop.measure``).
+Training prompts and held-out prompts are the bootstrap's disjoint sets
+(``toyworld.world.prompt_sets``). Knows the orchestration and the run's config; the
+statistics are ``loop.report``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from trainer.loop import measure
+from trainer.loop.report import RoundRecord, Run
+from trainer.loop.user import Judgement, SimulatedUser, Traffic
+
+API_KEY = "sk-simulated-user"
+ARMS = ("rm", "thumbs")
+
+
+class LoopError(Exception):
+    """A run could not go on (the gateway did not start or swap, a round failed); one line for the user."""
+
+
+@dataclass
+class LoopOptions:
+    config: Path
+    rounds: int = 3
+    arms: tuple[str, ...] = ARMS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    thumb_rate: float = 0.2
+    thumb_noise: float = 0.1
+    refit_every: int = 0
+    """Thumbs arm: refit the reward model after every K-th round (0: never)."""
+    prompts_per_round: int = 384
+    heldout: int = 200
+    samples: int = 8
+    """Samples per held-out prompt (best-of-N for N up to this)."""
+    max_tokens: int = 64
+    concurrency: int = 8
+    out: Path = Path("runs/evaluate-loop")
+    vllm_url: str | None = None
+    timeout_s: float = 900.0
+    """Longest wait for one step (a gateway start, a swap, a round)."""
+    log: Callable[[str], None] = field(default=lambda message: print(f"[evaluate-loop] {message}", flush=True))
+
+
+def toy_prompts(models_dir: Path, heldout: int) -> tuple[list[str], list[str]]:
+    """The bootstrap's training stream and its first ``heldout`` held-out prompts (never in the stream)."""
+    from trainer.toyworld.bootstrap import PRESETS, REPORT
+    from trainer.toyworld.world import prompt_sets
+
+    report_path = models_dir / REPORT
+    try:
+        report = json.loads(report_path.read_text())
+        preset = PRESETS[report["preset"]]
+        seed = int(report["seed"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoopError(
+            f"cannot read the toy world's bootstrap report {report_path} ({exc}); the loop needs the toy world"
+        ) from None
+    sets = prompt_sets(seed, preset.train_draws, preset.heldout)
+    if heldout > len(sets.heldout):
+        raise LoopError(f"--heldout {heldout}: the {preset.name} preset holds out {len(sets.heldout)} prompts")
+    return [t.prompt for t in sets.train], [t.prompt for t in sets.heldout[:heldout]]
+
+
+class Loop:
+    def __init__(self, options: LoopOptions) -> None:
+        from gateway.settings import read_yaml
+
+        self.o = options
+        self.base = read_yaml(options.config)
+        managed = self.base.get("managed_vllm", {})
+        self.policy_dir = Path(managed.get("model_dir", "models/default/policy"))
+        self.served_name = str(managed.get("served_name", "policy"))
+        self.base_policy = Path(self.base.get("trainer", {}).get("base_policy", self.policy_dir))
+        self.model_alias = str(self.base.get("model_alias", "toy-bon"))
+
+    # ---- the whole loop ----
+    def run(self) -> list[Run]:
+        train, heldout = toy_prompts(self.policy_dir.parent, self.o.heldout)
+        self.o.out.mkdir(parents=True, exist_ok=True)
+        vllm = None
+        url = self.o.vllm_url
+        if url is None:
+            vllm = self._start_vllm()
+            url = vllm.url
+        runs = []
+        try:
+            for arm in self.o.arms:
+                for seed in self.o.seeds:
+                    runs.append(asyncio.run(self._run(arm, seed, url, train, heldout)))
+        finally:
+            if vllm is not None:
+                vllm.stop()
+        return runs
+
+    def _start_vllm(self) -> Any:
+        from gateway.settings import ManagedVLLM
+        from gateway.vllm_process import VLLMProcess, free_port
+
+        m = ManagedVLLM(**{**self.base.get("managed_vllm", {}), "enabled": True})
+        vllm = VLLMProcess(
+            m.model_dir, m.served_name, m.host, free_port(), max_model_len=m.max_model_len, max_lora_rank=m.max_lora_rank,
+            max_loras=m.max_loras, dtype=m.dtype, extra_args=m.extra_args, log_path=self.o.out / "vllm.log",
+        )  # fmt: skip
+        self.o.log(f"starting vLLM on {m.model_dir} (log: {vllm.log_path}) ...")
+        vllm.start()
+        vllm.wait_healthy(m.startup_s)
+        return vllm
+
+    # ---- one run ----
+    async def _run(self, arm: str, seed: int, vllm: str, train: list[str], heldout: list[str]) -> Run:
+        run_dir = self.o.out / f"{arm}-seed{seed}"
+        if run_dir.exists():
+            raise LoopError(f"{run_dir} exists: each run starts from an empty log and registry (choose another --out)")
+        (run_dir / "registry").mkdir(parents=True)
+        thumb_rate = self.o.thumb_rate if arm == "thumbs" else 0.0
+        config = self._write_config(run_dir, vllm, seed)
+        stream = random.Random(seed).sample(train, k=min(len(train), self.o.rounds * self.o.prompts_per_round))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            await self._unload_adapters(session, vllm)
+            gateway = await self._start_gateway(session, run_dir, config)
+            try:
+                self.o.log(f"{arm} seed {seed}: measuring the starting policy on {len(heldout)} held-out prompts")
+                start = await self._measure(session, gateway.url, run_dir, heldout, seed)
+                result = Run(arm, seed, thumb_rate, start)
+                user = SimulatedUser(session, gateway.url, API_KEY, self.model_alias,
+                                     Judgement(rate=thumb_rate, noise=self.o.thumb_noise), seed)  # fmt: skip
+                sent = 0
+                for k in range(1, self.o.rounds + 1):
+                    record = await self._round(session, gateway, run_dir, config, user, stream, k, sent, heldout, seed, arm)
+                    sent += record.traffic.sent - record.traffic.failed
+                    result.rounds.append(record)
+                    m = record.measurement
+                    self.o.log(
+                        f"{arm} seed {seed} round {k}: {record.policy_version} N=1 gold {m.n1_gold.mean:.3f}, "
+                        f"BoN {', '.join(f'{n}:{v:.3f}' for n, v in m.bon_gold.items())}, RM {m.rm_score:.3f}, "
+                        f"KL {m.kl_to_start:.2f}, len {m.mean_len:.1f}, pairs {record.pairs_used}"
+                    )
+            finally:
+                await gateway.stop()
+                await self._unload_adapters(session, vllm)
+        return result
+
+    async def _round(
+        self, session: aiohttp.ClientSession, gateway: _Gateway, run_dir: Path, config: Path, user: SimulatedUser,
+        stream: list[str], k: int, sent_before: int, heldout: list[str], seed: int, arm: str,
+    ) -> RoundRecord:  # fmt: skip
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        prompts = stream[(k - 1) * self.o.prompts_per_round : k * self.o.prompts_per_round]
+        traffic: Traffic = await user.converse(prompts, self.o.concurrency, self.o.max_tokens)
+        if traffic.failed:
+            raise LoopError(f"{traffic.failed} of {traffic.sent} requests failed in round {k}; see {gateway.log_path}")
+        await self._until(lambda: self._logged(run_dir) >= sent_before + traffic.sent, "the log to hold the round's traffic")
+        seconds["traffic"] = time.perf_counter() - t
+        t = time.perf_counter()
+        outcome, output = await asyncio.to_thread(self._trainer, config, [])
+        seconds["train"] = time.perf_counter() - t
+        current = self._pointer(run_dir, "policy")
+        version = current or "base"
+        t = time.perf_counter()
+        await self._until(lambda: self._served(gateway.url) == version, f"the gateway to serve {version}")
+        seconds["swap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        measured = await self._measure(session, gateway.url, run_dir, heldout, seed)
+        seconds["measure"] = time.perf_counter() - t
+        pairs = 0
+        if current is not None and outcome == "trained":
+            manifest = json.loads((run_dir / "registry" / "policy" / "versions" / current / "manifest.json").read_text())
+            pairs = int(manifest["data_window"].get("rows", manifest["data_window"].get("pairs", 0)))
+        refit = None
+        if arm == "thumbs" and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
+            refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
+        self.o.log(f"{arm} seed {seed} round {k}: {output.strip().splitlines()[0] if output.strip() else outcome}")
+        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds)
+
+    async def _refit(self, run_dir: Path, config: Path, gateway: _Gateway) -> dict[str, Any]:
+        before = self._pointer(run_dir, "reward_model")
+        outcome, output = await asyncio.to_thread(self._trainer, config, ["--refit-reward-model"])
+        after = self._pointer(run_dir, "reward_model")
+        refit: dict[str, Any] = {"outcome": outcome, "rm_version": after}
+        if after is not None and after != before:
+            manifest = json.loads((run_dir / "registry" / "reward_model" / "versions" / after / "manifest.json").read_text())
+            refit["evaluation"] = manifest.get("evaluation", {})
+            await self._until(lambda: self._served_rm(gateway.url) == after, f"the gateway to score with {after}")
+        else:
+            refit["message"] = output.strip().splitlines()[-1] if output.strip() else ""
+        return refit
+
+    # ---- measuring ----
+    async def _measure(
+        self, session: aiohttp.ClientSession, url: str, run_dir: Path, heldout: list[str], seed: int
+    ) -> measure.Measurement:
+        texts, rewards, versions, mean_len = await measure.sample(
+            session, url, API_KEY, self.model_alias, heldout, self.o.samples, self.o.max_tokens, self.o.concurrency
+        )
+        if len(versions) != 1:
+            raise LoopError(f"held-out answers came from several versions ({', '.join(sorted(versions))}) during a measurement")
+        version = versions.pop()
+        version_dir = None if version == "base" else run_dir / "registry" / "policy" / "versions" / version
+        kl = await asyncio.to_thread(measure.kl_to_start, self.base_policy, version_dir, heldout, self.o.max_tokens, seed)
+        return measure.summarise(version, self._served_rm(url) or "?", heldout, texts, rewards, mean_len, kl)
+
+    # ---- processes ----
+    def _write_config(self, run_dir: Path, vllm: str, seed: int) -> Path:
+        from gateway.auth import digest
+        from gateway.vllm_process import free_port
+
+        cfg = copy.deepcopy(self.base)
+        registry = str((run_dir / "registry").resolve())
+        cfg.update(host="127.0.0.1", port=free_port(), policy_version="base")
+        cfg["managed_vllm"] = {**cfg.get("managed_vllm", {}), "enabled": False}
+        cfg["backends"] = [{"url": vllm, "model": self.served_name}]
+        cfg["api_keys"] = [{"id": "simulated-user", "sha256": digest(API_KEY)}]
+        cfg["store"] = {**cfg.get("store", {}), "enabled": True, "url": None, "data_dir": str((run_dir / "data").resolve())}
+        cfg["swap"] = {
+            **cfg.get("swap", {}), "enabled": True, "registry_dir": registry, "poll_s": 1.0, "drain_s": 5.0,
+            "max_live_adapters": 2, "lora_loading": "admin", "full": "refuse",
+        }  # fmt: skip
+        trainer = cfg.setdefault("trainer", {})
+        trainer.update(registry_dir=registry, publish_to="current", metrics_file=str((run_dir / "trainer.prom").resolve()))
+        trainer["dpo"] = {**trainer.get("dpo", {}), "seed": seed}
+        trainer["reward"] = {**trainer.get("reward", {}), "seed": seed}
+        path = run_dir / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    async def _start_gateway(self, session: aiohttp.ClientSession, run_dir: Path, config: Path) -> _Gateway:
+        cfg = yaml.safe_load(config.read_text())
+        gateway = _Gateway(f"http://127.0.0.1:{cfg['port']}", config, run_dir / "gateway.log")
+        gateway.start()
+
+        async def ready() -> bool:
+            if gateway.exited():
+                raise LoopError(f"the gateway exited while starting; see {gateway.log_path}")
+            with suppress(aiohttp.ClientError):
+                async with session.get(f"{gateway.url}/ready") as response:
+                    return response.status == 200
+            return False
+
+        deadline = time.monotonic() + self.o.timeout_s
+        while not await ready():
+            if time.monotonic() > deadline:
+                await gateway.stop()
+                raise LoopError(f"the gateway was not ready in {self.o.timeout_s:.0f} s; see {gateway.log_path}")
+            await asyncio.sleep(0.5)
+        return gateway
+
+    def _trainer(self, config: Path, extra: list[str]) -> tuple[str, str]:
+        """``python -m trainer run`` with the gold reward sealed off; its outcome (trained, skipped) and output."""
+        done = subprocess.run(
+            [sys.executable, "-m", "trainer.loop.sealed", "trainer", "run", "--config", str(config), "--quiet", *extra],
+            capture_output=True, text=True, timeout=self.o.timeout_s, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise LoopError(f"the training round failed (exit {done.returncode}): {' | '.join(tail)}")
+        first = next((line for line in done.stdout.splitlines() if line.startswith("round ")), "round unknown:")
+        return first.removeprefix("round ").split(":", 1)[0], done.stdout
+
+    async def _unload_adapters(self, session: aiohttp.ClientSession, vllm: str) -> None:
+        """Unload every adapter from vLLM (a finished run's versions; the next run's are named alike)."""
+        async with session.get(f"{vllm}/v1/models") as response:
+            models = [m["id"] for m in (await response.json())["data"]]
+        for name in models:
+            if name != self.served_name:
+                async with session.post(f"{vllm}/v1/unload_lora_adapter", json={"lora_name": name}) as response:
+                    await response.read()
+
+    # ---- reading state ----
+    def _logged(self, run_dir: Path) -> int:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(f"sqlite:///{run_dir / 'data' / 'gateway.db'}")
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM completions")).scalar_one())
+        finally:
+            engine.dispose()
+
+    @staticmethod
+    def _pointer(run_dir: Path, kind: str) -> str | None:
+        path = run_dir / "registry" / kind / "current.json"
+        return str(json.loads(path.read_text())["version"]) if path.exists() else None
+
+    @staticmethod
+    def _served(url: str) -> str | None:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/admin/policy", timeout=10) as response:
+            return str(json.loads(response.read())["current"])
+
+    @staticmethod
+    def _served_rm(url: str) -> str | None:
+        import re
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        found = re.search(r'bon_policy_version_info\{policy="[^"]*",reward_model="([^"]*)"\} 1\.0', text)
+        return found.group(1) if found else None
+
+    async def _until(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.o.timeout_s
+        while not await asyncio.to_thread(condition):
+            if time.monotonic() > deadline:
+                raise LoopError(f"timed out after {self.o.timeout_s:.0f} s waiting for {what}")
+            await asyncio.sleep(0.5)
+
+
+class _Gateway:
+    """A gateway process (``python -m gateway serve``) started with the gold reward sealed off."""
+
+    def __init__(self, url: str, config: Path, log_path: Path) -> None:
+        self.url = url
+        self.config = config
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.loop.sealed", "gateway", "serve", "--config", str(self.config), "--no-bootstrap"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    def exited(self) -> bool:
+        return self._proc is None or self._proc.poll() is not None
+
+    async def stop(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self._proc.wait, 60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
