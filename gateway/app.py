@@ -185,7 +185,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=settings.timeouts.keepalive_s)
         timeout = aiohttp.ClientTimeout(total=None, connect=settings.timeouts.connect_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             gen = generator or VLLMGenerator(session, settings.all_backends(), settings.timeouts.request_s)

@@ -129,6 +129,10 @@ class Timeouts(BaseModel):
     connect_s: float = 5.0
     request_s: float = 120.0
     """Whole generation request to vLLM; past it the client gets 504."""
+    keepalive_s: float = Field(default=4.0, gt=0)
+    """How long an idle connection to vLLM is kept for reuse. Below vLLM's own idle timeout
+    (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s): a connection reused just as the server closes it fails
+    the request ("Cannot write to closing transport"; aiohttp's default is 15 s)."""
 
 
 class StoreSettings(BaseModel):
