@@ -141,6 +141,8 @@ class CanaryGate:
             return None
         kl = self._kl(canary.version)
         decision = decide(base, arm, self._rules, kl)
+        if decision.look == 0:
+            return None  # the current arm is still short of min_requests: no look taken
         applied = self._settings.auto and decision.action != "wait"
         record = _look(canary.version, current, rm, decision, "gate", arm, base, kl, applied)
         self._apply(record)

@@ -90,6 +90,22 @@ def _parser() -> argparse.ArgumentParser:
     loop.add_argument("--concurrency", type=int, default=8)
     loop.add_argument("--max-tokens", type=int, default=64)
     loop.add_argument("--out", type=Path, default=Path("runs/evaluate-loop"), help="a new directory for the runs and report")
+    loop.add_argument(
+        "--canary-fraction",
+        type=float,
+        default=0.0,
+        help="publish each round as a canary for this share of users; the gateway's gate promotes or refuses it",
+    )
+    loop.add_argument(
+        "--gate-min-requests", type=int, default=100, help="the canary gate's answers per arm before its first look"
+    )
+    loop.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of each run's config (YAML value), e.g. trainer.dpo.learning_rate=1e-3; repeatable",
+    )
     loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
     sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
@@ -310,6 +326,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
 def _evaluate_loop(args: argparse.Namespace) -> int:
     import json
 
+    import yaml
+
     from gateway.settings import ConfigError
     from trainer.loop.report import arm_report, plot
     from trainer.loop.runner import ARMS, Loop, LoopError, LoopOptions
@@ -321,8 +339,17 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         problems.append("--arms is empty")
     if args.rounds < 1 or args.seeds < 1 or args.prompts_per_round < 1 or args.heldout < 2 or args.samples < 1:
         problems.append("--rounds, --seeds, --prompts-per-round and --samples must be positive, --heldout at least 2")
+    if not 0.0 <= args.canary_fraction < 1.0:
+        problems.append(f"--canary-fraction {args.canary_fraction}: use 0 (no canary) up to, not including, 1")
     if not 0.0 <= args.thumb_rate <= 0.2:
         problems.append(f"--thumb-rate {args.thumb_rate}: the simulated user thumbs at most 20% of answers")
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.dpo.learning_rate=1e-3")
+            continue
+        overrides[key.strip()] = yaml.safe_load(value)
     if problems:
         print(f"{command}: error: {problems[0]}", file=sys.stderr)
         return 2
@@ -330,7 +357,8 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         config=args.config, rounds=args.rounds, arms=arms, seeds=tuple(range(args.seeds)), thumb_rate=args.thumb_rate,
         thumb_noise=args.thumb_noise, refit_every=args.refit_every, prompts_per_round=args.prompts_per_round,
         heldout=args.heldout, samples=args.samples, max_tokens=args.max_tokens, concurrency=args.concurrency,
-        out=args.out, vllm_url=args.vllm,
+        out=args.out, vllm_url=args.vllm, canary_fraction=args.canary_fraction, gate_min_requests=args.gate_min_requests,
+        overrides=overrides,
     )  # fmt: skip
     try:
         runs = Loop(options).run()

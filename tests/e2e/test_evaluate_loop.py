@@ -64,6 +64,7 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
             sys.executable, "-m", "trainer", "evaluate-loop", "--config", str(config), "--rounds", "1", "--seeds", "1",
             "--arms", "rm,thumbs", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
             "--max-tokens", "24", "--concurrency", "4", "--vllm", policy_vllm, "--out", str(out),
+            "--canary-fraction", "0.5", "--gate-min-requests", "16",
         ],
         capture_output=True, text=True, timeout=1200, check=False,
     )  # fmt: skip
@@ -80,21 +81,27 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
         [first] = arm["rounds"]
         assert set(first) >= {"round", "n1_gold", "n1_gold_ci95", "bon_gold", "rm_score", "kl_to_start", "mean_len",
                               "pairs_used", "policy_version"}  # fmt: skip
-        assert first["policy_version"] == "v0001"  # trained, swapped in and measured through the gateway
+        # trained, put on trial for half the users, then promoted (served and measured) or refused by the gate
+        [action] = first["gate"]
+        assert action in ("promote", "rollback")
+        assert first["policy_version"] == ("v0001" if action == "promote" else "base")
         assert first["pairs_used"] >= 8
-        assert first["kl_to_start"] != 0  # a trained version (the estimate is a sample mean: it may dip below 0)
+        assert (first["kl_to_start"] != 0) == (action == "promote")  # a sample mean for a trained version: may dip below 0
         low, high = first["n1_gold_ci95"]
         assert low <= first["n1_gold"] <= high
         assert arm["final_n1_gold"] == first["n1_gold"]
         assert "final_n1_vs_start_bon4" in arm["goals"]
         assert isinstance(arm["warnings"], list)
         [seed] = arm["per_seed"]
-        assert seed["rounds"][0]["answers"] == 48
+        assert seed["rounds"][0]["answers"] >= 48 + 2 * 16  # the round's prompts, then the trial's until the first look
         assert seed["rounds"][0]["failed"] == 0
+        assert seed["rounds"][0]["gate"]["canary"] == "v0001"
     thumbs = result["arms"][1]["per_seed"][0]["rounds"][0]
-    assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * 48 + 3 * (0.2 * 0.8 * 48) ** 0.5
+    answers = thumbs["answers"]
+    assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * answers + 3 * (0.2 * 0.8 * answers) ** 0.5
     rm_only = result["arms"][0]["per_seed"][0]["rounds"][0]
     assert rm_only["thumbs_up"] + rm_only["thumbs_down"] == 0
     # the loop starts every gateway and round through trainer.loop.sealed: these trained with gold unimportable
     for run in ("rm-seed0", "thumbs-seed0"):
         assert (out / run / "registry" / "policy" / "versions" / "v0001" / "manifest.json").is_file()
+        assert (out / run / "registry" / "policy" / "gate.jsonl").is_file()

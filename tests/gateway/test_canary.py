@@ -116,6 +116,19 @@ def test_a_clear_loss_is_rolled_back_at_the_first_look_with_its_reason(trial: tu
     assert since == began
 
 
+def test_no_look_is_taken_while_the_current_arm_is_short(trial: tuple[Registry, str, str]) -> None:
+    registry, current, canary = trial
+    store = TotalsStore()
+    g = gate(registry, store, Metrics())
+    store.totals = {current: arm(60, 1.0), canary: arm(150, 0.0)}
+    assert g.check() is None
+    assert not (registry.root / "policy" / DECISIONS).exists()
+    store.totals[current] = arm(120, 1.0)
+    look = g.check()
+    assert look is not None
+    assert look.look == 1
+
+
 def test_a_clear_win_is_promoted(trial: tuple[Registry, str, str]) -> None:
     registry, current, canary = trial
     store, metrics = TotalsStore(), Metrics()

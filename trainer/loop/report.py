@@ -38,6 +38,8 @@ class RoundRecord:
     refit: dict[str, Any] | None = None
     """The reward-model refit after this round (``--refit-every``): its version and agreement figures."""
     seconds: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+    """The canary trial of this round's version (``--canary-fraction``): the gate's action, reason and figures."""
 
 
 @dataclass
@@ -86,6 +88,7 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "thumbs": sum(r.traffic.thumbs for r in at),
             "answers": sum(r.traffic.sent for r in at),
             "refits": [r.refit for r in at if r.refit is not None],
+            "gate": [r.gate["action"] for r in at if r.gate is not None],
         })  # fmt: skip
     start_n1, start_ci = _pooled([run.start.per_prompt_n1 for run in runs])
     return {
@@ -148,7 +151,10 @@ def warnings(runs: Sequence[Run]) -> list[str]:
                 found.append(f"{where}: answers grew to {m.mean_len:.1f} tokens from {run.start.mean_len:.1f} at the start")
             if m.kl_to_start > KL_WARNING:
                 found.append(f"{where}: KL to the starting policy {m.kl_to_start:.2f} nats exceeds {KL_WARNING}")
-            if record.outcome != "trained":
+            if record.outcome == "refused" and record.gate is not None:
+                found.append(f"{where}: the canary gate refused the round ({record.gate['reason']}); "
+                             f"{record.policy_version} kept serving")  # fmt: skip
+            elif record.outcome != "trained":
                 found.append(f"{where}: the round was {record.outcome}; {record.policy_version} kept serving")
             previous = m
     return found
@@ -178,6 +184,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
                 "thumbs_up": r.traffic.thumbs_up,
                 "thumbs_down": r.traffic.thumbs_down,
                 "refit": r.refit,
+                "gate": r.gate,
                 "seconds": {k: _r(v) for k, v in r.seconds.items()},
             }
             for r in run.rounds

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,13 @@ class LoopOptions:
     concurrency: int = 8
     out: Path = Path("runs/evaluate-loop")
     vllm_url: str | None = None
+    canary_fraction: float = 0.0
+    """Publish each round as a canary answering this share of users and let the gateway's gate promote or refuse it
+    on live traffic (more training prompts, thumbed at the same rate, until it decides); 0: publish to current."""
+    gate_min_requests: int = 100
+    """The gate's ``canary.min_requests`` (its looks at 1x, 2x, 4x this)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted keys of the run config set after the loop's own (``trainer.dpo.learning_rate`` -> 1e-3)."""
     timeout_s: float = 900.0
     """Longest wait for one step (a gateway start, a swap, a round)."""
     log: Callable[[str], None] = field(default=lambda message: print(f"[evaluate-loop] {message}", flush=True))
@@ -142,13 +150,18 @@ class Loop:
         (run_dir / "registry").mkdir(parents=True)
         thumb_rate = self.o.thumb_rate if arm == "thumbs" else 0.0
         config = self._write_config(run_dir, vllm, seed)
-        stream = random.Random(seed).sample(train, k=min(len(train), self.o.rounds * self.o.prompts_per_round))
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        stream = itertools.cycle(random.Random(seed).sample(train, k=len(train)))
+        # idle connections are dropped before the gateway's server (uvicorn, 5 s) closes them: no reuse races
+        connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
             await self._unload_adapters(session, vllm)
             gateway = await self._start_gateway(session, run_dir, config)
             try:
                 self.o.log(f"{arm} seed {seed}: measuring the starting policy on {len(heldout)} held-out prompts")
                 start = await self._measure(session, gateway.url, run_dir, heldout, seed)
+                self.o.log(f"{arm} seed {seed} start: N=1 gold {start.n1_gold.mean:.3f}, "
+                           f"BoN {', '.join(f'{n}:{v:.3f}' for n, v in start.bon_gold.items())}, RM {start.rm_score:.3f}, "
+                           f"len {start.mean_len:.1f}")  # fmt: skip
                 result = Run(arm, seed, thumb_rate, start)
                 user = SimulatedUser(session, gateway.url, API_KEY, self.model_alias,
                                      Judgement(rate=thumb_rate, noise=self.o.thumb_noise), seed)  # fmt: skip
@@ -170,11 +183,11 @@ class Loop:
 
     async def _round(
         self, session: aiohttp.ClientSession, gateway: _Gateway, run_dir: Path, config: Path, user: SimulatedUser,
-        stream: list[str], k: int, sent_before: int, heldout: list[str], seed: int, arm: str,
+        stream: Iterator[str], k: int, sent_before: int, heldout: list[str], seed: int, arm: str,
     ) -> RoundRecord:  # fmt: skip
         seconds: dict[str, float] = {}
         t = time.perf_counter()
-        prompts = stream[(k - 1) * self.o.prompts_per_round : k * self.o.prompts_per_round]
+        prompts = list(itertools.islice(stream, self.o.prompts_per_round))
         traffic: Traffic = await user.converse(prompts, self.o.concurrency, self.o.max_tokens)
         if traffic.failed:
             raise LoopError(f"{traffic.failed} of {traffic.sent} requests failed in round {k}; see {gateway.log_path}")
@@ -183,6 +196,15 @@ class Loop:
         t = time.perf_counter()
         outcome, output = await asyncio.to_thread(self._trainer, config, [])
         seconds["train"] = time.perf_counter() - t
+        trained = self._pointer(run_dir, "policy", "canary" if self.o.canary_fraction else "current")
+        gate = None
+        if self.o.canary_fraction and outcome == "trained" and trained is not None:
+            t = time.perf_counter()
+            gate, more = await self._trial(gateway, run_dir, user, stream, trained)
+            traffic.merge(more)
+            seconds["trial"] = time.perf_counter() - t
+            if gate["action"] != "promote":
+                outcome = "refused"
         current = self._pointer(run_dir, "policy")
         version = current or "base"
         t = time.perf_counter()
@@ -192,14 +214,36 @@ class Loop:
         measured = await self._measure(session, gateway.url, run_dir, heldout, seed)
         seconds["measure"] = time.perf_counter() - t
         pairs = 0
-        if current is not None and outcome == "trained":
-            manifest = json.loads((run_dir / "registry" / "policy" / "versions" / current / "manifest.json").read_text())
+        if trained is not None and outcome in ("trained", "refused"):
+            manifest = json.loads((run_dir / "registry" / "policy" / "versions" / trained / "manifest.json").read_text())
             pairs = int(manifest["data_window"].get("rows", manifest["data_window"].get("pairs", 0)))
         refit = None
         if arm == "thumbs" and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
             refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
         self.o.log(f"{arm} seed {seed} round {k}: {output.strip().splitlines()[0] if output.strip() else outcome}")
-        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds)
+        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate)
+
+    async def _trial(
+        self, gateway: _Gateway, run_dir: Path, user: SimulatedUser, stream: Iterator[str], trial: str
+    ) -> tuple[dict[str, Any], Traffic]:
+        """Live traffic (the next training prompts) until the gateway's gate promotes or rolls back ``trial``."""
+        await self._until(lambda: self._status(gateway.url)["canary"] == trial, f"the gateway to put {trial} on trial")
+        total = Traffic()
+        limit = int(8 * self.o.gate_min_requests / self.o.canary_fraction)  # past the gate's last look
+        while self._pointer(run_dir, "policy", "canary") == trial:
+            if total.sent >= limit:
+                raise LoopError(f"the canary gate did not decide on {trial} after {total.sent} requests")
+            batch = list(itertools.islice(stream, 4 * self.o.concurrency))
+            total.merge(await user.converse(batch, self.o.concurrency, self.o.max_tokens))
+            await asyncio.sleep(0.2)
+        looks = [json.loads(line) for line in (run_dir / "registry" / "policy" / "gate.jsonl").read_text().splitlines()]
+        last = [look for look in looks if look["canary"] == trial][-1]
+        gate = {
+            key: last.get(key) for key in ("canary", "action", "reason", "look", "reward_diff", "up_rate_diff", "length_ratio")
+        }
+        gate["answers"] = total.sent
+        self.o.log(f"canary {trial}: {last['action']} after {total.sent} more answers ({last['reason']})")
+        return gate, total
 
     async def _refit(self, run_dir: Path, config: Path, gateway: _Gateway) -> dict[str, Any]:
         before = self._pointer(run_dir, "reward_model")
@@ -245,9 +289,20 @@ class Loop:
             "max_live_adapters": 2, "lora_loading": "admin", "full": "refuse",
         }  # fmt: skip
         trainer = cfg.setdefault("trainer", {})
-        trainer.update(registry_dir=registry, publish_to="current", metrics_file=str((run_dir / "trainer.prom").resolve()))
+        publish_to = "canary" if self.o.canary_fraction else "current"
+        trainer.update(registry_dir=registry, publish_to=publish_to, metrics_file=str((run_dir / "trainer.prom").resolve()))
+        cfg["canary"] = {
+            **cfg.get("canary", {}), "fraction": self.o.canary_fraction, "auto": True, "poll_s": 1.0,
+            "min_requests": self.o.gate_min_requests, "looks": 3,
+        }  # fmt: skip
         trainer["dpo"] = {**trainer.get("dpo", {}), "seed": seed}
         trainer["reward"] = {**trainer.get("reward", {}), "seed": seed}
+        for dotted, value in self.o.overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = cfg
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -306,16 +361,20 @@ class Loop:
             engine.dispose()
 
     @staticmethod
-    def _pointer(run_dir: Path, kind: str) -> str | None:
-        path = run_dir / "registry" / kind / "current.json"
+    def _pointer(run_dir: Path, kind: str, name: str = "current") -> str | None:
+        path = run_dir / "registry" / kind / f"{name}.json"
         return str(json.loads(path.read_text())["version"]) if path.exists() else None
 
     @staticmethod
-    def _served(url: str) -> str | None:
+    def _status(url: str) -> dict[str, Any]:
         import urllib.request
 
         with urllib.request.urlopen(f"{url}/admin/policy", timeout=10) as response:
-            return str(json.loads(response.read())["current"])
+            status: dict[str, Any] = json.loads(response.read())
+        return status
+
+    def _served(self, url: str) -> str:
+        return str(self._status(url)["current"])
 
     @staticmethod
     def _served_rm(url: str) -> str | None:

@@ -44,6 +44,15 @@ class Traffic:
     def thumbs(self) -> int:
         return self.thumbs_up + self.thumbs_down
 
+    def merge(self, other: Traffic) -> None:
+        self.sent += other.sent
+        self.failed += other.failed
+        self.thumbs_up += other.thumbs_up
+        self.thumbs_down += other.thumbs_down
+        self.feedback_waits += other.feedback_waits
+        for version, count in other.versions.items():
+            self.versions[version] = self.versions.get(version, 0) + count
+
 
 class SimulatedUser:
     def __init__(
@@ -55,26 +64,35 @@ class SimulatedUser:
         self._model = model
         self._judgement = judgement
         self._rng = random.Random(seed)
+        self._seed = seed
+        self._asked = 0
 
     async def converse(self, prompts: Sequence[str], concurrency: int, max_tokens: int) -> Traffic:
         """Ask every prompt (``concurrency`` at a time); thumb a ``judgement.rate`` share of the answers."""
         traffic = Traffic()
         # decide up front which answers get a thumb and with what noise, so concurrency does not change the draw
-        plan = [(p, self._rng.random() < self._judgement.rate, self._rng.gauss(0.0, self._judgement.noise)) for p in prompts]
-        queue: asyncio.Queue[tuple[str, bool, float]] = asyncio.Queue()
+        plan = []
+        for prompt in prompts:
+            self._asked += 1  # each request from another end user (the OpenAI `user` field): canaries split by user
+            plan.append((prompt, f"user-{self._seed}-{self._asked}", self._rng.random() < self._judgement.rate,
+                         self._rng.gauss(0.0, self._judgement.noise)))  # fmt: skip
+        queue: asyncio.Queue[tuple[str, str, bool, float]] = asyncio.Queue()
         for item in plan:
             queue.put_nowait(item)
 
         async def worker() -> None:
             while not queue.empty():
-                prompt, thumb, noise = queue.get_nowait()
-                await self._one(prompt, thumb, noise, max_tokens, traffic)
+                prompt, end_user, thumb, noise = queue.get_nowait()
+                await self._one(prompt, end_user, thumb, noise, max_tokens, traffic)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return traffic
 
-    async def _one(self, prompt: str, thumb: bool, noise: float, max_tokens: int, traffic: Traffic) -> None:
-        body = {"model": self._model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    async def _one(self, prompt: str, end_user: str, thumb: bool, noise: float, max_tokens: int, traffic: Traffic) -> None:
+        body = {
+            "model": self._model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "user": end_user,
+        }  # fmt: skip
         traffic.sent += 1
         async with self._session.post(f"{self._url}/v1/chat/completions", json=body, headers=self._headers) as response:
             if response.status != 200:
