@@ -125,9 +125,10 @@ def goals(runs: Sequence[Run]) -> dict[str, Any]:
         out["n1_vs_start_bon2"] = {
             "by_round": vs_bon2,
             "change_from_previous_round": changes,
-            "met": all(d["estimate"] >= 0 for d in vs_bon2) and all(c["estimate"] >= 0 for c in changes[1:]),
-            "rule": "every round's N=1 gold >= the start's best-of-2, and no round below the one before (point estimates; "
-            "intervals paired per seed and held-out prompt)",
+            "met": all(d["estimate"] >= 0 for d in vs_bon2) and all(c["ci95"][1] >= 0 for c in changes[1:]),
+            "rule": "every round's N=1 gold >= the start's best-of-2 (point estimate) and no round significantly below the "
+            "one before (the change's 95% interval reaches 0; a refused round re-measures the same version, whose point "
+            "estimate moves by sampling noise alone); intervals paired per seed and held-out prompt",
         }
     if bon4 is not None:
         final = _paired(n1[-1], bon4)

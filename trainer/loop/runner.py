@@ -179,6 +179,11 @@ class Loop:
             finally:
                 await gateway.stop()
                 await self._unload_adapters(session, vllm)
+        measured = [("start", result.start)] + [(f"round{r.round}", r.measurement) for r in result.rounds]
+        per_prompt = {
+            name: {"version": m.version, "bon": {str(n): v for n, v in m.per_prompt_bon.items()}} for name, m in measured
+        }
+        (run_dir / "measurements.json").write_text(json.dumps({"prompts": heldout, **per_prompt}))  # for re-analysis
         return result
 
     async def _round(

@@ -54,8 +54,12 @@ def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
     assert g["n1_vs_start_bon2"]["met"]
     assert g["final_n1_vs_start_bon4"]["estimate"] == pytest.approx(-0.1)
     assert not g["final_n1_vs_start_bon4"]["met"]
-    falling = Run("rm", 0, 0.0, start, [record(1, measurement([0.8, 0.8])), record(2, measurement([0.7, 0.7]))])
-    assert not goals([falling])["n1_vs_start_bon2"]["met"]  # above best-of-2 but fell between rounds
+    falling = Run("rm", 0, 0.0, start, [record(1, measurement([0.8, 0.9, 0.8])), record(2, measurement([0.7, 0.8, 0.7]))])
+    falling.start = measurement([0.5, 0.5, 0.5], bon2=[0.6, 0.7, 0.6])
+    assert not goals([falling])["n1_vs_start_bon2"]["met"]  # above best-of-2 but fell between rounds (every prompt)
+    noisy = Run("rm", 0, 0.0, falling.start, [record(1, measurement([0.8, 0.9, 0.8])),
+                                              record(2, measurement([0.9, 0.7, 0.8]))])  # fmt: skip
+    assert goals([noisy])["n1_vs_start_bon2"]["met"]  # a lower mean within noise is not a fall
 
 
 def test_warnings_flag_reward_hacking_length_kl_and_refusals() -> None:
