@@ -48,6 +48,10 @@ REQUIRED: dict[str, set[str]] = {
     "log queue depth": {"bon_log_queue_depth"},
     "log spool pending": {"bon_log_spool_pending"},
     "policy version info": {"bon_policy_version_info"},
+    "canary decisions": {"bon_canary_decisions_total"},
+    "canary answers": {"bon_canary_answers"},
+    "canary reward difference": {"bon_canary_reward_diff"},
+    "KL to the starting policy": {"bon_policy_kl_nats"},
 }
 # histogram quantiles the panels must plot, by bucket series
 REQUIRED_QUANTILES: dict[str, set[float]] = {
@@ -90,6 +94,13 @@ def exposition() -> dict[str, Sample]:
     metrics.swap_seconds.labels("lora").observe(0.2)
     metrics.swap_probe_diff.labels("http://vllm:8000").set(1e-5)
     metrics.swap_backend_failures.labels("http://vllm:8000").inc()
+    metrics.set_canary("v2")
+    metrics.canary_decisions.labels("rollback", "gate").inc()
+    for arm in ("canary", "current"):
+        metrics.canary_answers.labels(arm).set(200)
+    for bound in ("estimate", "low", "high"):
+        metrics.canary_reward_diff.labels(bound).set(-0.1)
+    metrics.policy_kl.labels("v2", "canary").set(0.4)
 
     samples: dict[str, Sample] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):

@@ -240,6 +240,8 @@ class Loop:
                 raise LoopError(f"the canary gate did not decide on {trial} after {total.sent} requests")
             batch = list(itertools.islice(stream, 4 * self.o.concurrency))
             total.merge(await user.converse(batch, self.o.concurrency, self.o.max_tokens))
+            if total.failed:
+                raise LoopError(f"{total.failed} requests failed during the trial of {trial}; see {gateway.log_path}")
             await asyncio.sleep(0.2)
         looks = [json.loads(line) for line in (run_dir / "registry" / "policy" / "gate.jsonl").read_text().splitlines()]
         last = [look for look in looks if look["canary"] == trial][-1]
