@@ -213,7 +213,7 @@ class Loop:
         current = self._pointer(run_dir, "policy")
         version = current or "base"
         t = time.perf_counter()
-        await self._until(lambda: self._served(gateway.url) == version, f"the gateway to serve {version}")
+        await self._until(lambda: self._serves_only(gateway.url, version), f"the gateway to serve {version} alone")
         seconds["swap"] = time.perf_counter() - t
         t = time.perf_counter()
         measured = await self._measure(session, gateway.url, run_dir, heldout, seed)
@@ -380,8 +380,11 @@ class Loop:
             status: dict[str, Any] = json.loads(response.read())
         return status
 
-    def _served(self, url: str) -> str:
-        return str(self._status(url)["current"])
+    def _serves_only(self, url: str, version: str) -> bool:
+        """Whether ``version`` answers every request (current, and no trial still routed: a measurement's requests
+        would otherwise reach the canary for as long as the gateway has not noticed the trial's end)."""
+        status = self._status(url)
+        return bool(status["current"] == version and status["canary"] is None)
 
     @staticmethod
     def _served_rm(url: str) -> str | None:
