@@ -27,6 +27,16 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def bearer(authorization: str | None, what: str, placeholder: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header; raises ``AuthenticationFailed`` naming ``what``."""
+    if not authorization:
+        raise AuthenticationFailed(f"missing {what}: send 'Authorization: Bearer <{placeholder}>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed(f"malformed Authorization header: expected 'Bearer <{placeholder}>'")
+    return token.strip()
+
+
 class KeyRing:
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._keys = [(key.sha256, key.id) for key in keys]
@@ -39,12 +49,7 @@ class KeyRing:
         """The key id for an ``Authorization`` header value; raises ``AuthenticationFailed``."""
         if self.keyless:
             return KEYLESS_ID
-        if not authorization:
-            raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <key>'")
-        wanted = digest(token.strip())
+        wanted = digest(bearer(authorization, "API key", "key"))
         found = None
         for stored, key_id in self._keys:
             if hmac.compare_digest(stored, wanted):
@@ -68,12 +73,7 @@ class AdminGuard:
             raise PermissionDenied(
                 f"the admin endpoints are disabled: this gateway listens on {self._host} and has no admin_token"
             )
-        if not authorization:
-            raise AuthenticationFailed("missing admin token: send 'Authorization: Bearer <admin_token>'")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <admin_token>'")
-        if hmac.compare_digest(self._digest, digest(token.strip())):
+        if hmac.compare_digest(self._digest, digest(bearer(authorization, "admin token", "admin_token"))):
             return
         if not self._keys.keyless:
             try:
