@@ -69,6 +69,12 @@ class Look:
     """Whether the pointers were moved (``canary.auto: false``: decisions are recorded, not applied)."""
 
 
+def recorded(registry_dir: Path) -> list[dict[str, Any]]:
+    """Every look in ``<registry>/policy/gate.jsonl``, oldest first ([] before the first)."""
+    path = Path(registry_dir) / "policy" / DECISIONS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def rules(settings: CanarySettings) -> GateRules:
     return GateRules(
         min_requests=settings.min_requests, looks=settings.looks, alpha=settings.alpha,
@@ -150,15 +156,10 @@ class CanaryGate:
 
     def _looked(self, canary: str) -> int:
         """The last look recorded for this canary's trial (0: none yet)."""
-        path = self._registry.root / "policy" / DECISIONS
-        if not path.exists():
-            return 0
-        last = 0
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            if entry.get("canary") == canary and entry.get("by") == "gate":
-                last = max(last, int(entry.get("look", 0)))
-        return last
+        taken = [
+            int(e.get("look", 0)) for e in recorded(self._registry.root) if e.get("canary") == canary and e.get("by") == "gate"
+        ]
+        return max(taken, default=0)
 
     # ---- by hand ----
     def decide_by_hand(self, action: Literal["promote", "rollback"], reason: str) -> Look:

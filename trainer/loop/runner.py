@@ -35,9 +35,11 @@ from typing import Any
 import aiohttp
 import yaml
 
+from gateway.canary import recorded
 from trainer.loop import measure
 from trainer.loop.report import RoundRecord, Run
 from trainer.loop.user import Judgement, SimulatedUser, Traffic
+from trainer.registry import Kind, Pointer, Registry
 
 API_KEY = "sk-simulated-user"
 ARMS = ("rm", "thumbs")
@@ -201,7 +203,8 @@ class Loop:
         t = time.perf_counter()
         outcome, output = await asyncio.to_thread(self._trainer, config, [])
         seconds["train"] = time.perf_counter() - t
-        trained = self._pointer(run_dir, "policy", "canary" if self.o.canary_fraction else "current")
+        registry = Registry(run_dir / "registry")
+        trained = self._pointer(registry, "policy", "canary" if self.o.canary_fraction else "current")
         gate = None
         if self.o.canary_fraction and outcome == "trained" and trained is not None:
             t = time.perf_counter()
@@ -210,7 +213,7 @@ class Loop:
             seconds["trial"] = time.perf_counter() - t
             if gate["action"] != "promote":
                 outcome = "refused"
-        current = self._pointer(run_dir, "policy")
+        current = self._pointer(registry, "policy")
         version = current or "base"
         t = time.perf_counter()
         await self._until(lambda: self._serves_only(gateway.url, version), f"the gateway to serve {version} alone")
@@ -220,8 +223,8 @@ class Loop:
         seconds["measure"] = time.perf_counter() - t
         pairs = 0
         if trained is not None and outcome in ("trained", "refused"):
-            manifest = json.loads((run_dir / "registry" / "policy" / "versions" / trained / "manifest.json").read_text())
-            pairs = int(manifest["data_window"].get("rows", manifest["data_window"].get("pairs", 0)))
+            window = registry.manifest("policy", trained).data_window
+            pairs = int(window.get("rows", window.get("pairs", 0)))
         refit = None
         if arm == "thumbs" and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
             refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
@@ -235,7 +238,8 @@ class Loop:
         await self._until(lambda: self._status(gateway.url)["canary"] == trial, f"the gateway to put {trial} on trial")
         total = Traffic()
         limit = int(8 * self.o.gate_min_requests / self.o.canary_fraction)  # past the gate's last look
-        while self._pointer(run_dir, "policy", "canary") == trial:
+        registry = Registry(run_dir / "registry")
+        while self._pointer(registry, "policy", "canary") == trial:
             if total.sent >= limit:
                 raise LoopError(f"the canary gate did not decide on {trial} after {total.sent} requests")
             batch = list(itertools.islice(stream, 4 * self.o.concurrency))
@@ -243,8 +247,7 @@ class Loop:
             if total.failed:
                 raise LoopError(f"{total.failed} requests failed during the trial of {trial}; see {gateway.log_path}")
             await asyncio.sleep(0.2)
-        looks = [json.loads(line) for line in (run_dir / "registry" / "policy" / "gate.jsonl").read_text().splitlines()]
-        last = [look for look in looks if look["canary"] == trial][-1]
+        last = [look for look in recorded(registry.root) if look["canary"] == trial][-1]
         gate = {
             key: last.get(key) for key in ("canary", "action", "reason", "look", "reward_diff", "up_rate_diff", "length_ratio")
         }
@@ -253,13 +256,13 @@ class Loop:
         return gate, total
 
     async def _refit(self, run_dir: Path, config: Path, gateway: _Gateway) -> dict[str, Any]:
-        before = self._pointer(run_dir, "reward_model")
+        registry = Registry(run_dir / "registry")
+        before = self._pointer(registry, "reward_model")
         outcome, output = await asyncio.to_thread(self._trainer, config, ["--refit-reward-model"])
-        after = self._pointer(run_dir, "reward_model")
+        after = self._pointer(registry, "reward_model")
         refit: dict[str, Any] = {"outcome": outcome, "rm_version": after}
         if after is not None and after != before:
-            manifest = json.loads((run_dir / "registry" / "reward_model" / "versions" / after / "manifest.json").read_text())
-            refit["evaluation"] = manifest.get("evaluation", {})
+            refit["evaluation"] = registry.manifest("reward_model", after).evaluation
             await self._until(lambda: self._served_rm(gateway.url) == after, f"the gateway to score with {after}")
         else:
             refit["message"] = output.strip().splitlines()[-1] if output.strip() else ""
@@ -368,9 +371,9 @@ class Loop:
             engine.dispose()
 
     @staticmethod
-    def _pointer(run_dir: Path, kind: str, name: str = "current") -> str | None:
-        path = run_dir / "registry" / kind / f"{name}.json"
-        return str(json.loads(path.read_text())["version"]) if path.exists() else None
+    def _pointer(registry: Registry, kind: Kind, name: Pointer = "current") -> str | None:
+        state = registry.pointer(kind, name)
+        return state.version if state is not None else None
 
     @staticmethod
     def _status(url: str) -> dict[str, Any]:
