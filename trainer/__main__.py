@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -103,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="override a key of each run's config (YAML value), e.g. trainer.dpo.learning_rate=1e-3; repeatable",
+        metavar="[ARM:]KEY=VALUE",
+        help="override a key of each run's config (YAML value), e.g. trainer.dpo.learning_rate=1e-3; with ARM: "
+        "that arm's runs only, e.g. thumbs:trainer.pairs.from_reward_model=false; repeatable",
     )
     loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
@@ -292,7 +294,7 @@ def _export(args: argparse.Namespace) -> int:
     print(
         f"{s.completions} completions -> {s.pairs} pairs ({s.from_thumbs} decided by thumbs) in {args.out}, "
         f"{s.unpaired} unpaired thumbs in {kto_path(args.out)}; skipped: {s.unscored} unscored, "
-        f"{s.below_margin} under the margin, {s.duplicates} duplicates"
+        f"{s.below_margin} under the margin, {s.duplicates} duplicates, {s.unthumbed} without a thumb"
     )
     return 0
 
@@ -323,6 +325,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _evaluate_loop(args: argparse.Namespace) -> int:
     import json
 
@@ -349,6 +355,10 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.dpo.learning_rate=1e-3")
             continue
+        arm, colon, _ = key.partition(":")
+        if colon and arm.strip() not in arms:
+            problems.append(f"--set {item!r}: {arm.strip()!r} is not one of this run's arms ({', '.join(arms)})")
+            continue
         overrides[key.strip()] = yaml.safe_load(value)
     if problems:
         print(f"{command}: error: {problems[0]}", file=sys.stderr)
@@ -360,6 +370,9 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         out=args.out, vllm_url=args.vllm, canary_fraction=args.canary_fraction, gate_min_requests=args.gate_min_requests,
         overrides=overrides,
     )  # fmt: skip
+    # SIGTERM (a job's deletion, `kill`) ends the loop like Ctrl-C: its `finally`s stop the gateway and vLLM it
+    # started (each in a session of its own, so a signal to the loop's process group alone would not reach them).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         runs = Loop(options).run()
     except (LoopError, ConfigError) as exc:

@@ -16,7 +16,10 @@ Rules:
   thumbed down becomes ``rejected`` against the best other candidate; thumbed up, it
   becomes ``chosen`` against the others by the pair policy. ``min_margin`` is waived.
 - A thumb on a completion with a single distinct answer is exported unpaired for KTO.
-- The same (prompt, chosen, rejected) from several completions is kept once.
+- ``from_reward_model`` off: only thumbed completions make pairs (the reward model still
+  ranks the side the thumb did not judge).
+- The same (prompt, chosen, rejected) from several completions is kept once; training may then
+  repeat the thumb-decided ones (``weighted``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class PairStats:
     """Candidate pairs dropped for a reward gap of 0 or under ``min_margin``."""
     duplicates: int = 0
     """Pairs or unpaired examples already exported from another completion."""
+    unthumbed: int = 0
+    """Completions without a thumb, left out because ``from_reward_model`` is off."""
 
 
 @dataclass
@@ -107,6 +112,9 @@ def _one(
             return [_pair(record, ranked[0], served, thumb)], None
         rejected = ranked if settings.policy == "best_vs_each" else ranked[-1:]
         return [_pair(record, served, r, thumb) for r in rejected], None
+    if not settings.from_reward_model:
+        stats.unthumbed += 1
+        return [], None
     if not scored:
         stats.unscored += 1
         return [], None
@@ -168,6 +176,11 @@ def _unpaired(record: CompletionRecord, answer: CandidateRecord, thumb: Feedback
         "rm_version": record.rm_version,
         "token_ids": answer.token_ids,
     }
+
+
+def weighted(pairs: list[dict[str, Any]], thumb_weight: int) -> list[dict[str, Any]]:
+    """The pairs with each thumb-decided one repeated ``thumb_weight`` times (DPO's rows have no weight of their own)."""
+    return [row for row in pairs for _ in range(thumb_weight if row["source"] == "thumb" else 1)]
 
 
 def thumbed(labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from trainer.export import parse_time, window
 from trainer.lock import round_lock
-from trainer.pairs import build, thumbed
+from trainer.pairs import build, thumbed, weighted
 from trainer.registry import Registry, RegistryError
 from trainer.settings import TrainerSettings
 
@@ -170,40 +170,60 @@ def _train(
     from trainer import adapter, kl, probe
 
     s = settings.trainer
-    torch.manual_seed(s.dpo.seed)
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)
     parent_dir = registry.path("policy", parent) if parent else None
     parent_format = registry.verify("policy", parent).format if parent is not None else None
-    if s.format == "full":
-        if algorithm != "dpo":
-            raise RoundError(f"trainer.format full is implemented for dpo only, not {algorithm}")
-        init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
-    elif parent_format == "full":
+    if s.format == "full" and algorithm != "dpo":
+        raise RoundError(f"trainer.format full is implemented for dpo only, not {algorithm}")
+    if s.format == "lora" and parent_format == "full":
         raise RoundError(f"the current version {parent} is a full fine-tune; trainer.format lora cannot continue it")
-    else:
-        init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
+    budget = s.kl_budget
+    tries: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
-        trained, model, used, hyperparameters = _fit(settings, registry, algorithm, rm_version, init, tokenizer, data,
-                                                     Path(work), progress)  # fmt: skip
-        if not math.isfinite(trained.loss):
-            raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
-        # Everything below measures the version as saved (what vLLM will load), not the trainer's in-memory model:
-        # after a bf16 round the two gave probe log-probs 0.014 nats per token apart (cause not pinned down).
-        saved = Path(work) / "version"
-        model.save_pretrained(saved)
-        if s.format == "full":
-            tokenizer.save_pretrained(saved)  # vLLM serves the directory as a model of its own
-            served = adapter.load_full(saved)
+        for attempt in range(1 + (budget.retries if budget.max_nats is not None else 0)):
+            factor = budget.backoff**attempt
+            torch.manual_seed(s.dpo.seed)
+            if s.format == "full":
+                init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
+            else:
+                init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
+            attempt_dir = Path(work) / f"try{attempt}"
+            attempt_dir.mkdir()
+            trained, model, used, hyperparameters = _fit(_step_scaled(settings, factor), registry, algorithm, rm_version,
+                                                         init, tokenizer, data, attempt_dir, progress)  # fmt: skip
+            if not math.isfinite(trained.loss):
+                raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
+            # Everything below measures the version as saved (what vLLM will load), not the trainer's in-memory model:
+            # after a bf16 round the two gave probe log-probs 0.014 nats per token apart (cause not pinned down).
+            saved = attempt_dir / "version"
+            model.save_pretrained(saved)
+            if s.format == "full":
+                tokenizer.save_pretrained(saved)  # vLLM serves the directory as a model of its own
+                served = adapter.load_full(saved)
+            else:
+                served = adapter.load_adapter(s.base_policy, saved)
+            eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
+            drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
+                               s.evaluation.max_new_tokens, seed=s.dpo.seed, reference=init.reference)  # fmt: skip
+            tries.append({"step_scale": factor, "kl_to_reference": drift.kl})
+            if budget.max_nats is None or drift.kl <= budget.max_nats:
+                break
+            log.warning("round %s: KL to the reference %.2f nats is over trainer.kl_budget.max_nats %.2f at %.3gx the "
+                        "learning rate", algorithm, drift.kl, budget.max_nats, factor)  # fmt: skip
         else:
-            served = adapter.load_adapter(s.base_policy, saved)
-        eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
-        drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
-                           s.evaluation.max_new_tokens, seed=s.dpo.seed, reference=init.reference)  # fmt: skip
+            listed = ", ".join(f"{t['kl_to_reference']:.2f} at {t['step_scale']:.3g}x" for t in tries)
+            return RoundResult(
+                "skipped", f"every try went over the KL budget of {budget.max_nats} nats to the reference "
+                f"(nats at the learning-rate scale: {listed}); nothing registered", parent=parent, pairs=used,
+                completions=data_window["completions"], algorithm=algorithm,
+            )  # fmt: skip
         probe.compute(served, probe.sequences(tokenizer)).save(saved)
         figures: dict[str, Any] = {
             "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl, "mean_length": drift.mean_length,
             "kl_samples": drift.samples, "steps": trained.steps, "train_seconds": trained.seconds,
         }  # fmt: skip
+        if budget.max_nats is not None:
+            figures["kl_budget_tries"] = tries
 
         def write(directory: Path) -> None:
             for file in saved.iterdir():
@@ -223,6 +243,16 @@ def _train(
         "trained", f"{manifest.version} registered and set as {s.publish_to}", version=manifest.version, parent=parent,
         pairs=used, completions=data_window["completions"], figures=figures, algorithm=algorithm,
     )  # fmt: skip
+
+
+def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
+    """The settings with every policy algorithm's learning rate times ``factor`` (the KL budget's back-off)."""
+    if factor == 1.0:
+        return settings
+    s = settings.trainer
+    scaled = {name: getattr(s, name).model_copy(update={"learning_rate": getattr(s, name).learning_rate * factor})
+              for name in ("dpo", "kto", "ppo")}  # fmt: skip
+    return settings.model_copy(update={"trainer": s.model_copy(update=scaled)})
 
 
 def _fit(
@@ -262,7 +292,7 @@ def _fit(
         return trained, model, len(prompts), params
     from trainer import dpo
 
-    made_dpo = dpo.rows(data.pairs, tokenizer, s.dpo.max_length)
+    made_dpo = dpo.rows(weighted(data.pairs, s.pairs.thumb_weight), tokenizer, s.dpo.max_length)
     reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.dpo.bf16 else 'fp32'}"
     cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
     result, model = dpo.train(init, tokenizer, made_dpo.rows, s.dpo, work, cache if s.dpo.cache_reference else None,

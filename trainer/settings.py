@@ -26,6 +26,12 @@ class PairSettings(BaseModel):
     min_margin: float = Field(default=0.0, ge=0.0, description="smallest reward gap kept as a pair (ties never are)")
     thumbs_override: bool = True
     """A thumb decides the pair whatever the reward model said (and waives ``min_margin``)."""
+    from_reward_model: bool = True
+    """Pairs from completions nobody thumbed, ordered by the reward model alone. Off: thumbed completions only
+    (when the reward model no longer tells right from wrong on the policy's own answers)."""
+    thumb_weight: int = Field(default=1, ge=1, le=16)
+    """DPO trains on each thumb-decided pair this many times (TRL's DPO has no per-row weight; repeating a row
+    is the same gradient). Thumbs are few but come from people; the reward model's own pairs are many but noisy."""
 
 
 class DpoSettings(BaseModel):
@@ -105,6 +111,17 @@ class EvalSettings(BaseModel):
     max_new_tokens: int = Field(default=64, ge=1)
 
 
+class KlBudgetSettings(BaseModel):
+    """A bound on how far one round may move the policy: sequence-level KL to the reference (the starting
+    policy), in nats per response, as the round measures it before registering (the gate's figure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_nats: float | None = Field(default=None, gt=0, description="None: no budget")
+    backoff: float = Field(default=0.5, gt=0, lt=1, description="over budget: train again from the parent at lr x this")
+    retries: int = Field(default=2, ge=0, description="tries after the first; over budget on all: the round is skipped")
+
+
 class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -144,6 +161,7 @@ class TrainerSection(BaseModel):
     ppo: PpoSettings = Field(default_factory=PpoSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    kl_budget: KlBudgetSettings = Field(default_factory=KlBudgetSettings)
 
 
 class TrainerSettings(YamlSettings):

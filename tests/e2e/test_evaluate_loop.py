@@ -37,6 +37,7 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("evaluate-loop", "--arms", "rm,magic"), "unknown arm", "magic")
     assert_one_line_error(run_cli("evaluate-loop", "--thumb-rate", "0.5"), "at most 20%")
     assert_one_line_error(run_cli("evaluate-loop", "--rounds", "0"), "must be positive")
+    assert_one_line_error(run_cli("evaluate-loop", "--arms", "rm", "--set", "thumbs:trainer.min_pairs=8"), "not one of")
 
 
 def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: Path) -> None:

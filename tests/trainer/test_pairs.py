@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord
-from trainer.pairs import build
+from trainer.pairs import build, weighted
 from trainer.settings import PairSettings
 
 
@@ -79,6 +79,18 @@ def test_a_thumb_up_waives_the_margin_and_thumbs_can_be_turned_off() -> None:
     assert (texts(row), row["source"]) == (("4.", "Four."), "thumb")
     [ignored] = build([(record("c2", *FOUR), thumb("c2", "down"))], PairSettings(thumbs_override=False)).pairs
     assert texts(ignored) == ("4.", "Five.")
+
+
+def test_training_repeats_thumb_decided_pairs_by_their_weight() -> None:
+    out = build([(record("c1", *FOUR), thumb("c1", "down")), (record("c2", *FOUR, prompt="And 2 + 3?"), None)], PairSettings())
+    by_source = [r["source"] for r in out.pairs]
+    assert by_source == ["thumb", "reward_model"]
+    assert [r["source"] for r in weighted(out.pairs, 3)] == ["thumb", "thumb", "thumb", "reward_model"]
+    assert weighted(out.pairs, 1) == out.pairs
+    only = build([(record("c1", *FOUR), thumb("c1", "down")), (record("c2", *FOUR, prompt="And 2 + 3?"), None)],
+                 PairSettings(from_reward_model=False))  # fmt: skip
+    assert [r["source"] for r in only.pairs] == ["thumb"]
+    assert only.stats.unthumbed == 1
 
 
 def test_a_thumb_with_nothing_to_pair_is_exported_unpaired_for_kto() -> None:

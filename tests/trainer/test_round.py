@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.trainer.rounds import logp, pair, write_log
 from tests.trainer.test_cli import assert_one_line_error, run_cli
@@ -180,6 +181,40 @@ def test_while_a_canary_is_on_trial_a_round_publishing_canaries_skips(deployment
     assert "round skipped" in out
     assert "still on trial" in out
     assert [m.version for m in registry.versions("policy")] == [trial.version]
+
+
+def _with(deployment: Path, **trainer: Any) -> Path:
+    config = yaml.safe_load(deployment.read_text())
+    config["trainer"].update(trainer)
+    deployment.write_text(yaml.safe_dump(config))
+    return deployment
+
+
+def test_over_the_kl_budget_a_round_trains_again_at_a_smaller_step(deployment: Path) -> None:
+    """At the full learning rate the adapter moves the policy more than 1e-4 nats; at 1/1000 of it, less."""
+    _with(deployment, kl_budget={"max_nats": 1e-4, "backoff": 1e-3, "retries": 1})
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    manifest = Registry(deployment.parent / "registry").verify("policy", "v0001")
+    first, second = manifest.evaluation["kl_budget_tries"]
+    assert first["step_scale"] == 1.0
+    assert first["kl_to_reference"] > 1e-4
+    assert second["step_scale"] == pytest.approx(1e-3)
+    assert second["kl_to_reference"] <= 1e-4
+    assert manifest.evaluation["kl_to_reference"] == second["kl_to_reference"]
+    assert manifest.hyperparameters["learning_rate"] == pytest.approx(5e-4 * 1e-3)
+
+
+def test_over_the_kl_budget_at_every_step_the_round_skips_and_registers_nothing(deployment: Path, capsys: Any) -> None:
+    _with(deployment, kl_budget={"max_nats": 1e-12, "backoff": 0.5, "retries": 1})
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round skipped" in out
+    assert "every try went over the KL budget of 1e-12 nats" in out
+    assert " at 1x, " in out
+    assert " at 0.5x)" in out
+    registry = Registry(deployment.parent / "registry")
+    assert registry.versions("policy") == []
+    assert registry.pointer("policy", "current") is None
 
 
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:

@@ -73,7 +73,8 @@ class LoopOptions:
     gate_min_requests: int = 100
     """The gate's ``canary.min_requests`` (its looks at 1x, 2x, 4x this)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Dotted keys of the run config set after the loop's own (``trainer.dpo.learning_rate`` -> 1e-3)."""
+    """Dotted keys of the run config set after the loop's own (``trainer.dpo.learning_rate`` -> 1e-3); a key
+    ``ARM:dotted.key`` applies to that arm's runs only."""
     timeout_s: float = 900.0
     """Longest wait for one step (a gateway start, a swap, a round)."""
     log: Callable[[str], None] = field(default=lambda message: print(f"[evaluate-loop] {message}", flush=True))
@@ -151,7 +152,7 @@ class Loop:
             raise LoopError(f"{run_dir} exists: each run starts from an empty log and registry (choose another --out)")
         (run_dir / "registry").mkdir(parents=True)
         thumb_rate = self.o.thumb_rate if arm == "thumbs" else 0.0
-        config = self._write_config(run_dir, vllm, seed)
+        config = self._write_config(run_dir, vllm, seed, arm)
         stream = itertools.cycle(random.Random(seed).sample(train, k=len(train)))
         # idle connections are dropped before the gateway's server (uvicorn, 5 s) closes them: no reuse races
         connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
@@ -283,7 +284,7 @@ class Loop:
         return measure.summarise(version, self._served_rm(url) or "?", heldout, texts, rewards, mean_len, kl)
 
     # ---- processes ----
-    def _write_config(self, run_dir: Path, vllm: str, seed: int) -> Path:
+    def _write_config(self, run_dir: Path, vllm: str, seed: int, arm: str) -> Path:
         from gateway.auth import digest
         from gateway.vllm_process import free_port
 
@@ -307,7 +308,10 @@ class Loop:
         }  # fmt: skip
         trainer["dpo"] = {**trainer.get("dpo", {}), "seed": seed}
         trainer["reward"] = {**trainer.get("reward", {}), "seed": seed}
-        for dotted, value in self.o.overrides.items():
+        for key, value in self.o.overrides.items():
+            only, _, dotted = key.rpartition(":")
+            if only and only != arm:
+                continue
             *parents, leaf = dotted.split(".")
             node = cfg
             for key in parents:
