@@ -24,7 +24,8 @@ A request keeps the route it started with (``Route`` is immutable), so a swap ne
 fails a request in flight.
 
 Canary: the ``canary`` pointer's version is loaded and verified the same way (counted in
-the live bound) and answers the share ``canary.fraction`` of requests, chosen by a hash of
+the live bound; a backend that fails to verify it is retried during the trial) and answers
+the share ``canary.fraction`` of requests, chosen by a hash of
 the version and the request's sticky key (its ``user``, else its API key), so a user stays
 on one version for the whole trial, on every replica. When the pointer is cleared the
 canary drains and is unloaded (rolled back); when ``current`` moves to it (promoted) its
@@ -226,6 +227,11 @@ class Swapper:
                 self._retired[trial.version] = time.monotonic()  # drains, then unloaded like any unrouted version
                 log.warning("canary %s ended: no longer routed (unloaded after drain)", trial.version)
             self._metrics.set_canary(None)
+        if self.canary is not None and self.canary.version == target and self._formats.get(target) == "lora":
+            missing = [b for b in self._backends if b.url not in self.canary.models]
+            if missing:  # a backend that failed to verify the canary is retried during the trial, as for current
+                await self._add_backends(target, missing)
+            return
         if target is None or (self.canary is not None) or not self._due(target):
             return
         started = time.perf_counter()
@@ -256,7 +262,7 @@ class Swapper:
         self._metrics.set_versions(policy=new.version)
 
     async def _add_backends(self, version: str, backends: list[Backend]) -> None:
-        """Retry the backends that failed verification for the routed version."""
+        """Retry the backends that failed verification for the routed version or the canary."""
         if not self._due(version):
             return
         try:
@@ -265,7 +271,11 @@ class Swapper:
             return
         added = await self._load_everywhere(version, probe, backends)
         if added:
-            self.route = self._routes[version] = Route(version, {**self.route.models, **added})
+            route = self._routes[version] = Route(version, {**self._routes[version].models, **added})
+            if self.route.version == version:
+                self.route = route
+            if self.canary is not None and self.canary.version == version:
+                self.canary = route
         if len(added) < len(backends):
             self._failed[version] = time.monotonic()
 

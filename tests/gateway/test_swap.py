@@ -437,6 +437,32 @@ def test_a_rolled_back_canary_stops_answering_then_is_unloaded_after_drain(tmp_p
     run(test)
 
 
+def test_a_backend_that_fails_to_verify_the_canary_is_retried_during_the_trial(tmp_path: Path) -> None:
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        good, bad = FakeVLLM(), FakeVLLM()
+        async with serving(good) as b1, serving(bad) as b2, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [b1, b2], "base", SwapSettings(retry_s=0), tmp_path, Metrics(), canary_fraction=0.5)
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            assert set(swapper.route.models) == {b1.url, b2.url}
+            bad.wrong = True
+            v2 = publish(registry, 2, pointer="canary")
+            await swapper.sync()
+            assert swapper.canary is not None
+            assert swapper.canary.models == {b1.url: f"policy@{v2}"}  # the trial runs on the backend that verified it
+            bad.wrong = False
+            await swapper.sync()
+            assert swapper.canary.models == {b1.url: f"policy@{v2}", b2.url: f"policy@{v2}"}
+            assert swapper.route.models == {b1.url: f"policy@{v1}", b2.url: f"policy@{v1}"}  # current untouched
+            registry.promote("policy")
+            await swapper.sync()
+            assert swapper.route.version == v2
+            assert set(swapper.route.models) == {b1.url, b2.url}  # promoted with both backends
+
+    run(test)
+
+
 def test_the_canary_share_is_a_stable_hash() -> None:
     assert not in_canary("user:a", "v0002", 0.0)
     assert in_canary("user:a", "v0002", 1.0)
