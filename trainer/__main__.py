@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -325,10 +324,6 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _evaluate_loop(args: argparse.Namespace) -> int:
     import json
 
@@ -370,9 +365,6 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         out=args.out, vllm_url=args.vllm, canary_fraction=args.canary_fraction, gate_min_requests=args.gate_min_requests,
         overrides=overrides,
     )  # fmt: skip
-    # SIGTERM (a job's deletion, `kill`) ends the loop like Ctrl-C: its `finally`s stop the gateway and vLLM it
-    # started (each in a session of its own, so a signal to the loop's process group alone would not reach them).
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         runs = Loop(options).run()
     except (LoopError, ConfigError) as exc:

@@ -25,12 +25,13 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import yaml
@@ -40,6 +41,8 @@ from trainer.loop import measure
 from trainer.loop.report import RoundRecord, Run
 from trainer.loop.user import Judgement, SimulatedUser, Traffic
 from trainer.registry import Kind, Pointer, Registry
+
+T = TypeVar("T")
 
 API_KEY = "sk-simulated-user"
 ARMS = ("rm", "thumbs")
@@ -118,17 +121,21 @@ class Loop:
         self.o.out.mkdir(parents=True, exist_ok=True)
         vllm = None
         url = self.o.vllm_url
-        if url is None:
-            vllm = self._start_vllm()
-            url = vllm.url
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
         runs = []
         try:
+            if url is None:
+                vllm = self._start_vllm()
+                url = vllm.url
             for arm in self.o.arms:
                 for seed in self.o.seeds:
-                    runs.append(asyncio.run(self._run(arm, seed, url, train, heldout)))
+                    runs.append(asyncio.run(_terminable(self._run(arm, seed, url, train, heldout))))
         finally:
             if vllm is not None:
                 vllm.stop()
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         return runs
 
     def _start_vllm(self) -> Any:
@@ -142,7 +149,11 @@ class Loop:
         )  # fmt: skip
         self.o.log(f"starting vLLM on {m.model_dir} (log: {vllm.log_path}) ...")
         vllm.start()
-        vllm.wait_healthy(m.startup_s)
+        try:
+            vllm.wait_healthy(m.startup_s)
+        except BaseException:  # not healthy in time, or SIGTERM while waiting: not left behind
+            vllm.stop()
+            raise
         return vllm
 
     # ---- one run ----
@@ -335,11 +346,14 @@ class Loop:
             return False
 
         deadline = time.monotonic() + self.o.timeout_s
-        while not await ready():
-            if time.monotonic() > deadline:
-                await gateway.stop()
-                raise LoopError(f"the gateway was not ready in {self.o.timeout_s:.0f} s; see {gateway.log_path}")
-            await asyncio.sleep(0.5)
+        try:
+            while not await ready():
+                if time.monotonic() > deadline:
+                    raise LoopError(f"the gateway was not ready in {self.o.timeout_s:.0f} s; see {gateway.log_path}")
+                await asyncio.sleep(0.5)
+        except BaseException:  # not ready, or the loop is ending (SIGTERM, Ctrl-C): the process is not left behind
+            await gateway.stop()
+            raise
         return gateway
 
     def _trainer(self, config: Path, extra: list[str]) -> tuple[str, str]:
@@ -409,6 +423,43 @@ class Loop:
             if time.monotonic() > deadline:
                 raise LoopError(f"timed out after {self.o.timeout_s:.0f} s waiting for {what}")
             await asyncio.sleep(0.5)
+
+
+class Terminated(LoopError):
+    """SIGTERM (a job's deletion, `kill`): the loop stopped the gateway and vLLM it started, and ends."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    """SIGTERM outside the event loop (starting vLLM, between runs): unwind through the ``finally``s."""
+    raise Terminated("stopped by SIGTERM; the gateway and vLLM it started are stopped")
+
+
+async def _terminable(run: Coroutine[Any, Any, T]) -> T:
+    """``run``, cancelled on SIGTERM so that its ``finally``s stop what it started (the gateway, started in a
+    session of its own, would not get a signal sent to the loop's process group); then ``Terminated``."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("stopped by SIGTERM; the gateway and vLLM it started are stopped") from None
+        raise
+    finally:
+        if main:
+            loop.remove_signal_handler(signal.SIGTERM)  # leaves SIG_DFL: put back the handler it replaced
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _Gateway:
