@@ -8,6 +8,9 @@ Knows the round's order and its rules:
 - the new adapter starts from its parent's adapter; the reference is the base policy;
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
   answer length on sampled answers) and computes the swap probe (``trainer.probe``);
+- with a KL budget (``trainer.kl_budget``), a version further from the reference than the
+  budget is trained again from the same parent at a smaller learning rate; if no try fits,
+  the round is skipped and nothing is registered;
 - it publishes through the registry (nothing half-registered after a crash) and only then
   moves the pointer that gateways follow;
 - its outcome goes to Prometheus metrics (a textfile, and a Pushgateway when configured).
