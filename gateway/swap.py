@@ -142,10 +142,8 @@ class Swapper:
         if target_version != self.route.version:
             if self._due(target_version):
                 await self._swap(target)
-        elif target is not None and self._formats.get(target) == "lora":
-            missing = [b for b in self._backends if b.url not in self.route.models]
-            if missing:
-                await self._add_backends(target, missing)
+        elif target is not None:
+            await self._add_backends(self.route)
         await self._sync_canary()
 
     def route_for(self, key: str) -> Route:
@@ -227,10 +225,8 @@ class Swapper:
                 self._retired[trial.version] = time.monotonic()  # drains, then unloaded like any unrouted version
                 log.warning("canary %s ended: no longer routed (unloaded after drain)", trial.version)
             self._metrics.set_canary(None)
-        if self.canary is not None and self.canary.version == target and self._formats.get(target) == "lora":
-            missing = [b for b in self._backends if b.url not in self.canary.models]
-            if missing:  # a backend that failed to verify the canary is retried during the trial, as for current
-                await self._add_backends(target, missing)
+        if self.canary is not None and self.canary.version == target:
+            await self._add_backends(self.canary)  # retried during the trial, as for current
             return
         if target is None or (self.canary is not None) or not self._due(target):
             return
@@ -261,9 +257,11 @@ class Swapper:
             self._routes[new.version] = new
         self._metrics.set_versions(policy=new.version)
 
-    async def _add_backends(self, version: str, backends: list[Backend]) -> None:
-        """Retry the backends that failed verification for the routed version or the canary."""
-        if not self._due(version):
+    async def _add_backends(self, route: Route) -> None:
+        """Retry the backends that failed to verify a LoRA version routed as current or as the canary."""
+        version = route.version
+        backends = [b for b in self._backends if b.url not in route.models]
+        if not backends or self._formats.get(version) != "lora" or not self._due(version):
             return
         try:
             probe = await asyncio.to_thread(Probe.load, self._registry.path("policy", version))
@@ -271,7 +269,7 @@ class Swapper:
             return
         added = await self._load_everywhere(version, probe, backends)
         if added:
-            route = self._routes[version] = Route(version, {**self._routes[version].models, **added})
+            route = self._routes[version] = Route(version, {**route.models, **added})
             if self.route.version == version:
                 self.route = route
             if self.canary is not None and self.canary.version == version:

@@ -155,15 +155,21 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
     assert result.loss == pytest.approx(expected, rel=1e-4)
 
 
-def test_too_few_pairs_skip_with_exit_0_and_register_nothing(deployment: Path, capsys: Any) -> None:
-    assert main(["run", "--config", str(deployment), "--min-pairs", "100", "--quiet"]) == 0
-    out = capsys.readouterr().out
+def _skips_registering_nothing(deployment: Path, capsys: Any, *options: str) -> str:
+    """Runs a round that must skip (exit 0, no version, no pointer); its output."""
+    assert main(["run", "--config", str(deployment), *options, "--quiet"]) == 0
+    out: str = capsys.readouterr().out
     assert "round skipped" in out
-    assert "24 pairs" in out
-    assert "min_pairs is 100" in out
     registry = Registry(deployment.parent / "registry")
     assert registry.versions("policy") == []
     assert registry.pointer("policy", "current") is None
+    return out
+
+
+def test_too_few_pairs_skip_with_exit_0_and_register_nothing(deployment: Path, capsys: Any) -> None:
+    out = _skips_registering_nothing(deployment, capsys, "--min-pairs", "100")
+    assert "24 pairs" in out
+    assert "min_pairs is 100" in out
     metrics = (deployment.parent / "registry" / "metrics" / "trainer.prom").read_text()
     assert 'trainer_round_outcome{outcome="skipped"} 1.0' in metrics
 
@@ -206,15 +212,10 @@ def test_over_the_kl_budget_a_round_trains_again_at_a_smaller_step(deployment: P
 
 def test_over_the_kl_budget_at_every_step_the_round_skips_and_registers_nothing(deployment: Path, capsys: Any) -> None:
     _with(deployment, kl_budget={"max_nats": 1e-12, "backoff": 0.5, "retries": 1})
-    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "round skipped" in out
+    out = _skips_registering_nothing(deployment, capsys)
     assert "every try went over the KL budget of 1e-12 nats" in out
     assert " at 1x, " in out
     assert " at 0.5x)" in out
-    registry = Registry(deployment.parent / "registry")
-    assert registry.versions("policy") == []
-    assert registry.pointer("policy", "current") is None
 
 
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:

@@ -325,8 +325,8 @@ class Loop:
                 continue
             *parents, leaf = dotted.split(".")
             node = cfg
-            for key in parents:
-                node = node.setdefault(key, {})
+            for part in parents:
+                node = node.setdefault(part, {})
             node[leaf] = value
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -428,10 +428,13 @@ class Loop:
 class Terminated(LoopError):
     """SIGTERM (a job's deletion, `kill`): the loop stopped the gateway and vLLM it started, and ends."""
 
+    def __init__(self) -> None:
+        super().__init__("stopped by SIGTERM; the gateway and vLLM it started are stopped")
+
 
 def _raise_terminated(signum: int, frame: object) -> None:
     """SIGTERM outside the event loop (starting vLLM, between runs): unwind through the ``finally``s."""
-    raise Terminated("stopped by SIGTERM; the gateway and vLLM it started are stopped")
+    raise Terminated()
 
 
 async def _terminable(run: Coroutine[Any, Any, T]) -> T:
@@ -454,7 +457,7 @@ async def _terminable(run: Coroutine[Any, Any, T]) -> T:
         return await run
     except asyncio.CancelledError:
         if terminated:
-            raise Terminated("stopped by SIGTERM; the gateway and vLLM it started are stopped") from None
+            raise Terminated() from None
         raise
     finally:
         if main:
