@@ -65,6 +65,7 @@ class Look:
     up_rate_diff: list[float] | None = None
     length_ratio: float | None = None
     canary_kl: float | None = None
+    canary_kl_stderr: float | None = None
     applied: bool = True
     """Whether the pointers were moved (``canary.auto: false``: decisions are recorded, not applied)."""
 
@@ -145,12 +146,12 @@ class CanaryGate:
         look = look_number(arm.n, self._rules)
         if look == 0 or look <= self._looked(canary.version):
             return None
-        kl = self._kl(canary.version)
-        decision = decide(base, arm, self._rules, kl)
+        kl, kl_stderr = self._kl(canary.version)
+        decision = decide(base, arm, self._rules, kl, kl_stderr)
         if decision.look == 0:
             return None  # the current arm is still short of min_requests: no look taken
         applied = self._settings.auto and decision.action != "wait"
-        record = _look(canary.version, current, rm, decision, "gate", arm, base, kl, applied)
+        record = _look(canary.version, current, rm, decision, "gate", arm, base, (kl, kl_stderr), applied)
         self._apply(record)
         return record
 
@@ -182,9 +183,10 @@ class CanaryGate:
             if state is None or not state.history:
                 raise NoCanary(f"there is no canary, and the current policy {current} replaced no earlier version")
         version = canary.version if canary is not None else current
+        kl, kl_stderr = self._kl(version)
         record = Look(
             time.time(), version, current, self._rm_version() or "none", 0, action, reason, "admin", {}, {},
-            canary_kl=self._kl(version),
+            canary_kl=kl, canary_kl_stderr=kl_stderr,
         )  # fmt: skip
         self._apply(record)
         return record
@@ -217,33 +219,45 @@ class CanaryGate:
         state = self._registry.pointer("policy", "current")
         return state.version if state is not None else self._base
 
-    def _kl(self, version: str) -> float | None:
-        """KL to the starting policy from the version's manifest (the trainer's one definition); None: unknown."""
+    def _kl(self, version: str) -> tuple[float | None, float | None]:
+        """KL to the starting policy and its standard error from the version's manifest (the trainer's one
+        definition); None: unknown (a manifest from before the standard error was recorded has none)."""
         try:
-            value = self._registry.manifest("policy", version).evaluation.get("kl_to_reference")
+            evaluation = self._registry.manifest("policy", version).evaluation
         except RegistryError:
-            return None
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+            return None, None
+
+        def finite(key: str) -> float | None:
+            value = evaluation.get(key)
+            return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+        return finite("kl_to_reference"), finite("kl_to_reference_stderr")
 
     def _export_kl(self) -> None:
         self._metrics.policy_kl.clear()
+        self._metrics.policy_kl_stderr.clear()
         roles: tuple[Pointer, ...] = ("current", "canary")
         for role in roles:
             state = self._registry.pointer("policy", role)
-            if state is not None and (kl := self._kl(state.version)) is not None:
+            if state is None:
+                continue
+            kl, kl_stderr = self._kl(state.version)
+            if kl is not None:
                 self._metrics.policy_kl.labels(state.version, role).set(kl)
+            if kl_stderr is not None:
+                self._metrics.policy_kl_stderr.labels(state.version, role).set(kl_stderr)
 
 
 def _look(
     canary: str, current: str, rm: str, decision: Decision, by: Literal["gate", "admin"], arm: ArmTotals,
-    base: ArmTotals, kl: float | None, applied: bool,
+    base: ArmTotals, kl: tuple[float | None, float | None], applied: bool,
 ) -> Look:  # fmt: skip
     def interval(value: Any) -> list[float] | None:
         return None if value is None else [value.estimate, value.low, value.high]
 
     return Look(
         time.time(), canary, current, rm, decision.look, decision.action, decision.reason, by, _summary(arm),
-        _summary(base), interval(decision.reward_diff), interval(decision.up_rate_diff), decision.length_ratio, kl, applied,
+        _summary(base), interval(decision.reward_diff), interval(decision.up_rate_diff), decision.length_ratio, *kl, applied,
     )  # fmt: skip
 
 

@@ -114,7 +114,11 @@ def up_rate_interval(current: ArmTotals, canary: ArmTotals, z: float) -> Interva
     return Interval(diff, diff - half, diff + half)
 
 
-def decide(current: ArmTotals, canary: ArmTotals, rules: GateRules, canary_kl: float | None = None) -> Decision:
+def decide(
+    current: ArmTotals, canary: ArmTotals, rules: GateRules, canary_kl: float | None = None, canary_kl_stderr: float | None = None
+) -> Decision:
+    """``canary_kl``: the canary's KL to the starting policy (the trainer's estimate, never negative) and its standard
+    error, shown in the reason; the guardrail compares the estimate with ``max_kl``."""
     look = look_number(canary.n, rules)
     if look == 0 or current.n < rules.min_requests:
         return Decision("wait", f"too little data: canary {canary.n}, current {current.n} answers (need {rules.min_requests})", 0)
@@ -129,7 +133,8 @@ def decide(current: ArmTotals, canary: ArmTotals, rules: GateRules, canary_kl: f
     if ratio > rules.max_length_ratio:
         return decision("rollback", f"answers grew {ratio:.2f}x longer (limit {rules.max_length_ratio}x)")
     if rules.max_kl is not None and canary_kl is not None and canary_kl > rules.max_kl:
-        return decision("rollback", f"KL to the starting policy {canary_kl:.2f} nats exceeds {rules.max_kl}")
+        error = "" if canary_kl_stderr is None else f" ± {canary_kl_stderr:.2f}"
+        return decision("rollback", f"KL to the starting policy {canary_kl:.2f}{error} nats exceeds {rules.max_kl}")
     if reward.high < -rules.reward_margin:
         return decision("rollback", f"reward fell by {-reward.estimate:.3f} (interval {_fmt(reward)})")
     if thumbs is not None and thumbs.high < -rules.thumbs_margin:

@@ -127,6 +127,12 @@ class Metrics:
             ["version", "role"],
             registry=r,
         )
+        self.policy_kl_stderr = Gauge(
+            f"{p}policy_kl_stderr_nats",
+            "Standard error of bon_policy_kl_nats over the trainer's sampled answers",
+            ["version", "role"],
+            registry=r,
+        )
         self.set_canary(None)
 
     def set_canary(self, version: str | None) -> None:

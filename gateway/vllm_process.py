@@ -86,6 +86,11 @@ class VLLMProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The API server's process id (the leader of vLLM's process group); None when not running."""
+        return None if self._proc is None else self._proc.pid
+
     def start(self) -> None:
         if not (self.model / "config.json").is_file():
             raise VLLMStartError(f"no model at {self.model} (config.json missing); run `python -m trainer bootstrap` first")

@@ -28,6 +28,7 @@ OUTCOMES = ("trained", "skipped", "failed")
 POLICY_FIGURES = (
     ("loss", "training loss of the last trained round"),
     ("kl_to_reference", "KL to the base policy of the last trained version (nats per response)"),
+    ("kl_to_reference_stderr", "standard error of trainer_round_kl_to_reference over the sampled answers"),
     ("mean_length", "mean sampled answer length of the last trained version (tokens)"),
 )
 REFIT_FIGURES = (

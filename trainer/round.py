@@ -76,8 +76,8 @@ class RoundResult:
         }[self.algorithm]
         return (
             f"{head}\n  {self.algorithm} version {self.version} (parent {self.parent or 'base'}), {self.pairs} {unit} from "
-            f"{self.completions} completions\n  loss {f['loss']:.4f}, {extra}, KL to reference {f['kl_to_reference']:.3f} "
-            f"nats, mean length {f['mean_length']:.1f} tokens"
+            f"{self.completions} completions\n  loss {f['loss']:.4f}, {extra}, KL to reference {f['kl_to_reference']:.3g} ± "
+            f"{f.get('kl_to_reference_stderr', nan):.2g} nats, mean length {f['mean_length']:.1f} tokens"
         )
 
 
@@ -208,13 +208,14 @@ def _train(
             eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
             drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
                                s.evaluation.max_new_tokens, seed=s.dpo.seed, reference=init.reference)  # fmt: skip
-            tries.append({"step_scale": factor, "kl_to_reference": drift.kl})
+            tries.append({"step_scale": factor, "kl_to_reference": drift.kl, "kl_to_reference_stderr": drift.kl_stderr})
             if budget.max_nats is None or drift.kl <= budget.max_nats:
                 break
-            log.warning("round %s: KL to the reference %.2f nats is over trainer.kl_budget.max_nats %.2f at %.3gx the "
-                        "learning rate", algorithm, drift.kl, budget.max_nats, factor)  # fmt: skip
+            log.warning("round %s: KL to the reference %s is over trainer.kl_budget.max_nats %.3g at %.3gx the "
+                        "learning rate", algorithm, drift, budget.max_nats, factor)  # fmt: skip
         else:
-            listed = ", ".join(f"{t['kl_to_reference']:.2f} at {t['step_scale']:.3g}x" for t in tries)
+            listed = ", ".join(f"{t['kl_to_reference']:.3g} ± {t['kl_to_reference_stderr']:.2g} at {t['step_scale']:.3g}x"
+                               for t in tries)  # fmt: skip
             return RoundResult(
                 "skipped", f"every try went over the KL budget of {budget.max_nats} nats to the reference "
                 f"(nats at the learning-rate scale: {listed}); nothing registered", parent=parent, pairs=used,
@@ -222,7 +223,8 @@ def _train(
             )  # fmt: skip
         probe.compute(served, probe.sequences(tokenizer)).save(saved)
         figures: dict[str, Any] = {
-            "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl, "mean_length": drift.mean_length,
+            "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl,
+            "kl_to_reference_stderr": drift.kl_stderr, "mean_length": drift.mean_length,
             "kl_samples": drift.samples, "steps": trained.steps, "train_seconds": trained.seconds,
         }  # fmt: skip
         if budget.max_nats is not None:

@@ -18,6 +18,14 @@ from gateway.vllm_process import VLLMProcess, free_port
 
 @contextmanager
 def running_vllm(model: Path, name: str, *, pooling: bool = False, env: dict[str, str] | None = None) -> Iterator[str]:
+    with running_vllm_process(model, name, pooling=pooling, env=env) as process:
+        yield process.url
+
+
+@contextmanager
+def running_vllm_process(
+    model: Path, name: str, *, pooling: bool = False, env: dict[str, str] | None = None
+) -> Iterator[VLLMProcess]:
     process = VLLMProcess(
         model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
         log_path=model.parent / f"vllm-{name}.log", env=env,
@@ -25,16 +33,22 @@ def running_vllm(model: Path, name: str, *, pooling: bool = False, env: dict[str
     process.start()
     try:
         process.wait_healthy(300)
-        yield process.url
+        yield process
     finally:
         process.stop()
 
 
 @pytest.fixture(scope="session")
-def policy_vllm(test_models: Path) -> Iterator[str]:
+def policy_vllm_process(test_models: Path) -> Iterator[VLLMProcess]:
     """The test preset's policy on a real vLLM CPU server (runtime LoRA on), shared by the session."""
-    with running_vllm(test_models / "policy", "policy") as url:
-        yield url
+    with running_vllm_process(test_models / "policy", "policy") as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def policy_vllm(policy_vllm_process: VLLMProcess) -> str:
+    """The base URL of ``policy_vllm_process``."""
+    return policy_vllm_process.url
 
 
 @contextmanager

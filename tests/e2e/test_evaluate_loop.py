@@ -87,7 +87,9 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
         assert action in ("promote", "rollback")
         assert first["policy_version"] == ("v0001" if action == "promote" else "base")
         assert first["pairs_used"] >= 8
-        assert (first["kl_to_start"] != 0) == (action == "promote")  # a sample mean for a trained version: may dip below 0
+        # the summed exact next-token KL: positive for a trained version, exactly 0 for the base
+        assert (first["kl_to_start"] > 0) == (action == "promote")
+        assert first["kl_to_start_stderr"] >= 0
         low, high = first["n1_gold_ci95"]
         assert low <= first["n1_gold"] <= high
         assert arm["final_n1_gold"] == first["n1_gold"]

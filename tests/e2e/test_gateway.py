@@ -3,20 +3,25 @@ model in process, driven through the official ``openai`` SDK."""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
 import openai
+import psutil
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from gateway.settings import GatewaySettings
 from gateway.store.records import CompletionRecord
 from gateway.store.sql import SqlStore
+from gateway.vllm_process import VLLMProcess
 from tests.e2e.conftest import running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -170,20 +175,90 @@ LONG = {"model": "toy-bon", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "ign
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_the_vllm_request(gateway_url: str, policy_vllm: str, stream: bool) -> None:
+def test_client_disconnect_aborts_the_vllm_request(
+    gateway_url: str, policy_vllm: str, policy_vllm_process: VLLMProcess, stream: bool
+) -> None:
+    """A client that walks away mid-request: the gateway aborts the vLLM request, so vLLM stops generating.
+
+    Independent of the machine's speed: once the request is generating, vLLM's engine is frozen (SIGSTOP) while the
+    client walks away and the gateway lets go of the request, and thawed only after; a request the gateway failed to
+    abort would then generate all of its n * MAX_TOKENS tokens (ignore_eos), however fast or slow the machine."""
     tokens_before = _wait_idle(policy_vllm)
     n = 1 if stream else 8
-    body = {**LONG, "stream": stream, "n_candidates": n}
-    if stream:
-        with httpx.Client(timeout=60) as http, http.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            next(response.iter_lines())  # the stream is flowing; now walk away
-    else:
-        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=0.3)) as http:
-            http.post(f"{gateway_url}/v1/chat/completions", json=body)
+    body = json.dumps({**LONG, "stream": stream, "n_candidates": n}).encode()
+    engine = _engine_processes(policy_vllm_process)
+    ended_before = _gateway_sample(gateway_url, GENERATE_ENDED if stream else DISCONNECTED)
+    url = urlsplit(gateway_url)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        if stream:
+            _read_until(sock, b"data: ")  # the first chunk is through: vLLM is generating
+        else:
+            _wait_generating(policy_vllm, tokens_before)
+        with _frozen(engine):
+            sock.close()  # walk away
+            _wait_gateway(gateway_url, GENERATE_ENDED if stream else DISCONNECTED, ended_before)
+            time.sleep(1.0)  # vLLM's API server (not frozen) turns the closed connection into an abort
     generated = _wait_idle(policy_vllm) - tokens_before
     # ignore_eos: a request left running would generate all n * MAX_TOKENS tokens
     assert 0 < generated < n * MAX_TOKENS, f"vLLM generated {generated} of {n * MAX_TOKENS} tokens for an abandoned request"
+
+
+GENERATE_ENDED = 'bon_stage_latency_seconds_count{stage="generate"}'  # a relayed stream's generate stage ends
+DISCONNECTED = 'bon_requests_total{status="499"}'  # a request given up because its client left
+
+
+def _engine_processes(vllm: VLLMProcess) -> list[psutil.Process]:
+    """vLLM's engine core: the API server's child processes (where the model runs)."""
+    assert vllm.pid is not None
+    children: list[psutil.Process] = psutil.Process(vllm.pid).children(recursive=True)
+    assert children, "vLLM runs no engine core process"
+    return children
+
+
+@contextmanager
+def _frozen(processes: list[psutil.Process]) -> Iterator[None]:
+    for process in processes:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.resume()
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> None:
+    seen = b""
+    while marker not in seen:
+        data = sock.recv(4096)
+        assert data, f"the gateway closed the connection before sending {marker!r}: {seen[-500:]!r}"
+        seen += data
+
+
+def _wait_generating(policy_vllm: str, tokens_before: float, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _vllm_counts(policy_vllm)[1] <= tokens_before:
+        assert time.monotonic() < deadline, "vLLM did not start generating"
+        time.sleep(0.005)
+
+
+def _gateway_sample(gateway_url: str, sample: str) -> float:
+    with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def _wait_gateway(gateway_url: str, sample: str, before: float, timeout_s: float = 30) -> None:
+    """Until the gateway has let go of the request (its sample counted one more)."""
+    deadline = time.monotonic() + timeout_s
+    while _gateway_sample(gateway_url, sample) <= before:
+        assert time.monotonic() < deadline, f"the gateway did not give up the request ({sample})"
+        time.sleep(0.02)
 
 
 def test_log_keeps_the_sampled_token_ids_of_every_candidate(client: openai.OpenAI, data_dir: Path) -> None:

@@ -45,11 +45,12 @@ class TotalsStore:
         return {v: self.totals.get(v, ArmTotals()) for v in versions}
 
 
-def publish(registry: Registry, kl: float = 1.0) -> str:
+def publish(registry: Registry, kl: float = 1.0, kl_stderr: float = 0.1) -> str:
     def write(directory: Path) -> None:
         (directory / "adapter_model.safetensors").write_bytes(b"w")
 
-    return registry.publish("policy", write, format="lora", parent=None, evaluation={"kl_to_reference": kl}).version
+    evaluation = {"kl_to_reference": kl, "kl_to_reference_stderr": kl_stderr}
+    return registry.publish("policy", write, format="lora", parent=None, evaluation=evaluation).version
 
 
 @pytest.fixture
@@ -153,18 +154,19 @@ def test_longer_answers_roll_back_even_with_a_higher_reward(trial: tuple[Registr
 
 def test_kl_from_the_manifest_is_a_guardrail_and_a_gauge(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
-    current = publish(registry, kl=0.5)
+    current = publish(registry, kl=0.5, kl_stderr=0.05)
     registry.set_pointer("policy", "current", current)
-    canary = publish(registry, kl=12.0)
+    canary = publish(registry, kl=12.0, kl_stderr=0.75)
     registry.set_pointer("policy", "canary", canary)
     store, metrics = TotalsStore(), Metrics()
     store.totals = {current: arm(900, 0.5), canary: arm(100, 1.5)}
     look = gate(registry, store, metrics, max_kl=8.0).check()
     assert look is not None
     assert look.action == "rollback"
-    assert "KL" in look.reason
-    assert look.canary_kl == 12.0
+    assert "KL to the starting policy 12.00 ± 0.75 nats exceeds 8.0" in look.reason
+    assert (look.canary_kl, look.canary_kl_stderr) == (12.0, 0.75)
     assert metrics.registry.get_sample_value("bon_policy_kl_nats", {"version": current, "role": "current"}) == 0.5
+    assert metrics.registry.get_sample_value("bon_policy_kl_stderr_nats", {"version": current, "role": "current"}) == 0.05
 
 
 def test_each_look_is_taken_once_and_undecided_at_the_last_rolls_back(trial: tuple[Registry, str, str]) -> None:

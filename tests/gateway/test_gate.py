@@ -74,9 +74,9 @@ def test_longer_answers_fail_even_when_the_reward_rises() -> None:
 
 
 def test_kl_beyond_the_bound_fails_even_when_the_reward_rises() -> None:
-    decision = decide(totals(0.0, 400), totals(1.0, 100, seed=1), RULES, canary_kl=12.0)
+    decision = decide(totals(0.0, 400), totals(1.0, 100, seed=1), RULES, canary_kl=12.0, canary_kl_stderr=0.4)
     assert decision.action == "rollback"
-    assert "KL" in decision.reason
+    assert "KL to the starting policy 12.00 ± 0.40 nats exceeds 8.0" in decision.reason
 
 
 def test_falling_thumbs_fail_even_when_the_reward_rises() -> None:

@@ -51,7 +51,7 @@ REQUIRED: dict[str, set[str]] = {
     "canary decisions": {"bon_canary_decisions_total"},
     "canary answers": {"bon_canary_answers"},
     "canary reward difference": {"bon_canary_reward_diff"},
-    "KL to the starting policy": {"bon_policy_kl_nats"},
+    "KL to the starting policy": {"bon_policy_kl_nats", "bon_policy_kl_stderr_nats"},
 }
 # histogram quantiles the panels must plot, by bucket series
 REQUIRED_QUANTILES: dict[str, set[float]] = {
@@ -101,6 +101,7 @@ def exposition() -> dict[str, Sample]:
     for bound in ("estimate", "low", "high"):
         metrics.canary_reward_diff.labels(bound).set(-0.1)
     metrics.policy_kl.labels("v2", "canary").set(0.4)
+    metrics.policy_kl_stderr.labels("v2", "canary").set(0.02)
 
     samples: dict[str, Sample] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):

@@ -86,6 +86,7 @@ def test_a_kto_round_trains_on_thumbs_and_pairs(deployment: Path, test_models: P
     assert ev["undesirable"] == 4 + 20
     assert ev["steps"] == 6
     assert math.isfinite(ev["loss"])
+    assert ev["kl_to_reference"] >= 0
     assert math.isfinite(ev["kl_to_reference"])
     assert _probe_moved(registry, "v0001", test_models / "policy") > 1e-3
 
@@ -187,6 +188,7 @@ def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_referenc
     assert {"model.safetensors", "config.json", "tokenizer.json", "probe.json"} <= set(manifest.files)
     ev = manifest.evaluation
     assert ev["ref_computed"] + ev["ref_cached"] == 2 * manifest.data_window["rows"]  # pairs seen in v0001's round: cached
+    assert manifest.evaluation["kl_to_reference"] >= 0
     assert math.isfinite(manifest.evaluation["kl_to_reference"])
 
     # The saved model is a model of its own (vLLM serves the directory) and its probe is what it computes.

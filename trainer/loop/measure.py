@@ -5,8 +5,9 @@ Samples through the running gateway (``n_candidates`` = samples per prompt,
 never enters the training log), so the figures are those of the version and reward model
 actually served. Each sample is an N=1 answer; best-of-N is the reward model's pick in
 disjoint groups of N (``toyworld.evaluate``). KL to the starting policy is the trainer's one
-definition (``trainer.kl``: sequence-level, nats per response, sampled from the version) on
-the same held-out prompts. Reads the gold reward: evaluation only.
+definition (``trainer.kl``: sequence-level, nats per response, the exact next-token KL
+summed over answers sampled from the version, with its standard error) on the same
+held-out prompts. Reads the gold reward: evaluation only.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Measurement:
     per_prompt_n1: list[float]
     """Mean gold of the samples, per held-out prompt (for paired comparisons)."""
     per_prompt_bon: dict[int, list[float]]
+    kl_to_start_stderr: float = 0.0
+    """Standard error of ``kl_to_start`` over the sampled answers."""
 
 
 async def sample(
@@ -79,8 +82,9 @@ async def sample(
 
 def summarise(
     version: str, rm_version: str, prompts: Sequence[str], texts: list[list[str]], rewards: list[list[float]],
-    mean_len: float, kl: float,
+    mean_len: float, kl: tuple[float, float],
 ) -> Measurement:  # fmt: skip
+    """``kl``: KL to the starting policy and its standard error (``kl_to_start``)."""
     golds = [[gold_reward(p, t) for t in answers] for p, answers in zip(prompts, texts, strict=True)]
     samples = min(len(g) for g in golds)
     ns = [n for n in BON_NS if n <= samples]
@@ -88,15 +92,18 @@ def summarise(
     return Measurement(
         version=version, rm_version=rm_version, n1_gold=mean_ci(per_prompt_bon[1]),
         bon_gold={n: fmean(v) for n, v in per_prompt_bon.items()}, rm_score=fmean(r for rs in rewards for r in rs),
-        kl_to_start=kl, mean_len=mean_len, per_prompt_n1=per_prompt_bon[1], per_prompt_bon=per_prompt_bon,
+        kl_to_start=kl[0], mean_len=mean_len, per_prompt_n1=per_prompt_bon[1], per_prompt_bon=per_prompt_bon,
+        kl_to_start_stderr=kl[1],
     )  # fmt: skip
 
 
-def kl_to_start(base_policy: Path, version_dir: Path | None, prompts: Sequence[str], max_new_tokens: int, seed: int) -> float:
-    """``trainer.kl`` on the held-out prompts: the version (a LoRA adapter over the base) against the base; 0 for the
-    base itself."""
+def kl_to_start(
+    base_policy: Path, version_dir: Path | None, prompts: Sequence[str], max_new_tokens: int, seed: int
+) -> tuple[float, float]:
+    """``trainer.kl`` on the held-out prompts: the version (a LoRA adapter over the base) against the base, and its
+    standard error; exactly 0 for the base itself."""
     if version_dir is None:
-        return 0.0
+        return 0.0, 0.0
     from transformers import AutoTokenizer
 
     from trainer import kl
@@ -105,4 +112,5 @@ def kl_to_start(base_policy: Path, version_dir: Path | None, prompts: Sequence[s
     tokenizer = AutoTokenizer.from_pretrained(base_policy)
     model = load_adapter(base_policy, version_dir)
     ids = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    return kl.measure(model, tokenizer.eos_token_id, tokenizer.pad_token_id, ids, max_new_tokens, seed=seed).kl
+    drift = kl.measure(model, tokenizer.eos_token_id, tokenizer.pad_token_id, ids, max_new_tokens, seed=seed)
+    return drift.kl, drift.kl_stderr

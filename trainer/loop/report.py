@@ -10,6 +10,7 @@ answers much longer; KL beyond a bound) and how to draw it. Does no sampling or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "bon_gold": {str(n): _r(fmean(r.measurement.bon_gold[n] for r in at)) for n in ns},
             "rm_score": _r(fmean(r.measurement.rm_score for r in at)),
             "kl_to_start": _r(fmean(r.measurement.kl_to_start for r in at)),
+            "kl_to_start_stderr": _r(math.sqrt(math.fsum(r.measurement.kl_to_start_stderr**2 for r in at)) / len(at)),
             "mean_len": _r(fmean(r.measurement.mean_len for r in at)),
             "pairs_used": _r(fmean(r.pairs_used for r in at)),
             "policy_version": versions[0] if len(versions) == 1 else versions,
@@ -151,7 +153,8 @@ def warnings(runs: Sequence[Run]) -> list[str]:
             if m.mean_len > LENGTH_GROWTH * run.start.mean_len:
                 found.append(f"{where}: answers grew to {m.mean_len:.1f} tokens from {run.start.mean_len:.1f} at the start")
             if m.kl_to_start > KL_WARNING:
-                found.append(f"{where}: KL to the starting policy {m.kl_to_start:.2f} nats exceeds {KL_WARNING}")
+                found.append(f"{where}: KL to the starting policy {m.kl_to_start:.2f} ± {m.kl_to_start_stderr:.2f} nats "
+                             f"exceeds {KL_WARNING}")  # fmt: skip
             if record.outcome == "refused" and record.gate is not None:
                 found.append(f"{where}: the canary gate refused the round ({record.gate['reason']}); "
                              f"{record.policy_version} kept serving")  # fmt: skip
@@ -166,7 +169,7 @@ def _measurement_dict(m: Measurement) -> dict[str, Any]:
         "policy_version": m.version, "rm_version": m.rm_version, "n1_gold": _r(m.n1_gold.mean),
         "n1_gold_ci95": [_r(m.n1_gold.ci95[0]), _r(m.n1_gold.ci95[1])],
         "bon_gold": {str(n): _r(v) for n, v in m.bon_gold.items()}, "rm_score": _r(m.rm_score),
-        "kl_to_start": _r(m.kl_to_start), "mean_len": _r(m.mean_len),
+        "kl_to_start": _r(m.kl_to_start), "kl_to_start_stderr": _r(m.kl_to_start_stderr), "mean_len": _r(m.mean_len),
     }  # fmt: skip
 
 
@@ -218,7 +221,8 @@ def plot(arms: Sequence[dict[str, Any]], path: Path) -> None:
         if arm["rounds"]:
             last = arm["rounds"][-1]
             bon_ax.plot(ns, [last["bon_gold"][str(n)] for n in ns], "o-", color=colour, label=f"round {last['round']}, {label}")
-        kl_ax.plot(xs, [0.0] + [r["kl_to_start"] for r in arm["rounds"]], "o-", color=colour, label=label)
+        kl_ax.errorbar(xs, [0.0] + [r["kl_to_start"] for r in arm["rounds"]], fmt="o-", color=colour, label=label, capsize=3,
+                       yerr=[0.0] + [2 * r["kl_to_start_stderr"] for r in arm["rounds"]])  # fmt: skip
     if arms:
         for n, style in (("2", ":"), ("4", "-.")):
             if n in arms[0]["start_bon_gold"]:
@@ -231,7 +235,7 @@ def plot(arms: Sequence[dict[str, Any]], path: Path) -> None:
     if arms:
         ns = [int(n) for n in arms[0]["start_bon_gold"]]
         bon_ax.set_xticks(ns, [str(n) for n in ns])
-    kl_ax.set(title="KL to the starting policy", xlabel="round", ylabel="nats per response")
+    kl_ax.set(title="KL to the starting policy (bars: ± 2 s.e.)", xlabel="round", ylabel="nats per response")
     rounds = list(range(max((len(arm["rounds"]) for arm in arms), default=0) + 1))
     gold_ax.set_xticks(rounds)
     kl_ax.set_xticks(rounds)

@@ -188,7 +188,7 @@ class Loop:
                     self.o.log(
                         f"{arm} seed {seed} round {k}: {record.policy_version} N=1 gold {m.n1_gold.mean:.3f}, "
                         f"BoN {', '.join(f'{n}:{v:.3f}' for n, v in m.bon_gold.items())}, RM {m.rm_score:.3f}, "
-                        f"KL {m.kl_to_start:.2f}, len {m.mean_len:.1f}, pairs {record.pairs_used}"
+                        f"KL {m.kl_to_start:.2f} ± {m.kl_to_start_stderr:.2f}, len {m.mean_len:.1f}, pairs {record.pairs_used}"
                     )
             finally:
                 await gateway.stop()

@@ -20,7 +20,8 @@ from trainer.toyworld.gold import gold_reward
 def measurement(n1: list[float], *, bon2: list[float] | None = None, bon4: list[float] | None = None, rm: float = 0.0,
                 length: float = 10.0, kl: float = 0.0, version: str = "base") -> Measurement:  # fmt: skip
     per = {1: n1, 2: bon2 or n1, 4: bon4 or n1}
-    return Measurement(version, "rm-base", mean_ci(n1), {n: sum(v) / len(v) for n, v in per.items()}, rm, kl, length, n1, per)
+    bon = {n: sum(v) / len(v) for n, v in per.items()}
+    return Measurement(version, "rm-base", mean_ci(n1), bon, rm, kl, length, n1, per, kl_to_start_stderr=kl / 10)
 
 
 def record(k: int, m: Measurement, outcome: str = "trained") -> RoundRecord:
@@ -32,12 +33,12 @@ def test_summarise_scores_gold_and_picks_by_reward() -> None:
     texts = ["It is 5.", "It is 7.", "It is 5, thank you for asking, I hope this helps you a lot today.", "9"]
     rewards = [0.0, 1.0, 2.0, 0.5]
     gold = [gold_reward(prompt, t) for t in texts]
-    m = summarise("v0001", "rm-base", [prompt], [texts], [rewards], 4.0, 0.3)
+    m = summarise("v0001", "rm-base", [prompt], [texts], [rewards], 4.0, (0.3, 0.02))
     assert m.bon_gold[1] == pytest.approx(sum(gold) / 4)
     assert m.bon_gold[2] == pytest.approx((gold[1] + gold[2]) / 2)  # the RM's picks in groups (0, 1) and (2, 3)
     assert m.bon_gold[4] == pytest.approx(gold[2])
     assert m.rm_score == pytest.approx(0.875)
-    assert m.kl_to_start == 0.3
+    assert (m.kl_to_start, m.kl_to_start_stderr) == (0.3, 0.02)
     assert len(set(gold)) > 1  # the texts differ in gold, so the picks above are tested
 
 
@@ -70,7 +71,7 @@ def test_warnings_flag_reward_hacking_length_kl_and_refusals() -> None:
     found = warnings([run])
     assert any("being gamed" in w and "round 1" in w for w in found)
     assert any("grew" in w for w in found)
-    assert any("KL" in w for w in found)
+    assert any("KL to the starting policy 9.00 ± 0.90 nats" in w for w in found)
     assert any("refused" in w and "reward fell" in w for w in found)
     honest = Run("rm", 3, 0.0, start, [record(1, measurement([0.7, 0.7], rm=1.5))])
     assert warnings([honest]) == []
@@ -83,7 +84,7 @@ def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None
             s,
             0.2,
             measurement([0.5, 0.6], bon2=[0.6, 0.6], bon4=[0.7, 0.7]),
-            [record(1, measurement([0.6 + s / 10, 0.7], version="v0001"))],
+            [record(1, measurement([0.6 + s / 10, 0.7], kl=0.3 * (s + 1), version="v0001"))],
         )
         for s in range(3)
     ]
@@ -96,6 +97,8 @@ def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None
     assert first["n1_gold"] == pytest.approx((0.6 + 0.7 + 0.7 + 0.7 + 0.8 + 0.7) / 6, abs=1e-4)
     assert first["n1_gold_ci95"][0] < first["n1_gold"] < first["n1_gold_ci95"][1]
     assert first["policy_version"] == "v0001"
+    assert first["kl_to_start"] == pytest.approx(0.6)  # mean of 0.3, 0.6, 0.9
+    assert first["kl_to_start_stderr"] == pytest.approx((0.03**2 + 0.06**2 + 0.09**2) ** 0.5 / 3, abs=1e-4)
     assert report["final_n1_gold"] == first["n1_gold"]
     assert len(report["per_seed"]) == 3
     png = tmp_path / "loop.png"

