@@ -9,6 +9,7 @@ EXTRA  := $(if $(filter 1,$(GPU)),gpu,cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 PRESET ?= default
 MODELS ?= models/$(PRESET)
+TOY_MODELS ?= 1
 
 .PHONY: install models serve test lint typecheck pytest postgres clean
 
@@ -25,13 +26,14 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# the toy world's tiny models (a no-op when they are complete); the gateway never builds them itself
 models: install
-	$(BIN)/python -m trainer bootstrap --preset $(PRESET) --out $(MODELS)
+	$(BIN)/python -m toyworld bootstrap --preset $(PRESET) --out $(MODELS)
 
 CONFIG ?= $(if $(filter 1,$(GPU)),configs/gpu.yaml,configs/local.yaml)
 
-# builds the models if absent, starts vLLM and the gateway (see README)
-serve: install
+# builds the toy models if absent (TOY_MODELS=0: the config names real checkpoints), starts vLLM and the gateway
+serve: install $(if $(filter 1,$(TOY_MODELS)),models)
 	$(BIN)/python -m gateway serve --config $(CONFIG)
 
 lint: install

@@ -1,7 +1,8 @@
 """``python -m gateway``: the gateway's command line.
 
-  serve    start the gateway (and, when the config says so, its managed vLLM and the
-           embedded default's models) and listen until stopped
+  serve    start the gateway (and, when the config says so, its managed vLLM) and listen
+           until stopped; the models must exist (``make models`` or ``python -m toyworld
+           bootstrap`` builds the embedded default's: the gateway never imports the toy world)
   migrate  bring the log database's schema to the newest migration (serve does it too)
   purge    delete log records older than the config's retention (a CronJob in production)
 
@@ -37,7 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="YAML settings file")
     serve.add_argument("--host", default=None, help="override the config's host")
     serve.add_argument("--port", type=int, default=None, help="override the config's port")
-    serve.add_argument("--no-bootstrap", action="store_true", help="fail instead of building missing toy models")
     migrate = sub.add_parser("migrate", help="migrate the log database")
     migrate.add_argument("--config", type=Path, default=Path("configs/local.yaml"))
     purge = sub.add_parser("purge", help="delete log records older than the retention")
@@ -80,23 +80,19 @@ def _store_command(args: argparse.Namespace) -> int:
         return _fail(f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}", args.command)
 
 
-def _ensure_models(settings: GatewaySettings, allow_build: bool) -> str | None:
-    """Build the toy world's models when the config points at the embedded default and they are absent."""
+def _missing_models(settings: GatewaySettings) -> str | None:
+    """A one-line problem when a model directory the config names is absent; None when all are there."""
     wanted = [settings.scorer.model_dir] if settings.scoring_enabled else []
     if settings.managed_vllm.enabled:
         wanted.append(settings.managed_vllm.model_dir)
     missing = [d for d in wanted if not (d / "config.json").is_file()]
     if not missing:
-        return None  # the bootstrap (which reads the toy world's gold reward to build data) is not even imported
-    from trainer.toyworld.bootstrap import PRESETS, bootstrap, summary
-
+        return None
     out = missing[0].parent
-    toy_layout = all(d.parent == out and d.name in ("policy", "reward_model") for d in missing)
-    if not allow_build or settings.models_preset not in PRESETS or not toy_layout:
-        return f"model directory {missing[0]} is missing (build it with `python -m trainer bootstrap --out {out}`)"
-    print(f"[gateway] building the embedded default's models under {out} (preset {settings.models_preset}) ...", flush=True)
-    print(summary(bootstrap(PRESETS[settings.models_preset], out)), flush=True)
-    return None
+    return (
+        f"model directory {missing[0]} is missing (the embedded default's: `make models`, or "
+        f"`python -m toyworld bootstrap --out {out}`; else point the config at a model directory)"
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -111,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load(args.config, host=args.host, port=args.port)
     except ConfigError as exc:
         return _fail(str(exc))
-    problem = _ensure_models(settings, allow_build=not args.no_bootstrap)
+    problem = _missing_models(settings)
     if problem:
         return _fail(problem)
     structlog.configure(

@@ -2,8 +2,9 @@
 
 Knows how to start a vLLM OpenAI server on a version's model directory, on a free port of
 the managed vLLM's host and with its settings (max model length, dtype, extra arguments),
-named ``<served>@<version>`` like an adapter, and wait until it is healthy. Does not know
-when to start or stop one, or how to verify or route to it: that is ``gateway.swap``.
+named ``<served>@<version>`` like an adapter, and wait until it is healthy; ``Instances``
+keeps one per version and notices the ones that died. Does not know when to start or stop
+one, or how to verify or route to it: that is ``gateway.swap``.
 A full version cannot be loaded into a running vLLM on CPU (vLLM's weight-update path
 needs a GPU and a training-side process group), so each version gets its own server.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +21,8 @@ from typing import Protocol
 from gateway.settings import ManagedVLLM
 from gateway.vllm_process import VLLMProcess, VLLMStartError, free_port
 
-__all__ = ["Instance", "Launcher", "VLLMStartError", "launcher"]
+__all__ = ["Instance", "Instances", "Launcher", "VLLMStartError", "launcher"]
+log = logging.getLogger("gateway.swap")
 
 
 class Instance(Protocol):
@@ -62,3 +65,37 @@ def launcher(settings: ManagedVLLM, log_dir: Path, cpu_binds: Sequence[str] = ()
         return process
 
     return launch
+
+
+class Instances:
+    """The running instances of full versions (routed or draining), one per version, started by ``launch``."""
+
+    def __init__(self, launch: Launcher) -> None:
+        self._launch = launch
+        self._running: dict[str, Instance] = {}
+
+    def __contains__(self, version: str) -> bool:
+        return version in self._running
+
+    async def ensure(self, version: str, model_dir: Path) -> Instance:
+        """The version's instance: the running one (a draining version routed again), else a new one."""
+        instance = self._running.get(version)
+        if instance is None or instance.returncode() is not None:
+            log.warning("starting a vLLM instance for full version %s (blue-green)", version)
+            instance = await self._launch(model_dir, version)
+            self._running[version] = instance
+        return instance
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(version, exit code) of each instance that died."""
+        return [(v, code) for v, instance in self._running.items() if (code := instance.returncode()) is not None]
+
+    async def stop(self, version: str) -> None:
+        instance = self._running.pop(version, None)
+        if instance is not None:
+            log.warning("stopping the vLLM instance of full version %s at %s", version, instance.url)
+            await asyncio.to_thread(instance.stop)  # also when it exited: its engine-core child may still be alive
+
+    async def stop_all(self) -> None:
+        for version in list(self._running):
+            await self.stop(version)

@@ -2,7 +2,7 @@
 
 Knows when a trial has a new look to take (``gate.look_number`` of the canary's answers, so
 the gate tests at most ``looks`` times however often it polls), the lock that makes one
-decision for many replicas (``trainer.lock.gate_lock``: a PostgreSQL advisory lock with a
+decision for many replicas (``registry.lock.gate_lock``: a PostgreSQL advisory lock with a
 shared database, else a file lock on the registry volume; the store's totals are every
 replica's), what a decision does (``promote``: the canary becomes current; ``rollback``:
 the canary pointer is cleared; gateways then follow the pointers), and where it is
@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from gateway.gate import ArmTotals, Decision, GateRules, decide, look_number
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
-from trainer.lock import LockHeld, gate_lock
-from trainer.registry import Pointer, Registry, RegistryError
+from registry.lock import LockHeld, gate_lock
+from registry.versions import Pointer, Registry, RegistryError
 
 log = logging.getLogger("gateway.canary")
 DECISIONS = "gate.jsonl"
@@ -216,8 +216,7 @@ class CanaryGate:
 
     # ---- registry reads ----
     def _current(self) -> str:
-        state = self._registry.pointer("policy", "current")
-        return state.version if state is not None else self._base
+        return self._registry.version_at("policy", default=self._base)
 
     def _kl(self, version: str) -> tuple[float | None, float | None]:
         """KL to the starting policy and its standard error from the version's manifest (the trainer's one

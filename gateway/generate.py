@@ -8,7 +8,8 @@ which makes vLLM abort the request: an abandoned best-of-8 does not keep the cor
 
 The HTTP client is one shared ``aiohttp.ClientSession``: measured on this machine, a proxy
 on one shared ``httpx.AsyncClient`` added 137 ms p50 at 32 concurrent requests, the same
-proxy on aiohttp 6.5 ms (see DESIGN.md and ``loadtest/``). Does not score or choose.
+proxy on aiohttp 6.5 ms (the design notes in ``shared/DESIGN.md`` beside the repository, and
+``loadtest/``). Does not score or choose.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Generator(Protocol):
     """Where candidates come from (vLLM in production, a fake in unit tests).
 
     ``models`` (backend URL → model name) is the request's route from the hot-swap
-    (``gateway.swap.Route.models``): only those backends are used, each asked for its name
+    (``gateway.routing.Route.models``): only those backends are used, each asked for its name
     (possibly a vLLM the config does not list: a blue-green instance serving a full
     version); None: every configured backend, under its configured model name."""
 

@@ -6,16 +6,20 @@ and length, its margin over the runner-up and over the mean, candidates per requ
 thumbs by value and policy version, the log's records written/spooled, its queue and
 spool depth and write errors, errors returned by type, the versions served and hot-swaps, the
 canary trial (its version, answers per arm, the gate's decisions and reward interval) and
-each served version's KL to the starting policy. Does not serve them.
+each served version's KL to the starting policy. Does not serve them. ``scrape``/``sample``
+read any Prometheus endpoint back (the loop, the benchmarks and the tests use them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 PREFIX = "bon_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -151,3 +155,17 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def scrape(url: str, timeout_s: float = 10.0) -> list[Sample]:
+    """Every sample ``url``/metrics exposes, read with prometheus_client's own parser (the exposition format's
+    escaping and ordering are the library's business, not a regular expression's)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=timeout_s) as response:
+        text = response.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def sample(url: str, name: str, labels: Mapping[str, str] | None = None, timeout_s: float = 10.0) -> float | None:
+    """The value of the first sample ``name`` whose labels include ``labels``; None when there is none."""
+    wanted = dict(labels or {})
+    return next((s.value for s in scrape(url, timeout_s) if s.name == name and wanted.items() <= s.labels.items()), None)

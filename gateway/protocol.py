@@ -3,7 +3,7 @@
 Knows which fields exist (in the order of OpenAI's API reference), which the gateway
 handles itself, which pass through to vLLM unchanged, and which best-of-N cannot honour.
 Fields this module does not name (vLLM's own, e.g. ``top_k``, ``min_p``) are accepted and
-passed through: vLLM validates them. Response bodies are built in ``responses.py``.
+passed through: vLLM validates them. Response bodies are built in ``gateway.responses``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from gateway.metrics import Metrics
 from gateway.score import Scorer
-from trainer.registry import Registry, RegistryError
+from registry.versions import Registry, RegistryError
 
 log = logging.getLogger("gateway.reward_follow")
 

@@ -1,10 +1,11 @@
-"""One chat completion, start to end: protocol → generate → score → select → response → log.
+"""One chat completion, start to end: protocol → generate → score → select → log.
 
 Knows the request's plan (how many candidates to generate and return, the token budget,
-what best-of-N cannot honour), runs the stages in order with their timings, builds
-OpenAI response bodies and stream chunks, and hands the record of every candidate to the
-log (never waiting for the database; an N=1 answer is scored for the log after the
-response). Routes call it; it never sees HTTP.
+what best-of-N cannot honour), runs the stages in order with their timings, and hands the
+record of every candidate to the log itself on every path (best-of-N, N=1, a relayed
+stream; never waiting for the database; an N=1 answer is scored for the log after the
+response). The OpenAI bodies and chunks of an outcome are ``gateway.responses``'. Routes
+call it; it never sees HTTP.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, passthrough, uses_tools
+from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
 from gateway.settings import GatewaySettings
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
-from gateway.swap import Route
 
 log = logging.getLogger("gateway.service")
 RECENT_IDS = 100_000
@@ -141,8 +142,9 @@ class ChatService:
         models = route.models if route is not None else None
         return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
 
-    # ---- generate → score → select ----
+    # ---- generate → score → select → log ----
     async def run(self, plan: Plan) -> Outcome:
+        """The answer for a buffered request (JSON, or N>1 streamed after scoring); its record goes to the log here."""
         started = time.perf_counter()
         generation = await self.generator.generate(plan.body, plan.n_candidates, plan.models)
         plan.timings["generate"] = time.perf_counter() - started
@@ -165,7 +167,9 @@ class ChatService:
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
-        return Outcome(generation, rewards, chosen, scorer.version if scorer is not None and rewards is not None else None)
+        outcome = Outcome(generation, rewards, chosen, scorer.version if scorer is not None and rewards is not None else None)
+        self.log(plan, outcome)
+        return outcome
 
     def _observe_rewards(self, rewards: list[float], chosen: int, version: str) -> None:
         self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
@@ -242,78 +246,6 @@ class ChatService:
         self.metrics.feedback.labels(record.thumb, version).inc()
         if self.sink is not None:
             self.sink.submit(record)
-
-    # ---- responses ----
-    def _envelope(self, plan: Plan, obj: str) -> dict[str, Any]:
-        return {
-            "id": plan.completion_id,
-            "object": obj,
-            "created": int(plan.created),
-            "model": self.settings.model_alias,
-            "system_fingerprint": plan.policy_version,
-        }
-
-    def _usage(self, generation: Generation) -> dict[str, int]:
-        """Every candidate's tokens: the client's N candidates were all generated for it."""
-        return {
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        }
-
-    def response(self, plan: Plan, outcome: Outcome) -> dict[str, Any]:
-        candidates = outcome.generation.candidates
-        body = self._envelope(plan, "chat.completion")
-        body["choices"] = [
-            {
-                "index": rank,
-                "message": {"role": "assistant", "content": candidates[i].text},
-                "logprobs": candidates[i].logprobs if plan.request.logprobs else None,
-                "finish_reason": candidates[i].finish_reason,
-            }
-            for rank, i in enumerate(outcome.chosen)
-        ]
-        body["usage"] = self._usage(outcome.generation)
-        if plan.request.return_candidates:
-            body["candidates"] = self._candidates(outcome)
-        return body
-
-    def _candidates(self, outcome: Outcome) -> list[dict[str, Any]]:
-        """The ``return_candidates`` extension: every candidate, in generation order."""
-        return [
-            {
-                "index": c.index,
-                "text": c.text,
-                "reward": outcome.rewards[k] if outcome.rewards is not None else None,
-                "finish_reason": c.finish_reason,
-                "chosen": k in outcome.chosen,
-            }
-            for k, c in enumerate(outcome.generation.candidates)
-        ]
-
-    def chunks(self, plan: Plan, outcome: Outcome) -> list[bytes]:
-        """The selected answers as OpenAI stream chunks (after generation and scoring)."""
-        candidates = outcome.generation.candidates
-        usage_field = {"usage": None} if plan.include_usage else {}
-        events: list[dict[str, Any]] = []
-        for rank, i in enumerate(outcome.chosen):
-            c = candidates[i]
-            logprobs = c.logprobs if plan.request.logprobs else None
-            deltas: list[tuple[dict[str, Any], Any, str | None]] = [
-                ({"role": "assistant", "content": ""}, None, None),
-                ({"content": c.text}, logprobs, None),
-                ({}, None, c.finish_reason),
-            ]
-            for delta, lp, finish in deltas:
-                choice = {"index": rank, "delta": delta, "logprobs": lp, "finish_reason": finish}
-                events.append({**self._envelope(plan, "chat.completion.chunk"), "choices": [choice], **usage_field})
-        if plan.request.return_candidates:
-            events[-1]["candidates"] = self._candidates(outcome)
-        if plan.include_usage:
-            events.append(
-                {**self._envelope(plan, "chat.completion.chunk"), "choices": [], "usage": self._usage(outcome.generation)}
-            )
-        return [json.dumps(e, separators=(",", ":")).encode() for e in events] + [b"[DONE]"]
 
     async def relay(self, plan: Plan) -> AsyncIterator[bytes]:
         """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint.

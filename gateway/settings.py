@@ -210,9 +210,6 @@ class GatewaySettings(YamlSettings):
     """Bearer token of the admin endpoints (``/admin/...``). None: they answer only on a loopback ``host``."""
     trainer: dict[str, Any] = Field(default_factory=dict)
     """The trainer's section of the same file (``trainer.settings``); the gateway does not read it."""
-    models_preset: str | None = "default"
-    """The toy-world preset to build when the model directories (``.../policy``, ``.../reward_model``)
-    are absent; None: a missing model is an error (real checkpoints)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:

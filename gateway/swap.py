@@ -10,7 +10,7 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
    shared registry volume on the first request naming the version;
 4. verify on each backend: ``/v1/models`` lists the name, and the teacher-forced
    next-token log-probs after the version's fixed probe prefixes match the values the
-   trainer computed for it within ``probe_tolerance`` (mean nats, ``trainer.probe``);
+   trainer computed for it within ``probe_tolerance`` (mean nats, ``registry.probe``);
    "different from before" is not enough, since a wrong adapter differs too;
 5. route new requests to the backends that passed (a backend that failed is not routed to
    until it passes; if none passed, the old route stays and the swap is retried later);
@@ -44,44 +44,22 @@ again. ``swap.full: refuse`` leaves full versions unserved (counted as ``registr
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from gateway.blue_green import Instance, Launcher, VLLMStartError
+from gateway.blue_green import Instances, Launcher, VLLMStartError
 from gateway.metrics import Metrics
+from gateway.routing import Route, in_canary
 from gateway.settings import Backend, SwapSettings
-from trainer.probe import TOP_K, Probe, difference
-from trainer.registry import Pointer, Registry, RegistryError
+from gateway.vllm_admin import VerificationError, VLLMAdmin
+from registry.probe import Probe
+from registry.versions import Pointer, Registry, RegistryError
 
 log = logging.getLogger("gateway.swap")
-
-
-@dataclass(frozen=True)
-class Route:
-    """Which policy version new requests get, and the model name to ask each routable backend for."""
-
-    version: str
-    models: dict[str, str] = field(default_factory=dict)
-    """Backend URL → model name (the base's served name, or an adapter name); absent: not routed to."""
-
-
-class VerificationError(Exception):
-    """A backend does not serve the version it was asked to load."""
-
-
-def in_canary(key: str, version: str, fraction: float) -> bool:
-    """Whether the sticky ``key`` falls in the ``fraction`` of keys the canary ``version`` answers (the same on
-    every replica and for the whole trial; another version's trial draws another share)."""
-    digest = hashlib.sha256(f"{version}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 class Swapper:
@@ -98,7 +76,7 @@ class Swapper:
     ) -> None:
         """``launch`` starts a vLLM instance for a full version (None: full versions are refused);
         ``canary_fraction``: the share of sticky keys the canary version answers."""
-        self._session = session
+        self._admin = VLLMAdmin(session, settings.admin_timeout_s)
         self._backends = list(backends)
         self._base = Route(base_version, {b.url: b.model for b in self._backends})
         self.route = self._base
@@ -108,7 +86,6 @@ class Swapper:
         self._settings = settings
         self._registry = Registry(registry_dir)
         self._metrics = metrics
-        self._timeout = aiohttp.ClientTimeout(total=settings.admin_timeout_s)
         self._retired: dict[str, float] = {}
         """Adapter version → when it stopped being routed."""
         self._previous: str | None = None
@@ -116,9 +93,8 @@ class Swapper:
         """Version → when its last swap attempt failed (retried after ``retry_s``)."""
         self._waiting: str | None = None
         """A version whose swap waits for an adapter slot (logged and counted once)."""
-        self._launch = launch
-        self._instances: dict[str, Instance] = {}
-        """Full version → the vLLM instance serving it (routed or draining)."""
+        self._instances = Instances(launch) if launch is not None else None
+        """Full versions' vLLM instances (routed or draining); None: full versions are refused."""
         self._formats: dict[str, str] = {}
         """Version → its format (lora, full), for every version routed since start."""
         self._routes: dict[str, Route] = {}
@@ -155,12 +131,11 @@ class Swapper:
 
     async def close(self) -> None:
         """Stop the vLLM instances this swapper started (the gateway is shutting down)."""
-        for version in list(self._instances):
-            await self._stop(version)
+        if self._instances is not None:
+            await self._instances.stop_all()
 
     def _target(self, pointer: Pointer) -> str | None:
-        state = self._registry.pointer("policy", pointer)
-        return state.version if state is not None else None
+        return self._registry.version_at("policy", pointer)
 
     # ---- swapping ----
     async def _swap(self, version: str | None) -> None:
@@ -188,7 +163,7 @@ class Swapper:
         try:
             manifest = await asyncio.to_thread(self._registry.verify, "policy", version)
             kind = manifest.format
-            if kind == "full" and self._launch is None:
+            if kind == "full" and self._instances is None:
                 raise RegistryError(f"policy {version} is a full model and swap.full is refuse")
             if kind not in ("lora", "full"):
                 raise RegistryError(f"policy {version} has format {kind!r}; only lora and full versions are served")
@@ -298,23 +273,12 @@ class Swapper:
     async def _load_and_verify(self, backend: Backend, version: str, path: Path | None, probe: Probe) -> str | None:
         """Load an adapter (``path``; None: the backend serves ``version`` as its model) and verify it; its name."""
         name = self.adapter_name(backend, version) if path is not None else backend.model
+        s = self._settings
         try:
-            if path is not None and self._settings.lora_loading == "admin" and name not in await self._models(backend):
-                try:
-                    await self._post(backend, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-                except VerificationError:
-                    if name not in await self._models(backend):
-                        raise
-                    # another gateway sharing this backend loaded it meanwhile: the probe below still decides
-            served = await self._probe(backend, name, probe.prefixes)  # resolver: the first request loads it
-            if name not in await self._models(backend):
-                raise VerificationError(f"{name} is not listed in /v1/models")
-            diff = difference(probe.top, served)
+            diff = await self._admin.load_and_probe(backend, name, path, probe, s.lora_loading)
             self._metrics.swap_probe_diff.labels(backend.url).set(diff)
-            if diff > self._settings.probe_tolerance:
-                raise VerificationError(
-                    f"probe log-probs differ by {diff:.4f} nats per token (tolerance {self._settings.probe_tolerance})"
-                )
+            if diff > s.probe_tolerance:
+                raise VerificationError(f"probe log-probs differ by {diff:.4f} nats per token (tolerance {s.probe_tolerance})")
             log.info("backend %s serves %s (probe diff %.2e)", backend.url, name, diff)
             return name
         except (VerificationError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
@@ -325,31 +289,19 @@ class Swapper:
     # ---- blue-green (full versions) ----
     async def _start(self, version: str, probe: Probe) -> dict[str, str]:
         """Start (or reuse a draining) vLLM instance serving a full version and verify it; its route, or {}."""
-        assert self._launch is not None  # checked by _swap
-        instance = self._instances.get(version)
-        if instance is None or instance.returncode() is not None:
-            path = self._registry.path("policy", version).resolve()
-            log.warning("starting a vLLM instance for full version %s (blue-green)", version)
-            instance = await self._launch(path, version)
-            self._instances[version] = instance
+        assert self._instances is not None  # checked by _prepare
+        instance = await self._instances.ensure(version, self._registry.path("policy", version).resolve())
         served = await self._load_and_verify(Backend(url=instance.url, model=instance.served_name), version, None, probe)
         if served is None:
-            await self._stop(version)
+            await self._instances.stop(version)
             return {}
         return {instance.url: served}
 
-    async def _stop(self, version: str) -> None:
-        instance = self._instances.pop(version, None)
-        if instance is not None:
-            log.warning("stopping the vLLM instance of full version %s at %s", version, instance.url)
-            await asyncio.to_thread(instance.stop)
-
     async def _reap(self) -> None:
         """Notice instances that died; if it was the routed one, route to the rollback target (else the base)."""
-        for version, instance in list(self._instances.items()):
-            code = instance.returncode()
-            if code is None:
-                continue
+        if self._instances is None:
+            return
+        for version, code in self._instances.exited():
             if self.canary is not None and version == self.canary.version:
                 log.error("the vLLM instance of canary %s exited with code %s; trial paused until it starts again", version, code)
                 self._metrics.swaps.labels("died").inc()
@@ -365,7 +317,7 @@ class Swapper:
                 self._route_to(fallback)
             else:
                 log.warning("the draining vLLM instance of policy %s exited with code %s", version, code)
-            await self._stop(version)  # its engine-core child may still be alive
+            await self._instances.stop(version)  # its engine-core child may still be alive
             self._retired.pop(version, None)
             self._routes.pop(version, None)
 
@@ -409,39 +361,12 @@ class Swapper:
 
     async def _unload(self, version: str) -> None:
         self._retired.pop(version, None)
-        if version in self._instances:
-            await self._stop(version)
+        if self._instances is not None and version in self._instances:
+            await self._instances.stop(version)
             return
         for backend in self._backends:
             try:
-                await self._post(backend, "/v1/unload_lora_adapter", {"lora_name": self.adapter_name(backend, version)})
+                await self._admin.unload_adapter(backend, self.adapter_name(backend, version))
             except (aiohttp.ClientError, TimeoutError, VerificationError) as exc:
                 log.warning("unloading %s from %s failed: %s", version, backend.url, exc)
         self._routes.pop(version, None)
-
-    # ---- vLLM admin API ----
-    async def _models(self, backend: Backend) -> set[str]:
-        async with self._session.get(f"{backend.url}/v1/models", timeout=self._timeout) as response:
-            data = await response.json()
-        return {m["id"] for m in data.get("data", [])}
-
-    async def _post(self, backend: Backend, route: str, body: dict[str, Any]) -> None:
-        async with self._session.post(f"{backend.url}{route}", json=body, timeout=self._timeout) as response:
-            if response.status != 200:
-                raise VerificationError(f"{route} answered {response.status}: {(await response.text())[:200]}")
-
-    async def _probe(self, backend: Backend, model: str, prefixes: list[list[int]]) -> list[dict[str, float]]:
-        """The top next-token log-probs after each prefix (one greedy token each), keyed by token id."""
-        served = []
-        for ids in prefixes:
-            body = {
-                "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": TOP_K,
-                "return_tokens_as_token_ids": True,
-            }  # fmt: skip
-            async with self._session.post(f"{backend.url}/v1/completions", json=body, timeout=self._timeout) as response:
-                if response.status != 200:
-                    raise VerificationError(f"probe answered {response.status}: {(await response.text())[:200]}")
-                data = json.loads(await response.text())
-            top = data["choices"][0]["logprobs"]["top_logprobs"][0]
-            served.append({token.removeprefix("token_id:"): float(value) for token, value in top.items()})
-        return served

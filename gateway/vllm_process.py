@@ -93,7 +93,9 @@ class VLLMProcess:
 
     def start(self) -> None:
         if not (self.model / "config.json").is_file():
-            raise VLLMStartError(f"no model at {self.model} (config.json missing); run `python -m trainer bootstrap` first")
+            raise VLLMStartError(
+                f"no model at {self.model} (config.json missing); build it first (`make models`, `python -m toyworld bootstrap`)"
+            )
         if not port_free(self.host, self.port):
             raise VLLMStartError(
                 f"port {self.port} on {self.host} is already in use; stop what holds it or set managed_vllm.port"

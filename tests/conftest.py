@@ -23,7 +23,7 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``BON_TEST_MODELS=<dir>`` reuses a build kept there (local iteration; CI always builds)."""
     import os
 
-    from trainer.toyworld.bootstrap import PRESETS, bootstrap
+    from toyworld.bootstrap import PRESETS, bootstrap
 
     kept = os.environ.get("BON_TEST_MODELS")
     out = Path(kept) if kept else tmp_path_factory.mktemp("models") / "test"
@@ -36,7 +36,7 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``default`` preset built from scratch (its timings are in its report, not asserted)."""
-    from trainer.toyworld.bootstrap import PRESETS, bootstrap
+    from toyworld.bootstrap import PRESETS, bootstrap
 
     out = tmp_path_factory.mktemp("models") / "default"
     bootstrap(PRESETS["default"], out)

@@ -1,20 +1,18 @@
 """``python -m trainer``: the trainer's command line.
 
 Subcommands:
-  bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   pairs export   write the log's preference pairs (and unpaired thumbs) in TRL's formats
   registry       init|list|show|promote|rollback versions and the current/canary pointers
   run            one training round: the log's window -> pairs -> DPO/KTO/PPO -> a registered version
   schedule       run a round every --every (a local stand-in for the Kubernetes CronJob)
-  evaluate-loop  rounds of traffic -> training -> hot-swap through a gateway, measured on the hidden gold reward
 
-Errors a user can fix print one line and exit non-zero, never a traceback.
+The toy world's commands (bootstrap, evaluate-loop) are ``python -m toyworld``'s: the
+trainer does not know the toy world. Errors a user can fix print one line and exit non-zero, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -31,13 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Tiny-model bootstrap and preference training.")
+    parser = _Parser(prog=PROG, description="Preference training from the gateway's log.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    boot = sub.add_parser("bootstrap", help="build the tiny tokenizer, policy and reward model if absent")
-    boot.add_argument("--preset", default="default", help="default (serving quality) or test (small, fast)")
-    boot.add_argument("--out", type=Path, default=None, help="output directory (default: models/<preset>)")
-    boot.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    boot.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     pairs = sub.add_parser("pairs", help="preference pairs from the gateway's log").add_subparsers(
         dest="pairs_command", required=True, parser_class=_Parser
     )
@@ -76,38 +69,6 @@ def _parser() -> argparse.ArgumentParser:
         "--refit-reward-model", action="store_true",
         help="instead of a policy round: refit the reward model on thumb-decided pairs (a new reward-model version)",
     )  # fmt: skip
-    loop = sub.add_parser("evaluate-loop", help="the online loop measured against the toy world's gold reward")
-    loop.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
-    loop.add_argument("--rounds", type=int, default=3)
-    loop.add_argument("--arms", default="rm,thumbs", help="comma-separated: rm (reward model only), thumbs (+ simulated thumbs)")
-    loop.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds 0..K-1")
-    loop.add_argument("--thumb-rate", type=float, default=0.2, help="thumbs arm: share of answers the simulated user thumbs")
-    loop.add_argument("--thumb-noise", type=float, default=0.1, help="sd of the noise on gold behind each thumb")
-    loop.add_argument("--refit-every", type=int, default=0, help="thumbs arm: refit the reward model every K rounds (0: never)")
-    loop.add_argument("--prompts-per-round", type=int, default=384, help="training prompts sent through the gateway per round")
-    loop.add_argument("--heldout", type=int, default=200, help="held-out prompts every measurement uses")
-    loop.add_argument("--samples", type=int, default=8, help="samples per held-out prompt (best-of-N up to this)")
-    loop.add_argument("--concurrency", type=int, default=8)
-    loop.add_argument("--max-tokens", type=int, default=64)
-    loop.add_argument("--out", type=Path, default=Path("runs/evaluate-loop"), help="a new directory for the runs and report")
-    loop.add_argument(
-        "--canary-fraction",
-        type=float,
-        default=0.0,
-        help="publish each round as a canary for this share of users; the gateway's gate promotes or refuses it",
-    )
-    loop.add_argument(
-        "--gate-min-requests", type=int, default=100, help="the canary gate's answers per arm before its first look"
-    )
-    loop.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="[ARM:]KEY=VALUE",
-        help="override a key of each run's config (YAML value), e.g. trainer.dpo.learning_rate=1e-3; with ARM: "
-        "that arm's runs only, e.g. thumbs:trainer.pairs.from_reward_model=false; repeatable",
-    )
-    loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
     sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     return parser
@@ -133,9 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     import traceback
 
     from gateway.settings import ConfigError
-    from trainer.lock import LockHeld
+    from registry.lock import LockHeld
+    from registry.versions import Registry, RegistryError
     from trainer.metrics import report
-    from trainer.registry import Registry, RegistryError
     from trainer.round import RoundError, RoundResult, refit_reward_model, run
 
     command = f"{PROG} run"
@@ -219,7 +180,7 @@ def _registry(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from gateway.settings import ConfigError
-    from trainer.registry import PointerState, Registry, RegistryError
+    from registry.versions import PointerState, Registry, RegistryError
     from trainer.settings import load
 
     try:
@@ -241,7 +202,7 @@ def _registry(args: argparse.Namespace) -> int:
                       f"{figures or '-'}  {' '.join(marks)}".rstrip())  # fmt: skip
             return 0
         if args.action == "show":
-            version = args.version or (p.version if (p := registry.pointer(kind, "current")) else None)
+            version = args.version or registry.version_at(kind)
             if version is None:
                 raise RegistryError(f"no current {kind}; name a version")
             print(json.dumps(asdict(registry.verify(kind, version)), indent=2))
@@ -298,97 +259,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bootstrap(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from trainer.toyworld.bootstrap import PRESETS, BootstrapError, bootstrap, check_writable, summary
-
-    if args.preset not in PRESETS:
-        print(f"{PROG} bootstrap: error: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})", file=sys.stderr)
-        return 2
-    preset = PRESETS[args.preset]
-    if args.seed is not None:
-        preset = replace(preset, seed=args.seed)
-    out: Path = args.out or Path("models") / preset.name
-    try:
-        check_writable(out)
-        import torch
-
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        report = bootstrap(preset, out)
-    except BootstrapError as exc:
-        print(f"{PROG} bootstrap: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary(report), flush=True)
-    print(f"models: {out / 'policy'} and {out / 'reward_model'}; report: {out / 'bootstrap_report.json'}")
-    return 0
-
-
-def _evaluate_loop(args: argparse.Namespace) -> int:
-    import json
-
-    import yaml
-
-    from gateway.settings import ConfigError
-    from trainer.loop.report import arm_report, plot
-    from trainer.loop.runner import ARMS, Loop, LoopError, LoopOptions
-
-    command = f"{PROG} evaluate-loop"
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    problems = [f"unknown arm {a!r} (choose from {', '.join(ARMS)})" for a in arms if a not in ARMS]
-    if not arms:
-        problems.append("--arms is empty")
-    if args.rounds < 1 or args.seeds < 1 or args.prompts_per_round < 1 or args.heldout < 2 or args.samples < 1:
-        problems.append("--rounds, --seeds, --prompts-per-round and --samples must be positive, --heldout at least 2")
-    if not 0.0 <= args.canary_fraction < 1.0:
-        problems.append(f"--canary-fraction {args.canary_fraction}: use 0 (no canary) up to, not including, 1")
-    if not 0.0 <= args.thumb_rate <= 0.2:
-        problems.append(f"--thumb-rate {args.thumb_rate}: the simulated user thumbs at most 20% of answers")
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. trainer.dpo.learning_rate=1e-3")
-            continue
-        arm, colon, _ = key.partition(":")
-        if colon and arm.strip() not in arms:
-            problems.append(f"--set {item!r}: {arm.strip()!r} is not one of this run's arms ({', '.join(arms)})")
-            continue
-        overrides[key.strip()] = yaml.safe_load(value)
-    if problems:
-        print(f"{command}: error: {problems[0]}", file=sys.stderr)
-        return 2
-    options = LoopOptions(
-        config=args.config, rounds=args.rounds, arms=arms, seeds=tuple(range(args.seeds)), thumb_rate=args.thumb_rate,
-        thumb_noise=args.thumb_noise, refit_every=args.refit_every, prompts_per_round=args.prompts_per_round,
-        heldout=args.heldout, samples=args.samples, max_tokens=args.max_tokens, concurrency=args.concurrency,
-        out=args.out, vllm_url=args.vllm, canary_fraction=args.canary_fraction, gate_min_requests=args.gate_min_requests,
-        overrides=overrides,
-    )  # fmt: skip
-    try:
-        runs = Loop(options).run()
-    except (LoopError, ConfigError) as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr)
-        return 1
-    reports = [arm_report([r for r in runs if r.arm == arm]) for arm in arms]
-    png = args.out / "loop.png"
-    plot(reports, png)
-    result = {"arms": reports, "plot": str(png), "rounds_per_run": args.rounds, "heldout_prompts": args.heldout,
-              "samples_per_prompt": args.samples, "prompts_per_round": args.prompts_per_round}  # fmt: skip
-    (args.out / "report.json").write_text(json.dumps(result, indent=2))
-    for arm in reports:
-        bon = arm["start_bon_gold"]
-        rounds = ", ".join(f"{r['n1_gold']:.3f}" for r in arm["rounds"])
-        print(f"{arm['arm']}: start N=1 {arm['start_n1_gold']:.3f}, BoN-2 {bon.get('2', float('nan')):.3f}, "
-              f"BoN-4 {bon.get('4', float('nan')):.3f}; N=1 by round {rounds}; {len(arm['warnings'])} warnings")  # fmt: skip
-    print(json.dumps(result))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "bootstrap":
-        return _bootstrap(args)
     if args.command == "pairs":
         return _export(args)
     if args.command == "registry":
@@ -397,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "schedule":
         return _schedule(args)
-    if args.command == "evaluate-loop":
-        return _evaluate_loop(args)
     raise AssertionError(args.command)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.toyworld.batching import pad_left
+from trainer.batching import pad_left
 
 
 @dataclass

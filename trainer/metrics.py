@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 
-from trainer.registry import Kind, Registry
+from registry.versions import Kind, Registry
 
 if TYPE_CHECKING:
     from trainer.round import RoundResult

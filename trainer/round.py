@@ -7,14 +7,14 @@ Knows the round's order and its rules:
 - too few pairs is a skipped round, not a failure (a quiet night is not a failed CronJob);
 - the new adapter starts from its parent's adapter; the reference is the base policy;
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
-  answer length on sampled answers) and computes the swap probe (``trainer.probe``);
+  answer length on sampled answers) and computes the swap probe (``registry.probe``);
 - with a KL budget (``trainer.kl_budget``), a version further from the reference than the
   budget is trained again from the same parent at a smaller learning rate; if no try fits,
   the round is skipped and nothing is registered;
 - it publishes through the registry (nothing half-registered after a crash) and only then
   moves the pointer that gateways follow;
 - its outcome goes to Prometheus metrics (a textfile, and a Pushgateway when configured).
-Only one round runs at a time (``trainer.lock``). Does not know how gateways swap.
+Only one round runs at a time (``registry.lock``). Does not know how gateways swap.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from registry.lock import round_lock
+from registry.versions import Kind, Manifest, Registry, RegistryError
+from trainer.algorithms import ALGORITHMS, FITS, RoundData
 from trainer.export import parse_time, window
-from trainer.lock import round_lock
-from trainer.pairs import build, thumbed, weighted
-from trainer.registry import Registry, RegistryError
+from trainer.pairs import build, thumbed
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("trainer.round")
 Outcome = Literal["trained", "skipped", "failed"]
-ALGORITHMS = ("dpo", "kto", "ppo")
 
 
 class RoundError(Exception):
@@ -83,13 +83,12 @@ class RoundResult:
 
 def policy_label(settings: TrainerSettings, registry: Registry) -> tuple[str | None, str]:
     """(current policy version or None for the base, the label the gateway logs it under)."""
-    current = registry.pointer("policy", "current")
-    return (current.version, current.version) if current else (None, settings.trainer.base_policy_version)
+    current = registry.version_at("policy")
+    return current, current or settings.trainer.base_policy_version
 
 
 def rm_label(settings: TrainerSettings, registry: Registry) -> str:
-    current = registry.pointer("reward_model", "current")
-    return current.version if current else settings.trainer.base_rm_version
+    return registry.version_at("reward_model", default=settings.trainer.base_rm_version)
 
 
 def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bool = True) -> RoundResult:
@@ -101,7 +100,7 @@ def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bo
     if not s.registry_dir.is_dir():
         raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
     if not (s.base_policy / "config.json").is_file():
-        raise RoundError(f"no base policy at {s.base_policy} (run `python -m trainer bootstrap` or set trainer.base_policy)")
+        raise RoundError(f"no base policy at {s.base_policy} (run `python -m toyworld bootstrap` or set trainer.base_policy)")
     if algorithm == "ppo" and not (s.base_reward_model / "config.json").is_file():
         raise RoundError(f"no reward model at {s.base_reward_model} for --algo ppo (set trainer.base_reward_model)")
     url = settings.store.database_url()
@@ -130,7 +129,7 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
         "since": since, "until": until, "policy_version": policy_version, "rm_version": rm_version,
         "completions": stats.completions, "pairs": stats.pairs, "from_thumbs": stats.from_thumbs,
     }  # fmt: skip
-    data = _Data(exported.pairs, thumbed(labelled), [r.messages for r, _ in labelled])
+    data = RoundData(exported.pairs, thumbed(labelled), [r.messages for r, _ in labelled])
     available, unit = data.size(algorithm, s.kto.from_pairs)
     if available < s.min_pairs:
         reason = (
@@ -141,36 +140,21 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
     return _train(settings, registry, algorithm, parent, rm_version, data, data_window, progress)
 
 
-@dataclass
-class _Data:
-    """What the window gives each algorithm: pairs (DPO, KTO), thumbed answers (KTO), prompts (PPO, evaluation)."""
-
-    pairs: list[dict[str, Any]]
-    thumbed: list[dict[str, Any]]
-    prompts: list[list[dict[str, Any]]]
-
-    def size(self, algorithm: str, kto_from_pairs: bool) -> tuple[int, str]:
-        if algorithm == "kto":
-            return len(self.thumbed) + (2 * len(self.pairs) if kto_from_pairs else 0), "KTO rows (thumbs and pair sides)"
-        if algorithm == "ppo":
-            return len({repr(p) for p in self.prompts}), "distinct prompts"
-        return len(self.pairs), "pairs"
-
-
 def _train(
     settings: TrainerSettings,
     registry: Registry,
     algorithm: str,
     parent: str | None,
     rm_version: str,
-    data: _Data,
+    data: RoundData,
     data_window: dict[str, Any],
     progress: bool,
 ) -> RoundResult:
     import torch
     from transformers import AutoTokenizer
 
-    from trainer import adapter, kl, probe
+    from registry import probe
+    from trainer import adapter, kl
 
     s = settings.trainer
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)
@@ -192,8 +176,9 @@ def _train(
                 init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
             attempt_dir = Path(work) / f"try{attempt}"
             attempt_dir.mkdir()
-            trained, model, used, hyperparameters = _fit(_step_scaled(settings, factor), registry, algorithm, rm_version,
-                                                         init, tokenizer, data, attempt_dir, progress)  # fmt: skip
+            fitted = FITS[algorithm](_step_scaled(settings, factor), registry, rm_version, init, tokenizer, data, attempt_dir,
+                                     progress)  # fmt: skip
+            trained, model, used, hyperparameters = fitted.trained, fitted.model, fitted.rows, fitted.hyperparameters
             if not math.isfinite(trained.loss):
                 raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
             # Everything below measures the version as saved (what vLLM will load), not the trainer's in-memory model:
@@ -230,20 +215,12 @@ def _train(
         if budget.max_nats is not None:
             figures["kl_budget_tries"] = tries
 
-        def write(directory: Path) -> None:
-            for file in saved.iterdir():
-                if file.is_file() and file.name != "README.md":
-                    shutil.copy2(file, directory / file.name)
-
-        manifest = registry.publish(
-            "policy", write, format=s.format, parent=parent, algorithm=algorithm, hyperparameters=hyperparameters,
-            data_window={**data_window, "rows": used}, evaluation=figures,
+        manifest = _publish_files(
+            registry, "policy", saved, skip=("README.md",), format=s.format, parent=parent, algorithm=algorithm,
+            hyperparameters=hyperparameters, data_window={**data_window, "rows": used}, evaluation=figures,
         )  # fmt: skip
     registry.set_pointer("policy", s.publish_to, manifest.version, reason=f"{algorithm} on {used} rows")
-    try:
-        registry.retain("policy", s.keep_versions)
-    except (OSError, RegistryError) as exc:  # retention is housekeeping: the round itself succeeded
-        log.warning("registry retention failed: %s", exc)
+    _retain(registry, "policy", s.keep_versions)
     return RoundResult(
         "trained", f"{manifest.version} registered and set as {s.publish_to}", version=manifest.version, parent=parent,
         pairs=used, completions=data_window["completions"], figures=figures, algorithm=algorithm,
@@ -258,56 +235,6 @@ def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
     scaled = {name: getattr(s, name).model_copy(update={"learning_rate": getattr(s, name).learning_rate * factor})
               for name in ("dpo", "kto", "ppo")}  # fmt: skip
     return settings.model_copy(update={"trainer": s.model_copy(update=scaled)})
-
-
-def _fit(
-    settings: TrainerSettings,
-    registry: Registry,
-    algorithm: str,
-    rm_version: str,
-    init: Any,
-    tokenizer: Any,
-    data: _Data,
-    work: Path,
-    progress: bool,
-) -> tuple[Any, Any, int, dict[str, Any]]:
-    """(what training reports, the trained peft model, rows used, the hyper-parameters for the manifest)."""
-    from trainer.adapter import Trained
-
-    s = settings.trainer
-    shape = {k: v for k, v in s.dpo.model_dump().items() if k.startswith("lora_") or k in ("target_modules", "bf16", "seed")}
-    if algorithm == "kto":
-        from trainer import kto
-
-        made = kto.rows(data.thumbed, data.pairs if s.kto.from_pairs else [], tokenizer, s.dpo.max_length, s.dpo.seed)
-        trained, model = kto.train(init, tokenizer, made.rows, s.kto, s.dpo, work, progress=progress)
-        counts = {"desirable": made.desirable, "undesirable": made.undesirable, "from_thumbs": made.from_thumbs,
-                  "retokenized": made.retokenized, "truncated": made.truncated}  # fmt: skip
-        trained.figures.update(counts)
-        return trained, model, len(made.rows), {**s.kto.model_dump(), **shape, "max_length": s.dpo.max_length}
-    if algorithm == "ppo":
-        from trainer import ppo
-
-        rm_dir = registry.path("reward_model", rm_version) if rm_version != s.base_rm_version else s.base_reward_model
-        if rm_version != s.base_rm_version:
-            registry.verify("reward_model", rm_version)
-        prompts = list({repr(p): p for p in data.prompts}.values())
-        trained, model = ppo.train(init, tokenizer, prompts, ppo.RewardModel(rm_dir), s.ppo, s.dpo, work, progress=progress)
-        params = {**s.ppo.model_dump(), **shape, "implementation": ppo.IMPLEMENTATION, "reward_model": rm_version}
-        return trained, model, len(prompts), params
-    from trainer import dpo
-
-    made_dpo = dpo.rows(weighted(data.pairs, s.pairs.thumb_weight), tokenizer, s.dpo.max_length)
-    reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.dpo.bf16 else 'fp32'}"
-    cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
-    result, model = dpo.train(init, tokenizer, made_dpo.rows, s.dpo, work, cache if s.dpo.cache_reference else None,
-                              progress=progress)  # fmt: skip
-    figures = {
-        "reward_margin": result.reward_margin, "reward_accuracy": result.reward_accuracy, "ref_cached": result.ref_cached,
-        "ref_computed": result.ref_computed, "retokenized": made_dpo.retokenized, "truncated": made_dpo.truncated,
-    }  # fmt: skip
-    trained = Trained(result.steps, result.seconds, result.loss, figures, result.history)
-    return trained, model, len(made_dpo.rows), s.dpo.model_dump()
 
 
 def refit_reward_model(settings: TrainerSettings, *, progress: bool = True) -> RoundResult:
@@ -354,8 +281,7 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     if len(pairs) < s.reward.min_pairs:
         reason = f"{len(pairs)} thumb-decided pairs in the last {s.max_age}; trainer.reward.min_pairs is {s.reward.min_pairs}"
         return RoundResult("skipped", reason, pairs=len(pairs), completions=len(labelled), algorithm="reward")
-    current = registry.pointer("reward_model", "current")
-    parent = current.version if current else None
+    parent = registry.version_at("reward_model")
     source = registry.path("reward_model", parent) if parent else s.base_reward_model
     if parent is not None:
         registry.verify("reward_model", parent)
@@ -377,13 +303,8 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
             "train_pairs": len(data.train), "held_out_pairs": len(data.held_out),
         }  # fmt: skip
 
-        def write(directory: Path) -> None:
-            for file in saved.iterdir():
-                if file.is_file():
-                    shutil.copy2(file, directory / file.name)
-
-        manifest = registry.publish(
-            "reward_model", write, format="full", parent=parent, algorithm="bradley-terry",
+        manifest = _publish_files(
+            registry, "reward_model", saved, format="full", parent=parent, algorithm="bradley-terry",
             hyperparameters=s.reward.model_dump(), data_window={"since": since, "until": until, "pairs": len(pairs)},
             evaluation=figures,
         )  # fmt: skip
@@ -397,12 +318,27 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     else:
         registry.set_pointer("reward_model", "current", manifest.version, reason=f"agreement {before:.3f} -> {after:.3f}")
         reason = f"reward model {manifest.version} registered and set as current (was {label})"
-    try:
-        registry.retain("reward_model", s.keep_versions)
-    except (OSError, RegistryError) as exc:
-        log.warning("registry retention failed: %s", exc)
+    _retain(registry, "reward_model", s.keep_versions)
     return RoundResult("trained", reason, version=manifest.version, parent=parent, pairs=len(pairs),
                        completions=len(labelled), figures=figures, algorithm="reward")  # fmt: skip
+
+
+def _publish_files(registry: Registry, kind: Kind, saved: Path, skip: tuple[str, ...] = (), **manifest: Any) -> Manifest:
+    """The files of a saved model directory (those named in ``skip`` left out) published as a new version."""
+
+    def write(directory: Path) -> None:
+        for file in saved.iterdir():
+            if file.is_file() and file.name not in skip:
+                shutil.copy2(file, directory / file.name)
+
+    return registry.publish(kind, write, **manifest)
+
+
+def _retain(registry: Registry, kind: Kind, keep: int) -> None:
+    try:
+        registry.retain(kind, keep)
+    except (OSError, RegistryError) as exc:  # retention is housekeeping: the round itself succeeded
+        log.warning("registry retention of %s versions failed: %s", kind, exc)
 
 
 def _distinct_prompts(tokenizer: Any, prompts: list[list[dict[str, Any]]], limit: int) -> list[list[int]]:

@@ -3,7 +3,7 @@
 Checks the report's fields (the JSON on the last line and report.json), that the plot is
 written, that the answers the loop trained on came through the gateway and its log, and that
 the gold reward is out of the serving and training paths' reach: the loop starts the gateway
-and the rounds through ``trainer.loop.sealed``, under which importing the gold module fails
+and the rounds through ``toyworld.loop.sealed``, under which importing the gold module fails
 (shown here on the bootstrap, which does read gold), so the rounds that trained prove that
 training never needed it.
 """
@@ -18,18 +18,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.trainer.test_cli import assert_one_line_error, run_cli
+from tests.cli import assert_one_line_error
+from tests.toyworld.test_cli import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_a_sealed_process_cannot_import_the_gold_reward(tmp_path: Path) -> None:
     sealed = subprocess.run(
-        [sys.executable, "-m", "trainer.loop.sealed", "trainer", "bootstrap", "--preset", "test", "--out", str(tmp_path)],
+        [sys.executable, "-m", "toyworld.loop.sealed", "toyworld", "bootstrap", "--preset", "test", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert sealed.returncode != 0
-    assert "trainer.toyworld.gold" in sealed.stderr
+    assert "toyworld.gold" in sealed.stderr
     assert "ImportError" in sealed.stderr or "ModuleNotFoundError" in sealed.stderr
 
 
@@ -62,7 +63,7 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     out = tmp_path / "loop"
     done = subprocess.run(
         [
-            sys.executable, "-m", "trainer", "evaluate-loop", "--config", str(config), "--rounds", "1", "--seeds", "1",
+            sys.executable, "-m", "toyworld", "evaluate-loop", "--config", str(config), "--rounds", "1", "--seeds", "1",
             "--arms", "rm,thumbs", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
             "--max-tokens", "24", "--concurrency", "4", "--vllm", policy_vllm, "--out", str(out),
             "--canary-fraction", "0.5", "--gate-min-requests", "16",
@@ -104,7 +105,7 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * answers + 3 * (0.2 * 0.8 * answers) ** 0.5
     rm_only = result["arms"][0]["per_seed"][0]["rounds"][0]
     assert rm_only["thumbs_up"] + rm_only["thumbs_down"] == 0
-    # the loop starts every gateway and round through trainer.loop.sealed: these trained with gold unimportable
+    # the loop starts every gateway and round through toyworld.loop.sealed: these trained with gold unimportable
     for run in ("rm-seed0", "thumbs-seed0"):
         assert (out / run / "registry" / "policy" / "versions" / "v0001" / "manifest.json").is_file()
         assert (out / run / "registry" / "policy" / "gate.jsonl").is_file()

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
+from gateway.metrics import sample
 from gateway.settings import GatewaySettings
 from gateway.store.records import CompletionRecord
 from gateway.store.sql import SqlStore
@@ -180,36 +181,36 @@ def test_client_disconnect_aborts_the_vllm_request(
 ) -> None:
     """A client that walks away mid-request: the gateway aborts the vLLM request, so vLLM stops generating.
 
-    Independent of the machine's speed: once the request is generating, vLLM's engine is frozen (SIGSTOP) while the
-    client walks away and the gateway lets go of the request, and thawed only after; a request the gateway failed to
-    abort would then generate all of its n * MAX_TOKENS tokens (ignore_eos), however fast or slow the machine."""
+    Independent of the machine's speed: vLLM's engine is frozen (SIGSTOP) before the request is sent and runs only in
+    1 ms slices until it has generated the request's first tokens; it stays frozen while the client walks away and the
+    gateway lets go of the request, and is thawed only after. A request the gateway failed to abort would then
+    generate all of its n * MAX_TOKENS tokens (ignore_eos), however fast or slow the machine and however late this
+    test's process is scheduled (the engine cannot run ahead while it is frozen)."""
     tokens_before = _wait_idle(policy_vllm)
     n = 1 if stream else 8
     body = json.dumps({**LONG, "stream": stream, "n_candidates": n}).encode()
     engine = _engine_processes(policy_vllm_process)
     ended_before = _gateway_sample(gateway_url, GENERATE_ENDED if stream else DISCONNECTED)
     url = urlsplit(gateway_url)
-    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock, _frozen(engine):
         sock.sendall(
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\n\r\n".encode()
             + body
         )
+        _run_until_generating(engine, policy_vllm, tokens_before)
         if stream:
-            _read_until(sock, b"data: ")  # the first chunk is through: vLLM is generating
-        else:
-            _wait_generating(policy_vllm, tokens_before)
-        with _frozen(engine):
-            sock.close()  # walk away
-            _wait_gateway(gateway_url, GENERATE_ENDED if stream else DISCONNECTED, ended_before)
-            time.sleep(1.0)  # vLLM's API server (not frozen) turns the closed connection into an abort
+            _read_until(sock, b"data: ")  # the first chunk is through (the API server and the gateway are not frozen)
+        sock.close()  # walk away
+        _wait_gateway(gateway_url, GENERATE_ENDED if stream else DISCONNECTED, ended_before)
+        time.sleep(1.0)  # vLLM's API server (not frozen) turns the closed connection into an abort
     generated = _wait_idle(policy_vllm) - tokens_before
     # ignore_eos: a request left running would generate all n * MAX_TOKENS tokens
     assert 0 < generated < n * MAX_TOKENS, f"vLLM generated {generated} of {n * MAX_TOKENS} tokens for an abandoned request"
 
 
-GENERATE_ENDED = 'bon_stage_latency_seconds_count{stage="generate"}'  # a relayed stream's generate stage ends
-DISCONNECTED = 'bon_requests_total{status="499"}'  # a request given up because its client left
+GENERATE_ENDED = ("bon_stage_latency_seconds_count", {"stage": "generate"})  # a relayed stream's generate stage ends
+DISCONNECTED = ("bon_requests_total", {"status": "499"})  # a request given up because its client left
 
 
 def _engine_processes(vllm: VLLMProcess) -> list[psutil.Process]:
@@ -239,25 +240,30 @@ def _read_until(sock: socket.socket, marker: bytes) -> None:
         seen += data
 
 
-def _wait_generating(policy_vllm: str, tokens_before: float, timeout_s: float = 60) -> None:
+def _run_until_generating(engine: list[psutil.Process], policy_vllm: str, tokens_before: float, timeout_s: float = 60) -> None:
+    """Let the frozen engine run in 1 ms slices until vLLM counts a generated token; it is frozen again on return."""
     deadline = time.monotonic() + timeout_s
-    while _vllm_counts(policy_vllm)[1] <= tokens_before:
+    while True:
+        for process in engine:
+            process.resume()
+        time.sleep(0.001)
+        for process in engine:
+            process.suspend()
+        time.sleep(0.02)  # the API server (not frozen) counts what the slice produced
+        if _vllm_counts(policy_vllm)[1] > tokens_before:
+            return
         assert time.monotonic() < deadline, "vLLM did not start generating"
-        time.sleep(0.005)
 
 
-def _gateway_sample(gateway_url: str, sample: str) -> float:
-    with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    found = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+def _gateway_sample(gateway_url: str, which: tuple[str, dict[str, str]]) -> float:
+    return sample(gateway_url, *which) or 0.0
 
 
-def _wait_gateway(gateway_url: str, sample: str, before: float, timeout_s: float = 30) -> None:
+def _wait_gateway(gateway_url: str, which: tuple[str, dict[str, str]], before: float, timeout_s: float = 30) -> None:
     """Until the gateway has let go of the request (its sample counted one more)."""
     deadline = time.monotonic() + timeout_s
-    while _gateway_sample(gateway_url, sample) <= before:
-        assert time.monotonic() < deadline, f"the gateway did not give up the request ({sample})"
+    while _gateway_sample(gateway_url, which) <= before:
+        assert time.monotonic() < deadline, f"the gateway did not give up the request ({which})"
         time.sleep(0.02)
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gateway.vllm_process import free_port, port_free
-from loadtest.bench import wait_http
+from loadtest.servers import wait_http
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -24,7 +24,6 @@ def test_sigterm_stops_the_gateway_and_its_managed_vllm(test_models: Path, tmp_p
         yaml.safe_dump(
             {
                 "port": port,
-                "models_preset": None,
                 "n_candidates": 2,
                 "managed_vllm": {"enabled": True, "model_dir": str(test_models / "policy"), "port": vllm_port},
                 "scorer": {"model_dir": str(test_models / "reward_model")},

@@ -24,12 +24,12 @@ import httpx
 import pytest
 import yaml
 
+from gateway.metrics import sample
 from gateway.settings import GatewaySettings
 from gateway.store.sql import SqlStore
-from loadtest.bench import metric
+from registry.probe import Probe, difference
 from tests.e2e.conftest import running_gateway
 from tests.polling import wait_until
-from trainer.probe import Probe, difference
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 QUESTIONS = [f"What is {a} + {b}?" for a in range(1, 6) for b in range(1, 5)]
@@ -90,8 +90,8 @@ def test_a_trained_version_is_swapped_in_under_traffic(policy_vllm: str, test_mo
         wait_until(lambda: any(r.policy_version == "v0001" for r in store.read_completions(0.0, None)), timeout_s=30)
 
         # 4. The gateway verified the swap, and vLLM's own log-probs under the new name match the trainer's probe.
-        assert metric(url, 'bon_swaps_total{result="ok"}') == 1.0
-        served_diff = metric(url, f'bon_swap_probe_diff_nats{{backend="{policy_vllm}"}}')
+        assert sample(url, "bon_swaps_total", {"result": "ok"}) == 1.0
+        served_diff = sample(url, "bon_swap_probe_diff_nats", {"backend": policy_vllm})
         assert served_diff is not None
         assert served_diff < 1e-3
         probe = Probe.load(registry / "policy" / "versions" / "v0001")
@@ -116,11 +116,11 @@ def test_a_trained_version_is_swapped_in_under_traffic(policy_vllm: str, test_mo
         # vLLM's core it got no CPU at all.
         seen = _under_traffic(url, lambda: train(full), "v0002", pause_s=0.5)
         _switched_once(seen, "v0001", "v0002")
-        assert metric(url, 'bon_swaps_total{result="ok"}') == 2.0
+        assert sample(url, "bon_swaps_total", {"result": "ok"}) == 2.0
         instance = _probed_backends(url) - {policy_vllm}
         assert len(instance) == 1, instance
         green = instance.pop()
-        green_diff = metric(url, f'bon_swap_probe_diff_nats{{backend="{green}"}}')
+        green_diff = sample(url, "bon_swap_probe_diff_nats", {"backend": green})
         assert green_diff is not None
         assert green_diff < 1e-3
         probe = Probe.load(registry / "policy" / "versions" / "v0002")

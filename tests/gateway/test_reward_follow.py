@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from gateway.metrics import Metrics
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import Conversation, Scorer
+from registry.versions import Registry
 from tests.gateway.conftest import REWARDS
 from tests.gateway.fakes import FakeScorer, FakeStore
 from tests.gateway.test_log import MESSAGES, completions
-from trainer.registry import Registry
 
 
 class NamedScorer(FakeScorer):
@@ -128,7 +128,7 @@ def test_a_remote_scorer_follows_once_the_pooling_server_serves_the_version(tmp_
     import aiohttp
     from aiohttp import web
 
-    from gateway.app import _scorer_factory
+    from gateway.lifespan import scorer_factory
     from gateway.settings import GatewaySettings
     from gateway.vllm_process import free_port
 
@@ -164,7 +164,7 @@ def test_a_remote_scorer_follows_once_the_pooling_server_serves_the_version(tmp_
         )
         try:
             async with aiohttp.ClientSession() as session:
-                make = _scorer_factory(settings, session)
+                make = scorer_factory(settings, session)
                 old = make(test_models / "reward_model", "rm-base")
                 await old.start()
                 service = Service(old)

@@ -21,11 +21,12 @@ from aiohttp import web
 
 from gateway.blue_green import VLLMStartError
 from gateway.metrics import Metrics
+from gateway.routing import in_canary
 from gateway.settings import Backend, SwapSettings
-from gateway.swap import Swapper, in_canary
+from gateway.swap import Swapper
 from gateway.vllm_process import free_port
-from trainer.probe import Probe
-from trainer.registry import Pointer, Registry
+from registry.probe import Probe
+from registry.versions import Pointer, Registry
 
 PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
 

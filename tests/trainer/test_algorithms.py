@@ -13,11 +13,11 @@ import yaml
 
 from gateway.store.records import FeedbackRecord
 from gateway.store.sql import SqlStore
+from registry.versions import Registry
 from tests.trainer.rounds import logp, pair, tokens, write_log
 from trainer.__main__ import main
 from trainer.export import window
 from trainer.pairs import build
-from trainer.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _probe_moved(registry: Registry, version: str, base_dir: Path) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import probe
+    from registry import probe
 
     stored = probe.Probe.load(registry.path("policy", version))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), registry.path("policy", version))
@@ -114,7 +114,8 @@ def test_a_ppo_round_optimises_the_reward_model_with_a_kl_penalty(deployment: Pa
 
 
 def test_ppo_without_a_reward_model_is_one_line(deployment: Path, tmp_path: Path) -> None:
-    from tests.trainer.test_cli import assert_one_line_error, run_cli
+    from tests.cli import assert_one_line_error
+    from tests.trainer.test_cli import run_cli
 
     _configure(deployment, base_reward_model=str(tmp_path / "nowhere"))
     assert_one_line_error(run_cli("run", "--config", str(deployment), "--algo", "ppo"), "no reward model at")
@@ -194,7 +195,7 @@ def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_referenc
     # The saved model is a model of its own (vLLM serves the directory) and its probe is what it computes.
     from transformers import AutoTokenizer
 
-    from trainer import probe
+    from registry import probe
 
     served = AutoModelForCausalLM.from_pretrained(registry.path("policy", "v0002"))
     stored = probe.Probe.load(registry.path("policy", "v0002"))

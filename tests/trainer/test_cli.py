@@ -1,40 +1,21 @@
-"""Bad input to the bootstrap CLI: one line on stderr, non-zero exit, never a traceback."""
+"""Bad input to the trainer's command line: one line on stderr, non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
+
+from tests.cli import assert_one_line_error, run_module
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=120, check=False)
+    return run_module("trainer", *args)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def test_unknown_preset(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("bootstrap", "--preset", "huge", "--out", str(tmp_path)), "unknown preset", "huge")
-
-
-def test_unwritable_output_dir() -> None:
-    # /proc refuses new directories even to root, so this holds for any CI user.
-    assert_one_line_error(run_cli("bootstrap", "--preset", "test", "--out", "/proc/bon-gateway-models"), "cannot write")
-
-
-def test_output_path_is_a_file(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    assert_one_line_error(run_cli("bootstrap", "--preset", "test", "--out", str(blocker / "models")), "cannot write")
-
-
-def test_unknown_subcommand_and_bad_seed() -> None:
+def test_unknown_subcommand() -> None:
     assert_one_line_error(run_cli("frobnicate"), "invalid choice")
-    assert_one_line_error(run_cli("bootstrap", "--seed", "many"), "invalid int value")
+
+
+def test_the_toy_worlds_commands_are_not_the_trainers() -> None:
+    """The trainer does not know the toy world: its bootstrap and evaluate-loop are ``python -m toyworld``'s."""
+    assert_one_line_error(run_cli("bootstrap"), "invalid choice", "bootstrap")
+    assert_one_line_error(run_cli("evaluate-loop"), "invalid choice", "evaluate-loop")

@@ -11,10 +11,11 @@ import pytest
 
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord
 from gateway.store.sql import SqlStore
-from tests.trainer.test_cli import assert_one_line_error, run_cli
+from tests.cli import assert_one_line_error
+from tests.trainer.test_cli import run_cli
+from toyworld.world import prompt_sets
 from trainer.__main__ import main
 from trainer.export import ExportError, parse_time
-from trainer.toyworld.world import prompt_sets
 
 ANSWERS = ("The answer is {a}.", "Sure! It is {a}, happy to help.", "Ugh, {b}. Whatever.", "{a}")
 

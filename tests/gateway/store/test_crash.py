@@ -22,9 +22,10 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
+from gateway.metrics import sample
 from gateway.store.sql import SqlStore
 from gateway.vllm_process import free_port
-from loadtest.bench import metric, mock_backend, wait_http
+from loadtest.servers import mock_backend, wait_http
 from tests.polling import wait_until
 from tests.postgres import Postgres
 
@@ -61,7 +62,6 @@ class Gateway:
                     "backends": [{"url": backend_url, "model": "policy"}],
                     "scoring_enabled": False,
                     "n_candidates": 1,
-                    "models_preset": None,
                     "store": {
                         "url": db_url,
                         "id_secret": "crash-test-secret-0123456789abcdef",
@@ -147,7 +147,7 @@ async def burst(
 
 
 def exposed(url: str, name: str) -> float:
-    value = metric(url, name)
+    value = sample(url, name)
     assert value is not None, f"{name} not exposed"
     return value
 

@@ -1,0 +1,99 @@
+"""OpenAI response bodies and stream chunks for a served outcome, and their server-sent-event framing.
+
+Knows the ``chat.completion`` and ``chat.completion.chunk`` shapes (validated against the
+official ``openai`` types in the tests), the usage of every generated candidate, and the
+``return_candidates`` extension. Does not generate, score or log (``gateway.service``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from gateway.generate import Generation
+from gateway.service import Outcome, Plan
+
+
+def envelope(plan: Plan, obj: str, model_alias: str) -> dict[str, Any]:
+    return {
+        "id": plan.completion_id,
+        "object": obj,
+        "created": int(plan.created),
+        "model": model_alias,
+        "system_fingerprint": plan.policy_version,
+    }
+
+
+def usage(generation: Generation) -> dict[str, int]:
+    """Every candidate's tokens: the client's N candidates were all generated for it."""
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+def completion(plan: Plan, outcome: Outcome, model_alias: str) -> dict[str, Any]:
+    """The ``chat.completion`` body: the selected answers, best first."""
+    generated = outcome.generation.candidates
+    body = envelope(plan, "chat.completion", model_alias)
+    body["choices"] = [
+        {
+            "index": rank,
+            "message": {"role": "assistant", "content": generated[i].text},
+            "logprobs": generated[i].logprobs if plan.request.logprobs else None,
+            "finish_reason": generated[i].finish_reason,
+        }
+        for rank, i in enumerate(outcome.chosen)
+    ]
+    body["usage"] = usage(outcome.generation)
+    if plan.request.return_candidates:
+        body["candidates"] = candidates(outcome)
+    return body
+
+
+def candidates(outcome: Outcome) -> list[dict[str, Any]]:
+    """The ``return_candidates`` extension: every candidate, in generation order."""
+    return [
+        {
+            "index": c.index,
+            "text": c.text,
+            "reward": outcome.rewards[k] if outcome.rewards is not None else None,
+            "finish_reason": c.finish_reason,
+            "chosen": k in outcome.chosen,
+        }
+        for k, c in enumerate(outcome.generation.candidates)
+    ]
+
+
+def chunks(plan: Plan, outcome: Outcome, model_alias: str) -> list[bytes]:
+    """The selected answers as OpenAI stream chunks (after generation and scoring), ``[DONE]`` last."""
+    generated = outcome.generation.candidates
+    usage_field = {"usage": None} if plan.include_usage else {}
+    events: list[dict[str, Any]] = []
+    for rank, i in enumerate(outcome.chosen):
+        c = generated[i]
+        logprobs = c.logprobs if plan.request.logprobs else None
+        deltas: list[tuple[dict[str, Any], Any, str | None]] = [
+            ({"role": "assistant", "content": ""}, None, None),
+            ({"content": c.text}, logprobs, None),
+            ({}, None, c.finish_reason),
+        ]
+        for delta, lp, finish in deltas:
+            choice = {"index": rank, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            events.append({**envelope(plan, "chat.completion.chunk", model_alias), "choices": [choice], **usage_field})
+    if plan.request.return_candidates:
+        events[-1]["candidates"] = candidates(outcome)
+    if plan.include_usage:
+        events.append({**envelope(plan, "chat.completion.chunk", model_alias), "choices": [], "usage": usage(outcome.generation)})
+    return [json.dumps(e, separators=(",", ":")).encode() for e in events] + [b"[DONE]"]
+
+
+async def sse(head: Iterable[bytes], tail: AsyncIterator[bytes] | None = None) -> AsyncIterator[bytes]:
+    """Server-sent events: each payload as one ``data:`` event, ``head`` first, then ``tail`` as it comes."""
+    for payload in head:
+        yield b"data: " + payload + b"\n\n"
+    if tail is not None:
+        async for payload in tail:
+            yield b"data: " + payload + b"\n\n"

@@ -1,0 +1,215 @@
+"""The HTTP routes, by name: thin handlers that parse, authenticate and hand over to the service.
+
+``/v1/chat/completions`` (routes → ``service`` → generate → score → select → ``responses``,
+the record logged by the service), ``/v1/feedback``, ``/v1/models``, the admin endpoints
+(``/admin/policy``, ``/promote``, ``/rollback``), ``/health``, ``/ready`` and ``/metrics``.
+Knows request parsing, cancelling the work when a client goes away (which aborts the vLLM
+request) and the access log line; errors are raised as ``GatewayError`` and turned into
+OpenAI error JSON by the app's one handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable
+from dataclasses import asdict
+from typing import Any, Literal, TypeVar
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from gateway import responses
+from gateway.canary import GateBusy, NoCanary
+from gateway.errors import CompletionNotFound, Conflict, GatewayError, InvalidRequest, NotReady, RateLimited, UnsupportedMediaType
+from gateway.protocol import AdminAction, ChatCompletionRequest, FeedbackRequest
+from gateway.service import Plan
+from gateway.state import Admin, GatewayState, KeyId, State
+from gateway.store.records import FeedbackRecord
+
+log = structlog.get_logger("gateway")
+router = APIRouter()
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, state: State, key_id: KeyId) -> Response:
+    started = time.perf_counter()
+    request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+    headers = {"x-request-id": request_id, "x-policy-version": state.settings.policy_version}
+    plan: Plan | None = None
+    status = 500
+    state.metrics.in_flight.inc()
+    try:
+        plan = state.service.plan(await _parse(request, ChatCompletionRequest), key_id)
+        headers["x-policy-version"] = plan.policy_version
+        if plan.streaming and plan.n_candidates == 1:
+            relay = state.service.relay(plan)
+            first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
+            status = 200
+            return StreamingResponse(responses.sse([first], relay), media_type="text/event-stream", headers=headers)
+        outcome = await _unless_disconnected(request, state.service.run(plan))  # logged by the service
+        status = 200
+        alias = state.settings.model_alias
+        if plan.streaming:
+            return StreamingResponse(
+                responses.sse(responses.chunks(plan, outcome, alias)), media_type="text/event-stream", headers=headers
+            )
+        return JSONResponse(responses.completion(plan, outcome, alias), headers=headers)
+    except GatewayError as exc:
+        status = exc.status
+        exc.headers.update(headers)
+        raise
+    except ClientDisconnected:
+        status = 499
+        return Response(status_code=499)
+    finally:
+        state.metrics.in_flight.dec()
+        elapsed = time.perf_counter() - started
+        state.metrics.requests.labels(str(status)).inc()
+        stream = "true" if plan is not None and plan.streaming else "false"
+        state.metrics.request_latency.labels("chat_completions", stream).observe(elapsed)
+        log.info(
+            "chat_completion",
+            request_id=request_id,
+            key_id=key_id,
+            status=status,
+            ms=round(elapsed * 1000, 2),
+            n_candidates=plan.n_candidates if plan else None,
+            n=plan.n_return if plan else None,
+            stream=stream,
+            stages_ms={k: round(v * 1000, 2) for k, v in plan.timings.items()} if plan else None,
+            **({"messages": [m.model_dump() for m in plan.request.messages]} if plan and state.settings.log_prompts else {}),
+        )
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request, state: State, key_id: KeyId) -> dict[str, Any]:
+    """A thumb on one of the caller's own completions; a repeat replaces the previous one."""
+    body = await _parse(request, FeedbackRequest)
+    if not state.service.ids.owned_by(body.completion_id, key_id):
+        raise CompletionNotFound(f"no completion '{body.completion_id}' for this API key", param="completion_id")
+    if len(body.comment or "") > state.settings.feedback.max_comment_chars:
+        raise InvalidRequest(f"comment is longer than {state.settings.feedback.max_comment_chars} characters", param="comment")
+    wait = state.feedback_limit.allow(key_id)
+    if wait:
+        raise RateLimited(f"too much feedback from this API key; retry in {wait:.0f} s", wait)
+    state.service.feedback(FeedbackRecord(body.completion_id, key_id, body.thumb, body.comment, time.time()))
+    return {"object": "feedback", "completion_id": body.completion_id, "thumb": body.thumb, "status": "accepted"}
+
+
+@router.get("/v1/models")
+async def models(state: State, key_id: KeyId) -> dict[str, Any]:
+    alias = state.settings.model_alias
+    return {"object": "list", "data": [{"id": alias, "object": "model", "created": state.started, "owned_by": "bon-gateway"}]}
+
+
+@router.get("/admin/policy", dependencies=[Admin])
+async def policy_status(state: State) -> dict[str, Any]:
+    """What is served now: the current and canary versions, the canary's share and the gate's last look."""
+    swapper, gate = state.swapper, state.gate
+    return {
+        "object": "policy_status",
+        "current": swapper.route.version if swapper else state.settings.policy_version,
+        "canary": swapper.canary.version if swapper and swapper.canary else None,
+        "canary_fraction": state.settings.canary.fraction,
+        "canary_auto": state.settings.canary.auto,
+        "last_look": asdict(gate.last) if gate is not None and gate.last is not None else None,
+    }
+
+
+@router.post("/admin/policy/promote", dependencies=[Admin])
+async def promote(request: Request, state: State) -> dict[str, Any]:
+    """The canary becomes current; every gateway follows the pointer within ``swap.poll_s``."""
+    return await _decide_by_hand(request, state, "promote")
+
+
+@router.post("/admin/policy/rollback", dependencies=[Admin])
+async def rollback(request: Request, state: State) -> dict[str, Any]:
+    """The canary is dropped; without one, current goes back to the version it replaced."""
+    return await _decide_by_hand(request, state, "rollback")
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: State) -> dict[str, Any]:
+    service = state.service
+    checks = {
+        "generator": await service.generator.ready(),
+        "scorer": True if service.scorer is None else await service.scorer.ready(),
+    }
+    if not all(checks.values()):
+        raise NotReady("not ready: " + ", ".join(name for name, ok in checks.items() if not ok))
+    return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    payload, content_type = state.metrics.exposition()
+    return Response(payload, media_type=content_type)
+
+
+async def _decide_by_hand(request: Request, state: GatewayState, action: Literal["promote", "rollback"]) -> dict[str, Any]:
+    if state.gate is None:
+        raise Conflict("hot-swap is disabled on this gateway (swap.enabled: false): there are no versions to move")
+    body = await _parse(request, AdminAction) if await request.body() else AdminAction()
+    try:
+        look = await asyncio.to_thread(state.gate.decide_by_hand, action, body.reason or f"{action} by hand")
+    except NoCanary as exc:
+        raise Conflict(str(exc)) from None
+    except GateBusy as exc:
+        raise Conflict(str(exc), code="gate_busy") from None
+    return {"object": "policy_decision", **asdict(look)}
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    content_type = request.headers.get("content-type", "")
+    if "application/json" not in content_type.lower():
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {content_type or 'none'!r}")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"could not parse the JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the JSON body must be an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (which aborts the vLLM request)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,63 @@
+"""What every route needs, built once by the lifespan, and how routes get it (``Depends``).
+
+Knows the gateway's per-process state (settings, the chat service, keys, metrics, the
+feedback limit, the admin guard, the log writer, the swapper and the canary gate) and the
+three dependencies routes declare: the state, the caller's API key id, the admin check.
+Builds nothing itself (``gateway.lifespan`` does).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.auth import AdminGuard, KeyRing
+from gateway.canary import CanaryGate
+from gateway.limits import RateLimiter
+from gateway.metrics import Metrics
+from gateway.service import ChatService
+from gateway.settings import GatewaySettings
+from gateway.store import RecordWriter
+from gateway.swap import Swapper
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    service: ChatService
+    keys: KeyRing
+    metrics: Metrics
+    feedback_limit: RateLimiter
+    admin: AdminGuard
+    writer: RecordWriter | None = None
+    swapper: Swapper | None = None
+    gate: CanaryGate | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    fatal: str | None = None
+    """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
+
+
+async def _state(request: Request) -> GatewayState:
+    # async on purpose: FastAPI runs a sync dependency in a worker thread (measured: ~15% of the CPU per request)
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+State = Annotated[GatewayState, Depends(_state)]
+
+
+async def _key_id(request: Request, state: State) -> str:
+    return state.keys.identify(request.headers.get("authorization"))
+
+
+KeyId = Annotated[str, Depends(_key_id)]
+
+
+async def _admin(request: Request, state: State) -> None:
+    state.admin.check(request.headers.get("authorization"))
+
+
+Admin = Depends(_admin)

@@ -1,0 +1,106 @@
+"""The evaluate-loop's report on constructed runs: pooled figures, paired goals, warnings, the plot.
+
+Runs here are built by hand (no gateway, no training), so each figure can be checked
+against a value computed by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toyworld.evaluate import mean_ci
+from toyworld.gold import gold_reward
+from toyworld.loop.measure import Measurement, summarise
+from toyworld.loop.report import RoundRecord, Run, arm_report, goals, plot, warnings
+from toyworld.loop.user import Traffic
+
+
+def measurement(n1: list[float], *, bon2: list[float] | None = None, bon4: list[float] | None = None, rm: float = 0.0,
+                length: float = 10.0, kl: float = 0.0, version: str = "base") -> Measurement:  # fmt: skip
+    per = {1: n1, 2: bon2 or n1, 4: bon4 or n1}
+    bon = {n: sum(v) / len(v) for n, v in per.items()}
+    return Measurement(version, "rm-base", mean_ci(n1), bon, rm, kl, length, n1, per, kl_to_start_stderr=kl / 10)
+
+
+def record(k: int, m: Measurement, outcome: str = "trained") -> RoundRecord:
+    return RoundRecord(k, m, m.version, 100, outcome, Traffic(sent=50))
+
+
+def test_summarise_scores_gold_and_picks_by_reward() -> None:
+    prompt = "What is 2 + 3?"
+    texts = ["It is 5.", "It is 7.", "It is 5, thank you for asking, I hope this helps you a lot today.", "9"]
+    rewards = [0.0, 1.0, 2.0, 0.5]
+    gold = [gold_reward(prompt, t) for t in texts]
+    m = summarise("v0001", "rm-base", [prompt], [texts], [rewards], 4.0, (0.3, 0.02))
+    assert m.bon_gold[1] == pytest.approx(sum(gold) / 4)
+    assert m.bon_gold[2] == pytest.approx((gold[1] + gold[2]) / 2)  # the RM's picks in groups (0, 1) and (2, 3)
+    assert m.bon_gold[4] == pytest.approx(gold[2])
+    assert m.rm_score == pytest.approx(0.875)
+    assert (m.kl_to_start, m.kl_to_start_stderr) == (0.3, 0.02)
+    assert len(set(gold)) > 1  # the texts differ in gold, so the picks above are tested
+
+
+def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
+    start = measurement([0.5, 0.5], bon2=[0.6, 0.7], bon4=[0.8, 0.9])
+    run = Run("rm", 0, 0.0, start, [record(1, measurement([0.7, 0.8], version="v0001")),
+                                    record(2, measurement([0.6, 0.9], version="v0002"))])  # fmt: skip
+    g = goals([run])
+    by_round = g["n1_vs_start_bon2"]["by_round"]
+    assert by_round[0]["estimate"] == pytest.approx(0.1)  # (0.7-0.6 + 0.8-0.7) / 2
+    assert by_round[1]["estimate"] == pytest.approx(0.1)
+    change = g["n1_vs_start_bon2"]["change_from_previous_round"]
+    assert change[1]["estimate"] == pytest.approx(0.0)  # (0.6-0.7 + 0.9-0.8) / 2: did not fall
+    assert g["n1_vs_start_bon2"]["met"]
+    assert g["final_n1_vs_start_bon4"]["estimate"] == pytest.approx(-0.1)
+    assert not g["final_n1_vs_start_bon4"]["met"]
+    falling = Run("rm", 0, 0.0, start, [record(1, measurement([0.8, 0.9, 0.8])), record(2, measurement([0.7, 0.8, 0.7]))])
+    falling.start = measurement([0.5, 0.5, 0.5], bon2=[0.6, 0.7, 0.6])
+    assert not goals([falling])["n1_vs_start_bon2"]["met"]  # above best-of-2 but fell between rounds (every prompt)
+    noisy = Run("rm", 0, 0.0, falling.start, [record(1, measurement([0.8, 0.9, 0.8])),
+                                              record(2, measurement([0.9, 0.7, 0.8]))])  # fmt: skip
+    assert goals([noisy])["n1_vs_start_bon2"]["met"]  # a lower mean within noise is not a fall
+
+
+def test_warnings_flag_reward_hacking_length_kl_and_refusals() -> None:
+    start = measurement([0.6, 0.6], rm=1.0, length=10.0)
+    gamed = measurement([0.5, 0.5], rm=1.5, length=20.0, kl=9.0, version="v0001")
+    run = Run("rm", 3, 0.0, start, [record(1, gamed), RoundRecord(2, gamed, "v0001", 80, "refused", Traffic(),
+                                                                   gate={"reason": "reward fell"})])  # fmt: skip
+    found = warnings([run])
+    assert any("being gamed" in w and "round 1" in w for w in found)
+    assert any("grew" in w for w in found)
+    assert any("KL to the starting policy 9.00 ± 0.90 nats" in w for w in found)
+    assert any("refused" in w and "reward fell" in w for w in found)
+    honest = Run("rm", 3, 0.0, start, [record(1, measurement([0.7, 0.7], rm=1.5))])
+    assert warnings([honest]) == []
+
+
+def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None:
+    runs = [
+        Run(
+            "thumbs",
+            s,
+            0.2,
+            measurement([0.5, 0.6], bon2=[0.6, 0.6], bon4=[0.7, 0.7]),
+            [record(1, measurement([0.6 + s / 10, 0.7], kl=0.3 * (s + 1), version="v0001"))],
+        )
+        for s in range(3)
+    ]
+    report = arm_report(runs)
+    assert report["arm"] == "thumbs"
+    assert report["thumb_rate"] == 0.2
+    assert report["seeds"] == [0, 1, 2]
+    assert report["start_bon_gold"] == {"1": 0.55, "2": 0.6, "4": 0.7}
+    [first] = report["rounds"]
+    assert first["n1_gold"] == pytest.approx((0.6 + 0.7 + 0.7 + 0.7 + 0.8 + 0.7) / 6, abs=1e-4)
+    assert first["n1_gold_ci95"][0] < first["n1_gold"] < first["n1_gold_ci95"][1]
+    assert first["policy_version"] == "v0001"
+    assert first["kl_to_start"] == pytest.approx(0.6)  # mean of 0.3, 0.6, 0.9
+    assert first["kl_to_start_stderr"] == pytest.approx((0.03**2 + 0.06**2 + 0.09**2) ** 0.5 / 3, abs=1e-4)
+    assert report["final_n1_gold"] == first["n1_gold"]
+    assert len(report["per_seed"]) == 3
+    png = tmp_path / "loop.png"
+    plot([report, {**report, "arm": "rm", "thumb_rate": 0.0}], png)
+    assert png.read_bytes()[:4] == b"\x89PNG"

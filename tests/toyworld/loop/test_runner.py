@@ -1,0 +1,51 @@
+"""The evaluate-loop's run config (the loop's own settings, then ``--set`` overrides, per arm when prefixed), and a
+run's end on SIGTERM (its ``finally``s run: that is where the gateway it started is stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toyworld.loop.runner import Loop, LoopOptions, Terminated, _terminable
+
+
+def test_overrides_apply_to_every_arm_or_to_the_one_they_name(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"trainer": {"dpo": {"beta": 0.2}, "pairs": {"policy": "best_vs_worst"}}}))
+    overrides = {"trainer.dpo.learning_rate": 1e-3, "thumbs:trainer.pairs.policy": "best_vs_each",
+                 "thumbs:trainer.kl_budget.max_nats": 1.0}  # fmt: skip
+    loop = Loop(LoopOptions(config=base, overrides=overrides, out=tmp_path / "runs"))
+    written = {}
+    for arm in ("rm", "thumbs"):
+        run_dir = tmp_path / arm
+        run_dir.mkdir()
+        written[arm] = yaml.safe_load(loop._write_config(run_dir, "http://127.0.0.1:1", seed=3, arm=arm).read_text())
+    rm, thumbs = written["rm"]["trainer"], written["thumbs"]["trainer"]
+    assert rm["dpo"] == {"beta": 0.2, "seed": 3, "learning_rate": 1e-3}
+    assert thumbs["dpo"] == rm["dpo"]
+    assert rm["pairs"] == {"policy": "best_vs_worst"}
+    assert thumbs["pairs"] == {"policy": "best_vs_each"}
+    assert "kl_budget" not in rm
+    assert thumbs["kl_budget"] == {"max_nats": 1.0}
+
+
+def test_sigterm_cancels_a_run_through_its_finally_and_ends_it_as_terminated() -> None:
+    stopped = []
+
+    async def run() -> None:
+        try:
+            asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(30)
+        finally:
+            stopped.append("gateway")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="SIGTERM"):
+        asyncio.run(_terminable(run()))
+    assert stopped == ["gateway"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back

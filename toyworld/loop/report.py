@@ -1,0 +1,250 @@
+"""The evaluate-loop's report: per arm over seeds, the goals with paired intervals, warnings, and the plot.
+
+Knows how runs (one arm, one seed: the start measurement and one per round) become the JSON
+the issue asks for (``start_bon_gold``, ``rounds``, ``final_n1_gold``, ``arm``,
+``thumb_rate``, ``seeds``, ``goals``, ``warnings``), how goals are judged (differences paired
+per seed and held-out prompt, a normal 95% interval over those units), what counts as a
+warning sign (reward-model score up while gold falls: the reward model is being gamed;
+answers much longer; KL beyond a bound) and how to draw it. Does no sampling or training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from toyworld.evaluate import mean_ci
+from toyworld.loop.measure import Measurement
+from toyworld.loop.user import Traffic
+
+HACKING_GOLD_DROP = 0.01
+"""A round whose mean N=1 gold falls by more than this while its reward-model score rises is flagged."""
+LENGTH_GROWTH = 1.3
+KL_WARNING = 8.0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    measurement: Measurement
+    policy_version: str
+    pairs_used: int
+    outcome: str
+    """The round's outcome (trained, skipped) as the trainer printed it."""
+    traffic: Traffic
+    refit: dict[str, Any] | None = None
+    """The reward-model refit after this round (``--refit-every``): its version and agreement figures."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+    """The canary trial of this round's version (``--canary-fraction``): the gate's action, reason and figures."""
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    thumb_rate: float
+    start: Measurement
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+def _r(x: float) -> float:
+    return round(x, 4)
+
+
+def _paired(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Mean of a − b over (seed, prompt) units, with its 95% interval."""
+    diffs = [x - y for run_a, run_b in zip(a, b, strict=True) for x, y in zip(run_a, run_b, strict=True)]
+    estimate = mean_ci(diffs)
+    return {"estimate": _r(estimate.mean), "ci95": [_r(estimate.ci95[0]), _r(estimate.ci95[1])], "units": estimate.n}
+
+
+def _pooled(values: Sequence[Sequence[float]]) -> tuple[float, list[float]]:
+    estimate = mean_ci([v for run in values for v in run])
+    return _r(estimate.mean), [_r(estimate.ci95[0]), _r(estimate.ci95[1])]
+
+
+def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
+    """One arm over its seeds (every run has the same number of rounds)."""
+    first = runs[0]
+    ns = sorted(first.start.bon_gold)
+    start_bon = {str(n): _r(fmean(run.start.bon_gold[n] for run in runs)) for n in ns}
+    rounds = []
+    for k in range(len(first.rounds)):
+        at = [run.rounds[k] for run in runs]
+        n1, ci = _pooled([r.measurement.per_prompt_n1 for r in at])
+        versions = sorted({r.policy_version for r in at})
+        rounds.append({
+            "round": k + 1, "n1_gold": n1, "n1_gold_ci95": ci,
+            "bon_gold": {str(n): _r(fmean(r.measurement.bon_gold[n] for r in at)) for n in ns},
+            "rm_score": _r(fmean(r.measurement.rm_score for r in at)),
+            "kl_to_start": _r(fmean(r.measurement.kl_to_start for r in at)),
+            "kl_to_start_stderr": _r(math.sqrt(math.fsum(r.measurement.kl_to_start_stderr**2 for r in at)) / len(at)),
+            "mean_len": _r(fmean(r.measurement.mean_len for r in at)),
+            "pairs_used": _r(fmean(r.pairs_used for r in at)),
+            "policy_version": versions[0] if len(versions) == 1 else versions,
+            "thumbs": sum(r.traffic.thumbs for r in at),
+            "answers": sum(r.traffic.sent for r in at),
+            "refits": [r.refit for r in at if r.refit is not None],
+            "gate": [r.gate["action"] for r in at if r.gate is not None],
+        })  # fmt: skip
+    start_n1, start_ci = _pooled([run.start.per_prompt_n1 for run in runs])
+    return {
+        "arm": first.arm,
+        "thumb_rate": first.thumb_rate,
+        "seeds": [run.seed for run in runs],
+        "start_n1_gold": start_n1,
+        "start_n1_gold_ci95": start_ci,
+        "start_bon_gold": start_bon,
+        "start_rm_score": _r(fmean(run.start.rm_score for run in runs)),
+        "start_mean_len": _r(fmean(run.start.mean_len for run in runs)),
+        "rounds": rounds,
+        "final_n1_gold": rounds[-1]["n1_gold"] if rounds else start_n1,
+        "goals": goals(runs),
+        "warnings": warnings(runs),
+        "per_seed": [_run_dict(run) for run in runs],
+    }
+
+
+def goals(runs: Sequence[Run]) -> dict[str, Any]:
+    """Both goals, for either arm: N=1 gold against the start's best-of-2 (every round, and never falling between
+    rounds) and the final round's N=1 gold against the start's best-of-4, paired per seed and prompt."""
+    out: dict[str, Any] = {}
+    if not runs[0].rounds:
+        return out
+    bon2 = [run.start.per_prompt_bon[2] for run in runs] if 2 in runs[0].start.per_prompt_bon else None
+    bon4 = [run.start.per_prompt_bon[4] for run in runs] if 4 in runs[0].start.per_prompt_bon else None
+    rounds = len(runs[0].rounds)
+    n1 = [[run.rounds[k].measurement.per_prompt_n1 for run in runs] for k in range(rounds)]
+    if bon2 is not None:
+        vs_bon2 = [_paired(n1[k], bon2) for k in range(rounds)]
+        previous = [[run.start.per_prompt_n1 for run in runs], *n1[:-1]]
+        changes = [_paired(n1[k], previous[k]) for k in range(rounds)]
+        out["n1_vs_start_bon2"] = {
+            "by_round": vs_bon2,
+            "change_from_previous_round": changes,
+            "met": all(d["estimate"] >= 0 for d in vs_bon2) and all(c["ci95"][1] >= 0 for c in changes[1:]),
+            "rule": "every round's N=1 gold >= the start's best-of-2 (point estimate) and no round significantly below the "
+            "one before (the change's 95% interval reaches 0; a refused round re-measures the same version, whose point "
+            "estimate moves by sampling noise alone); intervals paired per seed and held-out prompt",
+        }
+    if bon4 is not None:
+        final = _paired(n1[-1], bon4)
+        out["final_n1_vs_start_bon4"] = {**final, "met": final["estimate"] >= 0, "rule": "final N=1 gold >= start best-of-4"}
+    return out
+
+
+def warnings(runs: Sequence[Run]) -> list[str]:
+    found = []
+    for run in runs:
+        previous = run.start
+        for record in run.rounds:
+            m = record.measurement
+            where = f"{run.arm} seed {run.seed} round {record.round}"
+            if m.rm_score > previous.rm_score and m.n1_gold.mean < previous.n1_gold.mean - HACKING_GOLD_DROP:
+                found.append(
+                    f"{where}: reward-model score rose ({previous.rm_score:.3f} -> {m.rm_score:.3f}) while N=1 gold fell "
+                    f"({previous.n1_gold.mean:.3f} -> {m.n1_gold.mean:.3f}): the reward model is being gamed"
+                )
+            if m.mean_len > LENGTH_GROWTH * run.start.mean_len:
+                found.append(f"{where}: answers grew to {m.mean_len:.1f} tokens from {run.start.mean_len:.1f} at the start")
+            if m.kl_to_start > KL_WARNING:
+                found.append(f"{where}: KL to the starting policy {m.kl_to_start:.2f} ± {m.kl_to_start_stderr:.2f} nats "
+                             f"exceeds {KL_WARNING}")  # fmt: skip
+            if record.outcome == "refused" and record.gate is not None:
+                found.append(f"{where}: the canary gate refused the round ({record.gate['reason']}); "
+                             f"{record.policy_version} kept serving")  # fmt: skip
+            elif record.outcome != "trained":
+                found.append(f"{where}: the round was {record.outcome}; {record.policy_version} kept serving")
+            previous = m
+    return found
+
+
+def _measurement_dict(m: Measurement) -> dict[str, Any]:
+    return {
+        "policy_version": m.version, "rm_version": m.rm_version, "n1_gold": _r(m.n1_gold.mean),
+        "n1_gold_ci95": [_r(m.n1_gold.ci95[0]), _r(m.n1_gold.ci95[1])],
+        "bon_gold": {str(n): _r(v) for n, v in m.bon_gold.items()}, "rm_score": _r(m.rm_score),
+        "kl_to_start": _r(m.kl_to_start), "kl_to_start_stderr": _r(m.kl_to_start_stderr), "mean_len": _r(m.mean_len),
+    }  # fmt: skip
+
+
+def _run_dict(run: Run) -> dict[str, Any]:
+    return {
+        "seed": run.seed,
+        "start": _measurement_dict(run.start),
+        "rounds": [
+            {
+                "round": r.round,
+                **_measurement_dict(r.measurement),
+                "pairs_used": r.pairs_used,
+                "outcome": r.outcome,
+                "answers": r.traffic.sent,
+                "failed": r.traffic.failed,
+                "thumbs_up": r.traffic.thumbs_up,
+                "thumbs_down": r.traffic.thumbs_down,
+                "refit": r.refit,
+                "gate": r.gate,
+                "seconds": {k: _r(v) for k, v in r.seconds.items()},
+            }
+            for r in run.rounds
+        ],
+    }
+
+
+def plot(arms: Sequence[dict[str, Any]], path: Path) -> None:
+    """Three panels: N=1 gold and reward-model score per round; best-of-N curves (start and last round); KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (gold_ax, bon_ax, kl_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    rm_ax = gold_ax.twinx()
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for colour, arm in zip(colours, arms, strict=False):
+        label = f"{arm['arm']} (thumbs {arm['thumb_rate']:.0%})"
+        xs = [0] + [r["round"] for r in arm["rounds"]]
+        gold = [arm["start_n1_gold"]] + [r["n1_gold"] for r in arm["rounds"]]
+        low = [arm["start_n1_gold_ci95"][0]] + [r["n1_gold_ci95"][0] for r in arm["rounds"]]
+        high = [arm["start_n1_gold_ci95"][1]] + [r["n1_gold_ci95"][1] for r in arm["rounds"]]
+        gold_ax.plot(xs, gold, "o-", color=colour, label=f"N=1 gold, {label}")
+        gold_ax.fill_between(xs, low, high, color=colour, alpha=0.15)
+        rm_ax.plot(xs, [arm["start_rm_score"]] + [r["rm_score"] for r in arm["rounds"]], "s--", color=colour, alpha=0.6,
+                   label=f"RM score, {label}")  # fmt: skip
+        ns = [int(n) for n in arm["start_bon_gold"]]
+        bon_ax.plot(ns, [arm["start_bon_gold"][str(n)] for n in ns], "o--", color=colour, alpha=0.5, label=f"start, {label}")
+        if arm["rounds"]:
+            last = arm["rounds"][-1]
+            bon_ax.plot(ns, [last["bon_gold"][str(n)] for n in ns], "o-", color=colour, label=f"round {last['round']}, {label}")
+        kl_ax.errorbar(xs, [0.0] + [r["kl_to_start"] for r in arm["rounds"]], fmt="o-", color=colour, label=label, capsize=3,
+                       yerr=[0.0] + [2 * r["kl_to_start_stderr"] for r in arm["rounds"]])  # fmt: skip
+    if arms:
+        for n, style in (("2", ":"), ("4", "-.")):
+            if n in arms[0]["start_bon_gold"]:
+                gold_ax.axhline(
+                    arms[0]["start_bon_gold"][n], color="grey", linestyle=style, label=f"start best-of-{n} ({arms[0]['arm']})"
+                )
+    gold_ax.set(title="Held-out gold at N=1 (band: 95% CI) and RM score", xlabel="round", ylabel="gold reward")
+    rm_ax.set_ylabel("reward-model score")
+    bon_ax.set(title="Best-of-N gold (RM picks)", xlabel="N", ylabel="gold reward", xscale="log")
+    if arms:
+        ns = [int(n) for n in arms[0]["start_bon_gold"]]
+        bon_ax.set_xticks(ns, [str(n) for n in ns])
+    kl_ax.set(title="KL to the starting policy (bars: ± 2 s.e.)", xlabel="round", ylabel="nats per response")
+    rounds = list(range(max((len(arm["rounds"]) for arm in arms), default=0) + 1))
+    gold_ax.set_xticks(rounds)
+    kl_ax.set_xticks(rounds)
+    bon_ax.minorticks_off()
+    handles, labels = gold_ax.get_legend_handles_labels()
+    more, more_labels = rm_ax.get_legend_handles_labels()
+    gold_ax.legend(handles + more, labels + more_labels, fontsize=7, loc="lower right")
+    bon_ax.legend(fontsize=7)
+    kl_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,1 +1,0 @@
-"""``python -m trainer evaluate-loop``: the online loop run against the toy world's hidden gold reward."""
