@@ -2,7 +2,7 @@
 
 Knows when a trial has a new look to take (``gate.look_number`` of the canary's answers, so
 the gate tests at most ``looks`` times however often it polls), the lock that makes one
-decision for many replicas (``registry.lock.gate_lock``: a PostgreSQL advisory lock with a
+decision for many replicas (``versioning.lock.gate_lock``: a PostgreSQL advisory lock with a
 shared database, else a file lock on the registry volume; the store's totals are every
 replica's), what a decision does (``promote``: the canary becomes current; ``rollback``:
 the canary pointer is cleared; gateways then follow the pointers), and where it is
@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from gateway.gate import ArmTotals, Decision, GateRules, decide, look_number
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
-from registry.lock import LockHeld, gate_lock
-from registry.versions import Pointer, Registry, RegistryError
+from versioning.lock import LockHeld, gate_lock
+from versioning.registry import Pointer, Registry, RegistryError
 
 log = logging.getLogger("gateway.canary")
 DECISIONS = "gate.jsonl"

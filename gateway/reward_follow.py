@@ -21,7 +21,7 @@ from typing import Protocol
 
 from gateway.metrics import Metrics
 from gateway.score import Scorer
-from registry.versions import Registry, RegistryError
+from versioning.registry import Registry, RegistryError
 
 log = logging.getLogger("gateway.reward_follow")
 

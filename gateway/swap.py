@@ -10,7 +10,7 @@ Knows the swap protocol for LoRA versions on running vLLM servers (runtime LoRA 
    shared registry volume on the first request naming the version;
 4. verify on each backend: ``/v1/models`` lists the name, and the teacher-forced
    next-token log-probs after the version's fixed probe prefixes match the values the
-   trainer computed for it within ``probe_tolerance`` (mean nats, ``registry.probe``);
+   trainer computed for it within ``probe_tolerance`` (mean nats, ``versioning.probe``);
    "different from before" is not enough, since a wrong adapter differs too;
 5. route new requests to the backends that passed (a backend that failed is not routed to
    until it passes; if none passed, the old route stays and the swap is retried later);
@@ -56,8 +56,8 @@ from gateway.metrics import Metrics
 from gateway.routing import Route, in_canary
 from gateway.settings import Backend, SwapSettings
 from gateway.vllm_admin import VerificationError, VLLMAdmin
-from registry.probe import Probe
-from registry.versions import Pointer, Registry, RegistryError
+from versioning.probe import Probe
+from versioning.registry import Pointer, Registry, RegistryError
 
 log = logging.getLogger("gateway.swap")
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import aiohttp
 
 from gateway.settings import Backend
-from registry.probe import TOP_K, Probe, difference
+from versioning.probe import TOP_K, Probe, difference
 
 log = logging.getLogger("gateway.vllm_admin")
 

@@ -1,6 +1,6 @@
 """The house in floors: imports point down only, and only the toy world's floor reads the gold reward.
 
-Floors, lowest first: ``registry`` (shared by serving and training) → ``gateway`` (serving)
+Floors, lowest first: ``versioning`` (shared by serving and training) → ``gateway`` (serving)
 → ``trainer`` → ``toyworld`` (the toy world and the loop's evaluation) → ``loadtest``. A
 module may import its own floor and the floors below it, never one above. The check reads
 every import statement with ``ast`` (those inside functions and ``TYPE_CHECKING`` blocks
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOORS = ("registry", "gateway", "trainer", "toyworld", "loadtest")
+FLOORS = ("versioning", "gateway", "trainer", "toyworld", "loadtest")
 GOLD = "toyworld.gold"
 GOLD_READERS = ("toyworld", "tests.toyworld", "tests.e2e")
 """Where the gold reward may be imported: the toy world's floor (its builders and the loop's evaluation) and its tests."""
@@ -90,7 +90,7 @@ def test_only_the_toy_worlds_floor_imports_the_gold_reward() -> None:
     ("package", "code", "expected"),
     [
         ("gateway", "from trainer.round import run\n", "imports trainer.round"),
-        ("registry", "def f() -> None:\n    import gateway.app\n", "imports gateway.app"),
+        ("versioning", "def f() -> None:\n    import gateway.app\n", "imports gateway.app"),
         ("trainer", "from toyworld import bootstrap\n", "imports toyworld"),
         ("toyworld", "import loadtest.bench\n", "imports loadtest.bench"),
     ],

@@ -4,7 +4,7 @@ Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   evaluate-loop  rounds of traffic -> training -> hot-swap through a gateway, measured on the hidden gold reward
 
-The top floor: it may use the trainer, the gateway and the registry; none of them imports it.
+The fourth floor: it may use the trainer, the gateway and the versioning floor; only loadtest imports it.
 Errors a user can fix print one line and exit non-zero, never a traceback.
 """
 

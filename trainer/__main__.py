@@ -94,10 +94,10 @@ def _run(args: argparse.Namespace) -> int:
     import traceback
 
     from gateway.settings import ConfigError
-    from registry.lock import LockHeld
-    from registry.versions import Registry, RegistryError
     from trainer.metrics import report
     from trainer.round import RoundError, RoundResult, refit_reward_model, run
+    from versioning.lock import LockHeld
+    from versioning.registry import Registry, RegistryError
 
     command = f"{PROG} run"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -180,8 +180,8 @@ def _registry(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from gateway.settings import ConfigError
-    from registry.versions import PointerState, Registry, RegistryError
     from trainer.settings import load
+    from versioning.registry import PointerState, Registry, RegistryError
 
     try:
         root = args.registry or load(args.config).trainer.registry_dir

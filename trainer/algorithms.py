@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.versions import Registry
 from trainer.adapter import Trained
 from trainer.pairs import weighted
 from trainer.settings import TrainerSettings
+from versioning.registry import Registry
 
 
 @dataclass

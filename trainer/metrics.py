@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 
-from registry.versions import Kind, Registry
+from versioning.registry import Kind, Registry
 
 if TYPE_CHECKING:
     from trainer.round import RoundResult

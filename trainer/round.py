@@ -7,14 +7,14 @@ Knows the round's order and its rules:
 - too few pairs is a skipped round, not a failure (a quiet night is not a failed CronJob);
 - the new adapter starts from its parent's adapter; the reference is the base policy;
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
-  answer length on sampled answers) and computes the swap probe (``registry.probe``);
+  answer length on sampled answers) and computes the swap probe (``versioning.probe``);
 - with a KL budget (``trainer.kl_budget``), a version further from the reference than the
   budget is trained again from the same parent at a smaller learning rate; if no try fits,
   the round is skipped and nothing is registered;
 - it publishes through the registry (nothing half-registered after a crash) and only then
   moves the pointer that gateways follow;
 - its outcome goes to Prometheus metrics (a textfile, and a Pushgateway when configured).
-Only one round runs at a time (``registry.lock``). Does not know how gateways swap.
+Only one round runs at a time (``versioning.lock``). Does not know how gateways swap.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from registry.lock import round_lock
-from registry.versions import Kind, Manifest, Registry, RegistryError
 from trainer.algorithms import ALGORITHMS, FITS, RoundData
 from trainer.export import parse_time, window
 from trainer.pairs import build, thumbed
 from trainer.settings import TrainerSettings
+from versioning.lock import round_lock
+from versioning.registry import Kind, Manifest, Registry, RegistryError
 
 log = logging.getLogger("trainer.round")
 Outcome = Literal["trained", "skipped", "failed"]
@@ -153,8 +153,8 @@ def _train(
     import torch
     from transformers import AutoTokenizer
 
-    from registry import probe
     from trainer import adapter, kl
+    from versioning import probe
 
     s = settings.trainer
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)

@@ -127,7 +127,7 @@ class TrainerSection(BaseModel):
 
     pairs: PairSettings = Field(default_factory=PairSettings)
     registry_dir: Path = Path("registry")
-    """Versioned models and the current/canary pointers (``registry.versions``); shared with the gateways."""
+    """Versioned models and the current/canary pointers (``versioning.registry``); shared with the gateways."""
     base_policy: Path = Path("models/default/policy")
     """The fixed base model every LoRA version sits on (what vLLM serves as the base)."""
     base_reward_model: Path = Path("models/default/reward_model")

@@ -18,9 +18,9 @@ import pytest
 from gateway.metrics import Metrics
 from gateway.settings import Backend, SwapSettings
 from gateway.swap import Swapper
-from registry import probe
-from registry.versions import Registry
 from tests.e2e.conftest import running_vllm
+from versioning import probe
+from versioning.registry import Registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

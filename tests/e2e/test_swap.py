@@ -27,9 +27,9 @@ import yaml
 from gateway.metrics import sample
 from gateway.settings import GatewaySettings
 from gateway.store.sql import SqlStore
-from registry.probe import Probe, difference
 from tests.e2e.conftest import running_gateway
 from tests.polling import wait_until
+from versioning.probe import Probe, difference
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 QUESTIONS = [f"What is {a} + {b}?" for a in range(1, 6) for b in range(1, 5)]

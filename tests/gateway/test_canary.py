@@ -21,8 +21,8 @@ from gateway.canary import DECISIONS, CanaryGate, NoCanary
 from gateway.gate import ArmTotals
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
-from registry.lock import gate_lock
-from registry.versions import Pointer, Registry
+from versioning.lock import gate_lock
+from versioning.registry import Pointer, Registry
 
 
 def arm(n: int, reward: float, length: float = 20.0, sd: float = 1.0, up: int = 0, down: int = 0) -> ArmTotals:

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from gateway.metrics import Metrics
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import Conversation, Scorer
-from registry.versions import Registry
 from tests.gateway.conftest import REWARDS
 from tests.gateway.fakes import FakeScorer, FakeStore
 from tests.gateway.test_log import MESSAGES, completions
+from versioning.registry import Registry
 
 
 class NamedScorer(FakeScorer):

@@ -25,8 +25,8 @@ from gateway.routing import in_canary
 from gateway.settings import Backend, SwapSettings
 from gateway.swap import Swapper
 from gateway.vllm_process import free_port
-from registry.probe import Probe
-from registry.versions import Pointer, Registry
+from versioning.probe import Probe
+from versioning.registry import Pointer, Registry
 
 PREFIXES = [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
 

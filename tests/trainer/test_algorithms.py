@@ -13,11 +13,11 @@ import yaml
 
 from gateway.store.records import FeedbackRecord
 from gateway.store.sql import SqlStore
-from registry.versions import Registry
 from tests.trainer.rounds import logp, pair, tokens, write_log
 from trainer.__main__ import main
 from trainer.export import window
 from trainer.pairs import build
+from versioning.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _probe_moved(registry: Registry, version: str, base_dir: Path) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from registry import probe
+    from versioning import probe
 
     stored = probe.Probe.load(registry.path("policy", version))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), registry.path("policy", version))
@@ -195,7 +195,7 @@ def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_referenc
     # The saved model is a model of its own (vLLM serves the directory) and its probe is what it computes.
     from transformers import AutoTokenizer
 
-    from registry import probe
+    from versioning import probe
 
     served = AutoModelForCausalLM.from_pretrained(registry.path("policy", "v0002"))
     stored = probe.Probe.load(registry.path("policy", "v0002"))

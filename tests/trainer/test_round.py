@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
-from registry.versions import Registry
 from tests.cli import assert_one_line_error
 from tests.trainer.rounds import logp, pair, write_log
 from tests.trainer.test_cli import run_cli
 from trainer.__main__ import main
+from versioning.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from registry import probe
+    from versioning import probe
 
     assert main(["run", "--config", str(deployment), "--quiet"]) == 0
     out = capsys.readouterr().out

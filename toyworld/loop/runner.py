@@ -37,10 +37,10 @@ import aiohttp
 import yaml
 
 from gateway.canary import recorded
-from registry.versions import Kind, Pointer, Registry
 from toyworld.loop import measure
 from toyworld.loop.report import RoundRecord, Run
 from toyworld.loop.user import Judgement, SimulatedUser, Traffic
+from versioning.registry import Kind, Pointer, Registry
 
 T = TypeVar("T")
 

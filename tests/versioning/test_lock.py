@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.lock import LockHeld, round_lock
 from tests.postgres import Postgres
+from versioning.lock import LockHeld, round_lock
 
 
 def test_file_lock_excludes_a_second_round_and_is_released(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_file_lock_excludes_a_second_round_and_is_released(tmp_path: Path) -> No
 
 def test_file_lock_dies_with_its_process(tmp_path: Path) -> None:
     code = (
-        "import os\nfrom pathlib import Path\nfrom registry.lock import round_lock\n"
+        "import os\nfrom pathlib import Path\nfrom versioning.lock import round_lock\n"
         f"with round_lock(Path({str(tmp_path)!r})):\n    os._exit(9)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 9  # killed mid-round

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.versions import Registry, RegistryError
+from versioning.registry import Registry, RegistryError
 
 
 def adapter(content: bytes = b"weights") -> object:
