@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("versioning", "gateway", "trainer", "toyworld", "loadtest")
 GOLD = "toyworld.gold"
-GOLD_READERS = ("toyworld", "tests.toyworld", "tests.e2e")
+GOLD_READERS = ("toyworld", "tests.toyworld")
 """Where the gold reward may be imported: the toy world's floor (its builders and the loop's evaluation) and its tests."""
 
 
