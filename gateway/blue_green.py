@@ -22,7 +22,7 @@ from gateway.settings import ManagedVLLM
 from gateway.vllm_process import VLLMProcess, VLLMStartError, free_port
 
 __all__ = ["Instance", "Instances", "Launcher", "VLLMStartError", "launcher"]
-log = logging.getLogger("gateway.swap")
+log = logging.getLogger("gateway.blue_green")
 
 
 class Instance(Protocol):
