@@ -184,8 +184,9 @@ def test_client_disconnect_aborts_the_vllm_request(
     Independent of the machine's speed: vLLM's engine is frozen (SIGSTOP) before the request is sent and runs only in
     1 ms slices until it has generated the request's first tokens; it stays frozen while the client walks away and the
     gateway lets go of the request, and is thawed only after. A request the gateway failed to abort would then
-    generate all of its n * MAX_TOKENS tokens (ignore_eos), however fast or slow the machine and however late this
-    test's process is scheduled (the engine cannot run ahead while it is frozen)."""
+    generate all of its n * MAX_TOKENS tokens (ignore_eos), however fast or slow the machine: the engine runs only
+    within a slice (longer only if this process were descheduled for the whole decode mid-slice), never while the
+    test waits on the gateway or on vLLM's metrics."""
     tokens_before = _wait_idle(policy_vllm)
     n = 1 if stream else 8
     body = json.dumps({**LONG, "stream": stream, "n_candidates": n}).encode()
