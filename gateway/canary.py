@@ -237,14 +237,14 @@ class CanaryGate:
         self._metrics.policy_kl_stderr.clear()
         roles: tuple[Pointer, ...] = ("current", "canary")
         for role in roles:
-            state = self._registry.pointer("policy", role)
-            if state is None:
+            version = self._registry.version_at("policy", role)
+            if version is None:
                 continue
-            kl, kl_stderr = self._kl(state.version)
+            kl, kl_stderr = self._kl(version)
             if kl is not None:
-                self._metrics.policy_kl.labels(state.version, role).set(kl)
+                self._metrics.policy_kl.labels(version, role).set(kl)
             if kl_stderr is not None:
-                self._metrics.policy_kl_stderr.labels(state.version, role).set(kl_stderr)
+                self._metrics.policy_kl_stderr.labels(version, role).set(kl_stderr)
 
 
 def _look(

@@ -17,6 +17,7 @@ does not know where the prompts come from.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,9 +79,9 @@ def measure(
             per_answer.extend(sequence_kl(policy, base, keep).tolist())
         lengths.extend(keep.sum(dim=1).tolist())
     n = len(per_answer)
-    mean = math.fsum(per_answer) / n if n else 0.0
-    stderr = math.sqrt(math.fsum((v - mean) ** 2 for v in per_answer) / (n - 1) / n) if n > 1 else 0.0
-    return Drift(kl=mean, kl_stderr=stderr, mean_length=math.fsum(lengths) / max(n, 1), samples=n)
+    mean = statistics.fmean(per_answer) if n else 0.0
+    stderr = statistics.stdev(per_answer) / math.sqrt(n) if n > 1 else 0.0
+    return Drift(kl=mean, kl_stderr=stderr, mean_length=statistics.fmean(lengths) if n else 0.0, samples=n)
 
 
 def sequence_kl(policy_logps: Any, reference_logps: Any, keep: Any) -> Any:

@@ -4,7 +4,6 @@ model in process, driven through the official ``openai`` SDK."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import psutil
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
-from gateway.metrics import sample
+from gateway.metrics import sample, scrape
 from gateway.settings import GatewaySettings
 from gateway.store.records import CompletionRecord
 from gateway.store.sql import SqlStore
@@ -151,11 +150,10 @@ def test_backend_rejection_keeps_its_status(client: openai.OpenAI) -> None:
 
 def _vllm_counts(policy_vllm: str) -> tuple[float, float]:
     """(requests running or waiting, tokens generated so far) from vLLM's own metrics."""
-    with urllib.request.urlopen(f"{policy_vllm}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    samples = scrape(policy_vllm)
 
     def total(name: str) -> float:
-        return sum(float(v) for v in re.findall(rf"\n{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)", text))
+        return sum(s.value for s in samples if s.name == name)
 
     return total("vllm:num_requests_running") + total("vllm:num_requests_waiting"), total("vllm:generation_tokens_total")
 
