@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.vllm_process import VLLMProcess, free_port
+from tests.serving import serving
 
 
 @contextmanager
@@ -29,6 +27,7 @@ def running_vllm_process(
     process = VLLMProcess(
         model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
         log_path=model.parent / f"vllm-{name}.log", env=env,
+        extra_args=["--enable-log-requests"],  # tests read when vLLM added and aborted a request
     )  # fmt: skip
     process.start()
     try:
@@ -54,17 +53,5 @@ def policy_vllm(policy_vllm_process: VLLMProcess) -> str:
 @contextmanager
 def running_gateway(settings: GatewaySettings) -> Iterator[str]:
     """The real app under uvicorn in a thread, on a free port; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", ws="none"))
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(create_app(settings)) as url:
+        yield url
