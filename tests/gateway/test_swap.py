@@ -177,7 +177,7 @@ def test_live_adapters_stay_within_the_bound(tmp_path: Path, drain_s: float) -> 
                 assert swapper.route.version == versions[1]  # waits; nothing in use was unloaded
                 assert fake.unloaded == []
                 assert metrics.swaps.labels("waiting")._value.get() == 1
-                swapper._retired[versions[0]] = time.monotonic() - drain_s  # the drain period passes
+                swapper.slots.retired[versions[0]] = time.monotonic() - drain_s  # the drain period passes
                 await swapper.sync()
                 assert swapper.route.version == versions[2]
                 assert set(fake.loaded) == {f"policy@{versions[1]}", f"policy@{versions[2]}"}
