@@ -42,10 +42,10 @@ def _versions(base: Path, out: Path) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
     from trainer import adapter
-    from trainer.settings import DpoSettings
+    from trainer.settings import AdapterSettings
 
     torch.manual_seed(0)
-    init = adapter.policy_model(base, None, DpoSettings())
+    init = adapter.policy_model(base, None, AdapterSettings())
     model = get_peft_model(init.base, init.lora)
     with torch.no_grad():
         for name, weight in model.named_parameters():

@@ -51,26 +51,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from trainer import adapter, dpo
-    from trainer.settings import DpoSettings
+    from trainer.settings import AdapterSettings, DpoSettings
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     base = Path(args.models) / "policy"
     tokenizer = AutoTokenizer.from_pretrained(base)
-    settings = DpoSettings(epochs=args.epochs)  # the defaults of a round (bf16 autocast as in TRL, batch 16, LoRA r 16)
-    reference = f"{dpo.reference_id(base)}-{'bf16' if settings.bf16 else 'fp32'}"
+    # the defaults of a round (bf16 autocast as in TRL, batch 16, LoRA r 16)
+    settings, shared = DpoSettings(epochs=args.epochs), AdapterSettings()
+    reference = f"{dpo.reference_id(base)}-{'bf16' if shared.bf16 else 'fp32'}"
     seconds: dict[str, list[float]] = {"recompute": [], "cached_cold": [], "cached_warm": []}
     losses: dict[str, list[float]] = {name: [] for name in seconds}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for r in range(args.rounds):
-            made = dpo.rows(_toy_pairs(tokenizer, args.pairs, seed=1000 + r), tokenizer, settings.max_length)
+            made = dpo.rows(_toy_pairs(tokenizer, args.pairs, seed=1000 + r), tokenizer, shared.max_length)
             cache = dpo.RefCache(Path(tmp) / f"ref-{r}.sqlite", reference)  # empty: this round's pairs are new
             order = ["recompute", "cached_cold", "cached_warm"]
             order = order if r % 2 == 0 else ["cached_cold", "cached_warm", "recompute"]  # warm needs cold first
             for name in order:
-                torch.manual_seed(settings.seed)
-                init = adapter.policy_model(base, None, settings)
-                result, _ = dpo.train(init, tokenizer, made.rows, settings, Path(tmp) / "work",
+                torch.manual_seed(shared.seed)
+                init = adapter.policy_model(base, None, shared)
+                result, _ = dpo.train(init, tokenizer, made.rows, settings, shared, Path(tmp) / "work",
                                       None if name == "recompute" else cache, progress=False)  # fmt: skip
                 if name == "cached_cold" and result.ref_computed != 2 * len(made.rows):
                     raise RuntimeError(f"the cold cache was not cold: {result.ref_cached} cached")

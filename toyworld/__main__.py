@@ -99,8 +99,9 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
     import yaml
 
     from gateway.settings import ConfigError
+    from toyworld.loop.processes import LoopError
     from toyworld.loop.report import arm_report, plot
-    from toyworld.loop.runner import ARMS, Loop, LoopError, LoopOptions
+    from toyworld.loop.runner import ARMS, Loop, LoopOptions
 
     command = f"{PROG} evaluate-loop"
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.settings import DpoSettings
+from trainer.settings import AdapterSettings
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -50,10 +50,10 @@ class Trained:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def policy_model(base: Path, parent_adapter: Path | None, settings: DpoSettings) -> PolicyInit:
+def policy_model(base: Path, parent_adapter: Path | None, settings: AdapterSettings) -> PolicyInit:
     """The base model and the adapter to train: initialised from the parent version's adapter when there is
     one (continuing it, not stacking a second one), else fresh (LoRA B = 0, so it starts as the base).
-    The adapter's shape comes from ``trainer.dpo`` (``lora_*``, ``target_modules``) for every algorithm."""
+    A fresh adapter's shape is ``trainer.adapter``'s (``lora_*``, ``target_modules``), whatever the algorithm."""
     from peft import LoraConfig
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

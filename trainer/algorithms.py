@@ -1,9 +1,11 @@
-"""One interface for the policy algorithms a round can run: a table from name to a ``fit`` of one shape.
+"""One interface for the policy algorithms a round can run: a table from name to its config and a ``fit`` of one shape.
 
 Each ``fit`` takes the round's settings, the registry, the reward-model version the window
 was scored by, the initial model (``trainer.adapter.PolicyInit``), the tokenizer, the
 window's data and a work directory, and returns what it trained (``Fitted``). The round
-(``trainer.round``) chooses from ``FITS`` by name and never branches on the algorithm.
+(``trainer.round``) chooses from ``TABLE`` by name and never branches on the algorithm.
+The configs are pydantic models in ``trainer.settings`` (the YAML edge; importing them must
+not import torch or TRL); every algorithm also reads the shared ``trainer.adapter``.
 Knows how each algorithm's rows are made from the window and which hyper-parameters its
 manifest records; the training itself is in ``trainer.dpo``, ``trainer.kto`` and
 ``trainer.ppo``.
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from trainer.adapter import Trained
 from trainer.pairs import weighted
-from trainer.settings import TrainerSettings
+from trainer.settings import DpoSettings, KtoSettings, PpoSettings, TrainerSettings
 from versioning.registry import Registry
 
 
@@ -53,28 +57,22 @@ class Fitted:
 Fit = Callable[[TrainerSettings, Registry, str, Any, Any, RoundData, Path, bool], Fitted]
 
 
-def _shape(settings: TrainerSettings) -> dict[str, Any]:
-    """The adapter's shape and training precision/seed, shared by every algorithm (``trainer.dpo``'s keys)."""
-    dpo = settings.trainer.dpo.model_dump()
-    return {k: v for k, v in dpo.items() if k.startswith("lora_") or k in ("target_modules", "bf16", "seed")}
-
-
 def fit_dpo(settings: TrainerSettings, registry: Registry, rm_version: str, init: Any, tokenizer: Any, data: RoundData,
             work: Path, progress: bool) -> Fitted:  # fmt: skip
     from trainer import dpo
 
     s = settings.trainer
-    made = dpo.rows(weighted(data.pairs, s.pairs.thumb_weight), tokenizer, s.dpo.max_length)
-    reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.dpo.bf16 else 'fp32'}"
+    made = dpo.rows(weighted(data.pairs, s.pairs.thumb_weight), tokenizer, s.adapter.max_length)
+    reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.adapter.bf16 else 'fp32'}"
     cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
-    result, model = dpo.train(init, tokenizer, made.rows, s.dpo, work, cache if s.dpo.cache_reference else None,
+    result, model = dpo.train(init, tokenizer, made.rows, s.dpo, s.adapter, work, cache if s.dpo.cache_reference else None,
                               progress=progress)  # fmt: skip
     figures = {
         "reward_margin": result.reward_margin, "reward_accuracy": result.reward_accuracy, "ref_cached": result.ref_cached,
         "ref_computed": result.ref_computed, "retokenized": made.retokenized, "truncated": made.truncated,
     }  # fmt: skip
     trained = Trained(result.steps, result.seconds, result.loss, figures, result.history)
-    return Fitted(trained, model, len(made.rows), s.dpo.model_dump())
+    return Fitted(trained, model, len(made.rows), {**s.dpo.model_dump(), **s.adapter.model_dump()})
 
 
 def fit_kto(settings: TrainerSettings, registry: Registry, rm_version: str, init: Any, tokenizer: Any, data: RoundData,
@@ -82,11 +80,11 @@ def fit_kto(settings: TrainerSettings, registry: Registry, rm_version: str, init
     from trainer import kto
 
     s = settings.trainer
-    made = kto.rows(data.thumbed, data.pairs if s.kto.from_pairs else [], tokenizer, s.dpo.max_length, s.dpo.seed)
-    trained, model = kto.train(init, tokenizer, made.rows, s.kto, s.dpo, work, progress=progress)
+    made = kto.rows(data.thumbed, data.pairs if s.kto.from_pairs else [], tokenizer, s.adapter.max_length, s.adapter.seed)
+    trained, model = kto.train(init, tokenizer, made.rows, s.kto, s.adapter, work, progress=progress)
     trained.figures.update(desirable=made.desirable, undesirable=made.undesirable, from_thumbs=made.from_thumbs,
                            retokenized=made.retokenized, truncated=made.truncated)  # fmt: skip
-    return Fitted(trained, model, len(made.rows), {**s.kto.model_dump(), **_shape(settings), "max_length": s.dpo.max_length})
+    return Fitted(trained, model, len(made.rows), {**s.kto.model_dump(), **s.adapter.model_dump()})
 
 
 def fit_ppo(settings: TrainerSettings, registry: Registry, rm_version: str, init: Any, tokenizer: Any, data: RoundData,
@@ -98,10 +96,24 @@ def fit_ppo(settings: TrainerSettings, registry: Registry, rm_version: str, init
     if rm_version != s.base_rm_version:
         registry.verify("reward_model", rm_version)
     prompts = list({repr(p): p for p in data.prompts}.values())
-    trained, model = ppo.train(init, tokenizer, prompts, ppo.RewardModel(rm_dir), s.ppo, s.dpo, work, progress=progress)
-    params = {**s.ppo.model_dump(), **_shape(settings), "implementation": ppo.IMPLEMENTATION, "reward_model": rm_version}
+    trained, model = ppo.train(init, tokenizer, prompts, ppo.RewardModel(rm_dir), s.ppo, s.adapter, work, progress=progress)
+    shared = s.adapter.model_dump(exclude={"max_length"})  # PPO's answers are cut by max_new_tokens
+    params = {**s.ppo.model_dump(), **shared, "implementation": ppo.IMPLEMENTATION, "reward_model": rm_version}
     return Fitted(trained, model, len(prompts), params)
 
 
-FITS: dict[str, Fit] = {"dpo": fit_dpo, "kto": fit_kto, "ppo": fit_ppo}
-ALGORITHMS = tuple(FITS)
+@dataclass(frozen=True)
+class Algorithm:
+    """An algorithm's config (its ``trainer.<name>`` section; every one also reads ``trainer.adapter``) and its fit,
+    paired as TRL pairs ``XxxConfig`` with ``XxxTrainer``."""
+
+    config: type[BaseModel]
+    fit: Fit
+
+
+TABLE: dict[str, Algorithm] = {
+    "dpo": Algorithm(DpoSettings, fit_dpo),
+    "kto": Algorithm(KtoSettings, fit_kto),
+    "ppo": Algorithm(PpoSettings, fit_ppo),
+}
+ALGORITHMS = tuple(TABLE)

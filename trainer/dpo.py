@@ -28,7 +28,7 @@ from typing import Any
 from trl import DPOTrainer  # type: ignore[attr-defined]
 
 from trainer.adapter import AnswerIds, PolicyInit, fit, prompt_ids, trainer_args
-from trainer.settings import DpoSettings
+from trainer.settings import AdapterSettings, DpoSettings
 
 log = logging.getLogger("trainer.dpo")
 
@@ -119,6 +119,7 @@ def train(
     tokenizer: Any,
     dpo_rows: list[dict[str, Any]],
     settings: DpoSettings,
+    shared: AdapterSettings,
     work_dir: Path,
     cache: RefCache | None,
     *,
@@ -141,7 +142,7 @@ def train(
         beta=settings.beta, learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
         max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
         precompute_ref_log_probs=cache is not None, precompute_ref_batch_size=settings.batch_size, max_length=None,
-        **trainer_args(work_dir, total, settings.seed, settings.bf16, progress),
+        **trainer_args(work_dir, total, shared.seed, shared.bf16, progress),
     )  # fmt: skip
     trainer = _CachedReferenceDPO(
         cache, model=init.base, ref_model=init.reference, peft_config=init.lora, args=config,

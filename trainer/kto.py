@@ -24,7 +24,7 @@ from typing import Any
 from trl import KTOTrainer  # type: ignore[attr-defined]
 
 from trainer.adapter import AnswerIds, PolicyInit, Trained, fit, prompt_ids, trainer_args
-from trainer.settings import DpoSettings, KtoSettings
+from trainer.settings import AdapterSettings, KtoSettings
 
 
 @dataclass
@@ -74,13 +74,13 @@ def train(
     tokenizer: Any,
     kto_rows: list[dict[str, Any]],
     settings: KtoSettings,
-    shape: DpoSettings,
+    shared: AdapterSettings,
     work_dir: Path,
     *,
     progress: bool = True,
     max_steps: int | None = None,
 ) -> tuple[Trained, Any]:
-    """Train the adapter with KTO's loss; the reference is the base (adapter disabled). ``shape`` gives the
+    """Train the adapter with KTO's loss; the reference is the base (adapter disabled). ``shared``: the
     settings every algorithm shares (bf16, seed)."""
     import datasets
     from trl import KTOConfig  # type: ignore[attr-defined]
@@ -90,7 +90,7 @@ def train(
         beta=settings.beta, desirable_weight=settings.desirable_weight, undesirable_weight=settings.undesirable_weight,
         learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, max_steps=max_steps or -1,
         per_device_train_batch_size=settings.batch_size, max_length=None,
-        **trainer_args(work_dir, total, shape.seed, shape.bf16, progress),
+        **trainer_args(work_dir, total, shared.seed, shared.bf16, progress),
     )  # fmt: skip
     trainer = _TokenizedKTO(
         model=init.base, peft_config=init.lora, args=config, train_dataset=datasets.Dataset.from_list(kto_rows),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.adapter import PolicyInit, Trained, fit, trainer_args
-from trainer.settings import DpoSettings, PpoSettings
+from trainer.settings import AdapterSettings, PpoSettings
 
 IMPLEMENTATION = "trl.GRPOTrainer"
 
@@ -69,7 +69,7 @@ def train(
     prompts: list[list[dict[str, Any]]],
     reward: RewardModel,
     settings: PpoSettings,
-    shape: DpoSettings,
+    shared: AdapterSettings,
     work_dir: Path,
     *,
     progress: bool = True,
@@ -91,7 +91,7 @@ def train(
         per_device_train_batch_size=settings.prompts_per_step * settings.generations,
         num_generations=settings.generations, max_completion_length=settings.max_new_tokens,
         temperature=settings.temperature, epsilon=settings.epsilon, num_iterations=settings.iterations,
-        **trainer_args(work_dir, steps, shape.seed, shape.bf16, progress),
+        **trainer_args(work_dir, steps, shared.seed, shared.bf16, progress),
     )  # fmt: skip
     trainer = GRPOTrainer(
         model=init.base, reward_funcs=reward, args=config, peft_config=init.lora, processing_class=tokenizer,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.algorithms import ALGORITHMS, FITS, RoundData
+from trainer.algorithms import ALGORITHMS, TABLE, RoundData
 from trainer.export import parse_time, window
 from trainer.pairs import build, thumbed
 from trainer.settings import TrainerSettings
@@ -169,15 +169,15 @@ def _train(
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
         for attempt in range(1 + (budget.retries if budget.max_nats is not None else 0)):
             factor = budget.backoff**attempt
-            torch.manual_seed(s.dpo.seed)
+            torch.manual_seed(s.adapter.seed)
             if s.format == "full":
                 init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
             else:
-                init = adapter.policy_model(s.base_policy, parent_dir, s.dpo)
+                init = adapter.policy_model(s.base_policy, parent_dir, s.adapter)
             attempt_dir = Path(work) / f"try{attempt}"
             attempt_dir.mkdir()
-            fitted = FITS[algorithm](_step_scaled(settings, factor), registry, rm_version, init, tokenizer, data, attempt_dir,
-                                     progress)  # fmt: skip
+            fit = TABLE[algorithm].fit
+            fitted = fit(_step_scaled(settings, factor), registry, rm_version, init, tokenizer, data, attempt_dir, progress)
             trained, model, used, hyperparameters = fitted.trained, fitted.model, fitted.rows, fitted.hyperparameters
             if not math.isfinite(trained.loss):
                 raise RoundError(f"training diverged (loss {trained.loss}); nothing registered")
@@ -192,7 +192,7 @@ def _train(
                 served = adapter.load_adapter(s.base_policy, saved)
             eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
             drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
-                               s.evaluation.max_new_tokens, seed=s.dpo.seed, reference=init.reference)  # fmt: skip
+                               s.evaluation.max_new_tokens, seed=s.adapter.seed, reference=init.reference)  # fmt: skip
             tries.append({"step_scale": factor, "kl_to_reference": drift.kl, "kl_to_reference_stderr": drift.kl_stderr})
             if budget.max_nats is None or drift.kl <= budget.max_nats:
                 break
@@ -233,7 +233,7 @@ def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
         return settings
     s = settings.trainer
     scaled = {name: getattr(s, name).model_copy(update={"learning_rate": getattr(s, name).learning_rate * factor})
-              for name in ("dpo", "kto", "ppo")}  # fmt: skip
+              for name in ALGORITHMS}  # fmt: skip
     return settings.model_copy(update={"trainer": s.model_copy(update=scaled)})
 
 

@@ -8,10 +8,11 @@ own knobs. Every other gateway key is ignored here. ``TRAINER_STORE__URL=...`` o
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway.settings import ConfigError, StoreSettings, YamlSettings, read_yaml
@@ -34,16 +35,13 @@ class PairSettings(BaseModel):
     is the same gradient). Thumbs are few but come from people; the reward model's own pairs are many but noisy."""
 
 
-class DpoSettings(BaseModel):
-    """One DPO round: a LoRA adapter over the fixed base policy, the base (adapter off) as the reference."""
+class AdapterSettings(BaseModel):
+    """What every algorithm's round shares: the LoRA adapter's shape, the training precision, the seed and the
+    length cut (``trainer.adapter``). A version continues its parent's adapter, so its shape is read here only for
+    the first version."""
 
     model_config = ConfigDict(extra="forbid")
 
-    beta: float = Field(default=0.1, gt=0)
-    learning_rate: float = Field(default=5e-4, gt=0)
-    epochs: float = Field(default=2.0, gt=0)
-    batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=256, ge=8, description="prompt + answer tokens; longer pairs are cut at the end")
     lora_r: int = Field(default=16, ge=1, description="must not exceed the serving vLLM's --max-lora-rank")
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -51,10 +49,25 @@ class DpoSettings(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     bf16: bool = True
-    """bf16 autocast for the forward passes (TRL's default; the reference cache holds values computed the same way)."""
+    """bf16 autocast for the forward passes (TRL's default; DPO's reference cache holds values computed the same way)."""
+    seed: int = 0
+    max_length: int = Field(default=256, ge=8, description="prompt + answer tokens (DPO, KTO); longer rows are cut at the end")
+
+
+ADAPTER_KEYS = tuple(AdapterSettings.model_fields)
+
+
+class DpoSettings(BaseModel):
+    """One DPO round (``trainer.dpo``, TRL's DPOTrainer): the base (adapter off) as the reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.1, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, ge=1)
     cache_reference: bool = True
     """Reference log-probs computed once per pair and kept in ``<registry>/cache`` (the reference is fixed)."""
-    seed: int = 0
 
 
 class KtoSettings(BaseModel):
@@ -154,14 +167,31 @@ class TrainerSection(BaseModel):
     None: ``<registry_dir>/metrics/trainer.prom``."""
     pushgateway_url: str | None = None
     """Also push the round's metrics to a Prometheus Pushgateway (a CronJob's usual route)."""
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     dpo: DpoSettings = Field(default_factory=DpoSettings)
-    """DPO's knobs, and the adapter's shape (``lora_*``, ``target_modules``), ``bf16``, ``seed`` and ``max_length``
-    for every algorithm."""
     kto: KtoSettings = Field(default_factory=KtoSettings)
     ppo: PpoSettings = Field(default_factory=PpoSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     kl_budget: KlBudgetSettings = Field(default_factory=KlBudgetSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_keys_under_dpo(cls, data: Any) -> Any:
+        """Configs written before ``trainer.adapter`` existed kept its keys under ``trainer.dpo``: still read, with a warning."""
+        dpo = data.get("dpo") if isinstance(data, dict) else None
+        if not isinstance(dpo, dict) or not (moved := {k: v for k, v in dpo.items() if k in ADAPTER_KEYS}):
+            return data
+        adapter = dict(data.get("adapter") or {})
+        if clash := sorted(set(moved) & set(adapter)):
+            raise ValueError(f"trainer.dpo.{clash[0]} and trainer.adapter.{clash[0]} are both set; keep trainer.adapter's")
+        warnings.warn(
+            f"trainer.dpo.{{{','.join(moved)}}} moved to trainer.adapter (the adapter's settings, shared by every algorithm)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        rest = {k: v for k, v in dpo.items() if k not in ADAPTER_KEYS}
+        return {**data, "dpo": rest, "adapter": {**adapter, **moved}}
 
 
 class TrainerSettings(YamlSettings):

@@ -84,7 +84,8 @@ def test_a_worse_version_is_canaried_and_rolled_back_automatically(
                     "base_policy": str(test_models / "policy"),
                     "publish_to": "canary",
                     "min_pairs": 8,
-                    "dpo": {"epochs": 3, "batch_size": 8, "lora_r": 8, "lora_alpha": 16, "learning_rate": 5e-3},
+                    "adapter": {"lora_r": 8, "lora_alpha": 16},
+                    "dpo": {"epochs": 3, "batch_size": 8, "learning_rate": 5e-3},
                     "evaluation": {"prompts": 4, "max_new_tokens": 12},
                 },
             }

@@ -54,7 +54,8 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
                     "base_policy": str(test_models / "policy"),
                     "base_reward_model": str(test_models / "reward_model"),
                     "min_pairs": 8,
-                    "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 8, "lora_alpha": 16},
+                    "adapter": {"lora_r": 8, "lora_alpha": 16},
+                    "dpo": {"epochs": 1, "batch_size": 8},
                     "evaluation": {"prompts": 4, "max_new_tokens": 12},
                 },
             }

@@ -59,7 +59,8 @@ def test_a_trained_version_is_swapped_in_under_traffic(policy_vllm: str, test_mo
                     "registry_dir": str(registry),
                     "base_policy": str(test_models / "policy"),
                     "min_pairs": 8,
-                    "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-3},
+                    "adapter": {"lora_r": 8, "lora_alpha": 16},
+                    "dpo": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3},
                     "evaluation": {"prompts": 4, "max_new_tokens": 12},
                 },
             }

@@ -30,7 +30,8 @@ def deployment(tmp_path: Path, test_models: Path, tokenizer: Any) -> Path:
             "registry_dir": str(tmp_path / "registry"),
             "base_policy": str(test_models / "policy"),
             "min_pairs": 8,
-            "dpo": {"epochs": 1, "batch_size": 8, "lora_r": 4, "lora_alpha": 8, "bf16": False},  # fp32: exact comparisons
+            "adapter": {"lora_r": 4, "lora_alpha": 8, "bf16": False},  # fp32: exact comparisons
+            "dpo": {"epochs": 1, "batch_size": 8},
             "evaluation": {"prompts": 4, "max_new_tokens": 12},
         },
     }

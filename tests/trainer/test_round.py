@@ -106,12 +106,13 @@ def test_a_child_round_starts_from_its_parent_and_keeps_the_base_as_reference(
     base = AutoModelForCausalLM.from_pretrained(test_models / "policy")
     row = dpo.rows([pair(tokenizer, "What is 2 + 3?", "2 + 3 = 5. Glad to help!", "6.")], tokenizer, 256).rows[0]
     cache_key = cache.key(row["prompt_ids"], row["chosen_ids"])
-    init = adapter.policy_model(test_models / "policy", registry.path("policy", "v0001"), settings.trainer.dpo)
+    init = adapter.policy_model(test_models / "policy", registry.path("policy", "v0001"), settings.trainer.adapter)
     import tempfile
 
     frozen = settings.trainer.dpo.model_copy(update={"learning_rate": 1e-12})
     with tempfile.TemporaryDirectory() as work:
-        _, model = dpo.train(init, tokenizer, [row], frozen, Path(work), cache, progress=False, max_steps=1)
+        shared = settings.trainer.adapter
+        _, model = dpo.train(init, tokenizer, [row], frozen, shared, Path(work), cache, progress=False, max_steps=1)
     # The adapter started from the parent's weights (and barely moved at this learning rate).
     from peft import get_peft_model_state_dict
 
@@ -128,14 +129,14 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
     from transformers import AutoModelForCausalLM
 
     from trainer import adapter, dpo
-    from trainer.settings import DpoSettings
+    from trainer.settings import AdapterSettings, DpoSettings
 
     pairs = [pair(tokenizer, f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a * b + 1}.") for a, b in ((2, 3), (4, 5))]
     made = dpo.rows(pairs, tokenizer, 256)
     assert made.retokenized == 0
     assert len(made.rows) == 2
     assert made.rows[0]["chosen_ids"] == pairs[0]["chosen_token_ids"]  # the stored (sampled) ids, not re-tokenised text
-    settings = DpoSettings(beta=0.5, batch_size=2, learning_rate=1e-3, bf16=False)
+    settings, shared = DpoSettings(beta=0.5, batch_size=2, learning_rate=1e-3), AdapterSettings(bf16=False)
     cache = dpo.RefCache(tmp_path / "ref.sqlite", "test-reference")
     planted = {}
     for k, row in enumerate(made.rows):  # a known reference, so the loss is not the trivial ln 2
@@ -150,8 +151,8 @@ def test_dpo_loss_matches_a_hand_computed_value(test_models: Path, tokenizer: An
         rejected = logp(base, row["prompt_ids"], row["rejected_ids"]) - (-10.0 + k)
         expected += -math.log(1 / (1 + math.exp(-settings.beta * (chosen - rejected)))) / len(made.rows)
 
-    init = adapter.policy_model(test_models / "policy", None, settings)  # LoRA B starts at 0: policy == base at step 1
-    result, _ = dpo.train(init, tokenizer, made.rows, settings, tmp_path / "work", cache, progress=False, max_steps=1)
+    init = adapter.policy_model(test_models / "policy", None, shared)  # LoRA B starts at 0: policy == base at step 1
+    result, _ = dpo.train(init, tokenizer, made.rows, settings, shared, tmp_path / "work", cache, progress=False, max_steps=1)
     assert result.ref_cached == 4
     assert result.ref_computed == 0
     assert result.loss == pytest.approx(expected, rel=1e-4)

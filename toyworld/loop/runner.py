@@ -10,8 +10,8 @@ round: the simulated user asks the next training prompts through the gateway (th
 some), the round is trained by ``python -m trainer run`` (sealed too), the gateway
 swaps the new version in, and it is measured on the held-out prompts (``loop.measure``).
 Training prompts and held-out prompts are the bootstrap's disjoint sets
-(``toyworld.world.prompt_sets``). Knows the orchestration and the run's config; the
-statistics are ``loop.report``'s.
+(``toyworld.world.prompt_sets``). Knows the orchestration and the run's config; starting and
+stopping the processes is ``loop.processes``'s, the statistics ``loop.report``'s.
 """
 
 from __future__ import annotations
@@ -20,36 +20,36 @@ import asyncio
 import copy
 import itertools
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import yaml
 
 from gateway.canary import recorded
 from toyworld.loop import measure
+from toyworld.loop.processes import (
+    GatewayProcess,
+    LoopError,
+    raise_terminated,
+    run_trainer,
+    start_gateway,
+    start_vllm,
+    terminable,
+    unload_adapters,
+)
 from toyworld.loop.report import RoundRecord, Run
 from toyworld.loop.user import Judgement, SimulatedUser, Traffic
 from versioning.registry import Kind, Pointer, Registry
 
-T = TypeVar("T")
-
 API_KEY = "sk-simulated-user"
 ARMS = ("rm", "thumbs")
-
-
-class LoopError(Exception):
-    """A run could not go on (the gateway did not start or swap, a round failed); one line for the user."""
 
 
 @dataclass
@@ -122,39 +122,21 @@ class Loop:
         vllm = None
         url = self.o.vllm_url
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+        previous = signal.signal(signal.SIGTERM, raise_terminated) if main else None
         runs = []
         try:
             if url is None:
-                vllm = self._start_vllm()
+                vllm = start_vllm(self.base.get("managed_vllm", {}), self.o.out / "vllm.log", self.o.log)
                 url = vllm.url
             for arm in self.o.arms:
                 for seed in self.o.seeds:
-                    runs.append(asyncio.run(_terminable(self._run(arm, seed, url, train, heldout))))
+                    runs.append(asyncio.run(terminable(self._run(arm, seed, url, train, heldout))))
         finally:
             if vllm is not None:
                 vllm.stop()
             if main:
                 signal.signal(signal.SIGTERM, previous)
         return runs
-
-    def _start_vllm(self) -> Any:
-        from gateway.settings import ManagedVLLM
-        from gateway.vllm_process import VLLMProcess, free_port
-
-        m = ManagedVLLM(**{**self.base.get("managed_vllm", {}), "enabled": True})
-        vllm = VLLMProcess(
-            m.model_dir, m.served_name, m.host, free_port(), max_model_len=m.max_model_len, max_lora_rank=m.max_lora_rank,
-            max_loras=m.max_loras, dtype=m.dtype, extra_args=m.extra_args, log_path=self.o.out / "vllm.log",
-        )  # fmt: skip
-        self.o.log(f"starting vLLM on {m.model_dir} (log: {vllm.log_path}) ...")
-        vllm.start()
-        try:
-            vllm.wait_healthy(m.startup_s)
-        except BaseException:  # not healthy in time, or SIGTERM while waiting: not left behind
-            vllm.stop()
-            raise
-        return vllm
 
     # ---- one run ----
     async def _run(self, arm: str, seed: int, vllm: str, train: list[str], heldout: list[str]) -> Run:
@@ -168,8 +150,8 @@ class Loop:
         # idle connections are dropped before the gateway's server (uvicorn, 5 s) closes them: no reuse races
         connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-            await self._unload_adapters(session, vllm)
-            gateway = await self._start_gateway(session, run_dir, config)
+            await unload_adapters(session, vllm, self.served_name)
+            gateway = await start_gateway(session, run_dir, config, self.o.timeout_s)
             try:
                 self.o.log(f"{arm} seed {seed}: measuring the starting policy on {len(heldout)} held-out prompts")
                 start = await self._measure(session, gateway.url, run_dir, heldout, seed)
@@ -192,7 +174,7 @@ class Loop:
                     )
             finally:
                 await gateway.stop()
-                await self._unload_adapters(session, vllm)
+                await unload_adapters(session, vllm, self.served_name)
         measured = [("start", result.start)] + [(f"round{r.round}", r.measurement) for r in result.rounds]
         per_prompt = {
             name: {"version": m.version, "bon": {str(n): v for n, v in m.per_prompt_bon.items()}} for name, m in measured
@@ -201,7 +183,7 @@ class Loop:
         return result
 
     async def _round(
-        self, session: aiohttp.ClientSession, gateway: _Gateway, run_dir: Path, config: Path, user: SimulatedUser,
+        self, session: aiohttp.ClientSession, gateway: GatewayProcess, run_dir: Path, config: Path, user: SimulatedUser,
         stream: Iterator[str], k: int, sent_before: int, heldout: list[str], seed: int, arm: str,
     ) -> RoundRecord:  # fmt: skip
         seconds: dict[str, float] = {}
@@ -213,7 +195,7 @@ class Loop:
         await self._until(lambda: self._logged(run_dir) >= sent_before + traffic.sent, "the log to hold the round's traffic")
         seconds["traffic"] = time.perf_counter() - t
         t = time.perf_counter()
-        outcome, output = await asyncio.to_thread(self._trainer, config, [])
+        outcome, output = await asyncio.to_thread(run_trainer, config, [], self.o.timeout_s)
         seconds["train"] = time.perf_counter() - t
         registry = Registry(run_dir / "registry")
         trained = self._pointer(registry, "policy", "canary" if self.o.canary_fraction else "current")
@@ -244,7 +226,7 @@ class Loop:
         return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate)
 
     async def _trial(
-        self, gateway: _Gateway, run_dir: Path, user: SimulatedUser, stream: Iterator[str], trial: str
+        self, gateway: GatewayProcess, run_dir: Path, user: SimulatedUser, stream: Iterator[str], trial: str
     ) -> tuple[dict[str, Any], Traffic]:
         """Live traffic (the next training prompts) until the gateway's gate promotes or rolls back ``trial``."""
         await self._until(lambda: self._status(gateway.url)["canary"] == trial, f"the gateway to put {trial} on trial")
@@ -267,10 +249,10 @@ class Loop:
         self.o.log(f"canary {trial}: {last['action']} after {total.sent} more answers ({last['reason']})")
         return gate, total
 
-    async def _refit(self, run_dir: Path, config: Path, gateway: _Gateway) -> dict[str, Any]:
+    async def _refit(self, run_dir: Path, config: Path, gateway: GatewayProcess) -> dict[str, Any]:
         registry = Registry(run_dir / "registry")
         before = self._pointer(registry, "reward_model")
-        outcome, output = await asyncio.to_thread(self._trainer, config, ["--refit-reward-model"])
+        outcome, output = await asyncio.to_thread(run_trainer, config, ["--refit-reward-model"], self.o.timeout_s)
         after = self._pointer(registry, "reward_model")
         refit: dict[str, Any] = {"outcome": outcome, "rm_version": after}
         if after is not None and after != before:
@@ -295,6 +277,7 @@ class Loop:
         return measure.summarise(version, self._served_rm(url) or "?", heldout, texts, rewards, mean_len, kl)
 
     # ---- processes ----
+    # ---- the run's config ----
     def _write_config(self, run_dir: Path, vllm: str, seed: int, arm: str) -> Path:
         from gateway.auth import digest
         from gateway.vllm_process import free_port
@@ -317,7 +300,7 @@ class Loop:
             **cfg.get("canary", {}), "fraction": self.o.canary_fraction, "auto": True, "poll_s": 1.0,
             "min_requests": self.o.gate_min_requests, "looks": 3,
         }  # fmt: skip
-        trainer["dpo"] = {**trainer.get("dpo", {}), "seed": seed}
+        trainer["adapter"] = {**trainer.get("adapter", {}), "seed": seed}
         trainer["reward"] = {**trainer.get("reward", {}), "seed": seed}
         for key, value in self.o.overrides.items():
             only, _, dotted = key.rpartition(":")
@@ -331,51 +314,6 @@ class Loop:
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
-
-    async def _start_gateway(self, session: aiohttp.ClientSession, run_dir: Path, config: Path) -> _Gateway:
-        cfg = yaml.safe_load(config.read_text())
-        gateway = _Gateway(f"http://127.0.0.1:{cfg['port']}", config, run_dir / "gateway.log")
-        gateway.start()
-
-        async def ready() -> bool:
-            if gateway.exited():
-                raise LoopError(f"the gateway exited while starting; see {gateway.log_path}")
-            with suppress(aiohttp.ClientError):
-                async with session.get(f"{gateway.url}/ready") as response:
-                    return response.status == 200
-            return False
-
-        deadline = time.monotonic() + self.o.timeout_s
-        try:
-            while not await ready():
-                if time.monotonic() > deadline:
-                    raise LoopError(f"the gateway was not ready in {self.o.timeout_s:.0f} s; see {gateway.log_path}")
-                await asyncio.sleep(0.5)
-        except BaseException:  # not ready, or the loop is ending (SIGTERM, Ctrl-C): the process is not left behind
-            await gateway.stop()
-            raise
-        return gateway
-
-    def _trainer(self, config: Path, extra: list[str]) -> tuple[str, str]:
-        """``python -m trainer run`` with the gold reward sealed off; its outcome (trained, skipped) and output."""
-        done = subprocess.run(
-            [sys.executable, "-m", "toyworld.loop.sealed", "trainer", "run", "--config", str(config), "--quiet", *extra],
-            capture_output=True, text=True, timeout=self.o.timeout_s, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            raise LoopError(f"the training round failed (exit {done.returncode}): {' | '.join(tail)}")
-        first = next((line for line in done.stdout.splitlines() if line.startswith("round ")), "round unknown:")
-        return first.removeprefix("round ").split(":", 1)[0], done.stdout
-
-    async def _unload_adapters(self, session: aiohttp.ClientSession, vllm: str) -> None:
-        """Unload every adapter from vLLM (a finished run's versions; the next run's are named alike)."""
-        async with session.get(f"{vllm}/v1/models") as response:
-            models = [m["id"] for m in (await response.json())["data"]]
-        for name in models:
-            if name != self.served_name:
-                async with session.post(f"{vllm}/v1/unload_lora_adapter", json={"lora_name": name}) as response:
-                    await response.read()
 
     # ---- reading state ----
     def _logged(self, run_dir: Path) -> int:
@@ -418,75 +356,3 @@ class Loop:
             if time.monotonic() > deadline:
                 raise LoopError(f"timed out after {self.o.timeout_s:.0f} s waiting for {what}")
             await asyncio.sleep(0.5)
-
-
-class Terminated(LoopError):
-    """SIGTERM (a job's deletion, `kill`): the loop stopped the gateway and vLLM it started, and ends."""
-
-    def __init__(self) -> None:
-        super().__init__("stopped by SIGTERM; the gateway and vLLM it started are stopped")
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    """SIGTERM outside the event loop (starting vLLM, between runs): unwind through the ``finally``s."""
-    raise Terminated()
-
-
-async def _terminable(run: Coroutine[Any, Any, T]) -> T:
-    """``run``, cancelled on SIGTERM so that its ``finally``s stop what it started (the gateway, started in a
-    session of its own, would not get a signal sent to the loop's process group); then ``Terminated``."""
-    loop, task = asyncio.get_running_loop(), asyncio.current_task()
-    assert task is not None
-    terminated = False
-
-    def terminate() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    if main:
-        loop.add_signal_handler(signal.SIGTERM, terminate)
-    try:
-        return await run
-    except asyncio.CancelledError:
-        if terminated:
-            raise Terminated() from None
-        raise
-    finally:
-        if main:
-            loop.remove_signal_handler(signal.SIGTERM)  # leaves SIG_DFL: put back the handler it replaced
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-class _Gateway:
-    """A gateway process (``python -m gateway serve``) started with the gold reward sealed off."""
-
-    def __init__(self, url: str, config: Path, log_path: Path) -> None:
-        self.url = url
-        self.config = config
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "toyworld.loop.sealed", "gateway", "serve", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-
-    def exited(self) -> bool:
-        return self._proc is None or self._proc.poll() is not None
-
-    async def stop(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(self._proc.wait, 60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            await asyncio.to_thread(self._proc.wait)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toyworld.loop.runner import Loop, LoopOptions, Terminated, _terminable
+from toyworld.loop.processes import Terminated, terminable
+from toyworld.loop.runner import Loop, LoopOptions
 
 
 def test_overrides_apply_to_every_arm_or_to_the_one_they_name(tmp_path: Path) -> None:
@@ -26,7 +27,8 @@ def test_overrides_apply_to_every_arm_or_to_the_one_they_name(tmp_path: Path) ->
         run_dir.mkdir()
         written[arm] = yaml.safe_load(loop._write_config(run_dir, "http://127.0.0.1:1", seed=3, arm=arm).read_text())
     rm, thumbs = written["rm"]["trainer"], written["thumbs"]["trainer"]
-    assert rm["dpo"] == {"beta": 0.2, "seed": 3, "learning_rate": 1e-3}
+    assert rm["dpo"] == {"beta": 0.2, "learning_rate": 1e-3}
+    assert rm["adapter"] == {"seed": 3}
     assert thumbs["dpo"] == rm["dpo"]
     assert rm["pairs"] == {"policy": "best_vs_worst"}
     assert thumbs["pairs"] == {"policy": "best_vs_each"}
@@ -46,6 +48,6 @@ def test_sigterm_cancels_a_run_through_its_finally_and_ends_it_as_terminated() -
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated, match="SIGTERM"):
-        asyncio.run(_terminable(run()))
+        asyncio.run(terminable(run()))
     assert stopped == ["gateway"]
     assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back
