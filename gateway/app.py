@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import openapi
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.generate import Generator
 from gateway.lifespan import lifespan
@@ -41,10 +42,12 @@ def create_app(
     serving; ``on_fatal`` is called when it dies (the CLI stops its server then)."""
     app = FastAPI(
         title="bon-gateway", lifespan=lifespan(settings, generator, scorer, store, vllm, on_fatal),
-        docs_url=None, redoc_url=None, openapi_url=None,
+        description="OpenAI-compatible chat completions, best-of-N reranked by a reward model; thumbs feedback.",
+        docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
     )  # fmt: skip
     _install_error_handlers(app)
     app.include_router(router)
+    openapi.install(app)
     return app
 
 

@@ -2,17 +2,20 @@
 
 Knows how a bearer token maps to a key id (what later features use for ownership and
 limits). With no keys configured the gateway is keyless and everyone is one owner,
-``KEYLESS_ID``. Keys are compared by digest in constant time; clear keys are never stored.
-The admin endpoints take a separate token (``admin_token``): without one they answer only
-when the gateway listens on a loopback address; a client API key gets 403 there, anything
-else 401.
+``KEYLESS_ID``, but only for a local caller (``local_caller``: a loopback peer that did not
+come through a proxy), unless ``allow_keyless_public`` says everyone may. Keys are compared
+by digest in constant time; clear keys are never stored. The admin endpoints take a
+separate token (``admin_token``): without one they answer only local callers of a gateway
+listening on a loopback address; a client API key gets 403 there, anything else 401. The
+caller is judged by the connection, not by the address the gateway listens on: a proxy on
+the same host would otherwise open both to everyone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import SecretStr
 
@@ -20,6 +23,13 @@ from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.settings import ApiKey, is_loopback
 
 KEYLESS_ID = "anonymous"
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+"""Set by proxies (nginx, Envoy, ingress controllers) on what they forward: such a request is not a local caller's."""
+
+
+def local_caller(peer: str | None, headers: Mapping[str, str]) -> bool:
+    """Whether a request comes straight from this host: a loopback peer address and no proxy header."""
+    return peer is not None and is_loopback(peer) and not any(h in headers for h in PROXY_HEADERS)
 
 
 def digest(key: str) -> str:
@@ -38,17 +48,24 @@ def bearer(authorization: str | None, what: str, placeholder: str) -> str:
 
 
 class KeyRing:
-    def __init__(self, keys: Sequence[ApiKey]) -> None:
+    def __init__(self, keys: Sequence[ApiKey], *, keyless_public: bool = False) -> None:
         self._keys = [(key.sha256, key.id) for key in keys]
+        self._keyless_public = keyless_public
 
     @property
     def keyless(self) -> bool:
         return not self._keys
 
-    def identify(self, authorization: str | None) -> str:
-        """The key id for an ``Authorization`` header value; raises ``AuthenticationFailed``."""
+    def identify(self, authorization: str | None, local: bool) -> str:
+        """The key id for an ``Authorization`` header value (``local``: the caller is on this host, ``local_caller``);
+        raises ``AuthenticationFailed``."""
         if self.keyless:
-            return KEYLESS_ID
+            if local or self._keyless_public:
+                return KEYLESS_ID
+            raise AuthenticationFailed(
+                "this gateway has no API keys and serves only its own host (a loopback client, not through a proxy); "
+                "configure api_keys, or allow_keyless_public"
+            )
         wanted = digest(bearer(authorization, "API key", "key"))
         found = None
         for stored, key_id in self._keys:
@@ -65,19 +82,19 @@ class AdminGuard:
         self._host = host
         self._keys = keys
 
-    def check(self, authorization: str | None) -> None:
-        """Raises ``AuthenticationFailed`` (401) or ``PermissionDenied`` (403) unless the caller may administer."""
+    def check(self, authorization: str | None, local: bool) -> None:
+        """Raises ``AuthenticationFailed`` (401) or ``PermissionDenied`` (403) unless the caller may administer
+        (``local``: the caller is on this host, ``local_caller``)."""
         if self._digest is None:
-            if is_loopback(self._host):
+            if is_loopback(self._host) and local:
                 return
-            raise PermissionDenied(
-                f"the admin endpoints are disabled: this gateway listens on {self._host} and has no admin_token"
-            )
+            where = f"this gateway listens on {self._host}" if local else "the caller is not on this gateway's host"
+            raise PermissionDenied(f"the admin endpoints need the admin_token here: {where} and no admin_token is set")
         if hmac.compare_digest(self._digest, digest(bearer(authorization, "admin token", "admin_token"))):
             return
         if not self._keys.keyless:
             try:
-                self._keys.identify(authorization)
+                self._keys.identify(authorization, local=False)
             except AuthenticationFailed:
                 pass
             else:

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from gateway.auth import AdminGuard, KeyRing
 from gateway.blue_green import launcher
+from gateway.breaker import Breakers, State
 from gateway.canary import CanaryGate, Totals
 from gateway.generate import Generator, VLLMGenerator
 from gateway.ids import CompletionIds, load_or_create_secret
@@ -57,7 +58,7 @@ def lifespan(
     async def run(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         async with _session(settings) as session:
-            gen = generator or VLLMGenerator(session, settings.all_backends(), settings.timeouts.request_s)
+            gen = generator or _generator(settings, session, metrics)
             score = scorer if scorer is not None else (_scorer(settings, session) if settings.scoring_enabled else None)
             if score is not None:
                 await score.start()
@@ -72,7 +73,7 @@ def lifespan(
             if scorer is None and score is not None and settings.swap.enabled:
                 follower = await _reward_follower(settings, session, service, metrics)
             gate = _gate(settings, service, writer, metrics) if settings.swap.enabled else None
-            keys = KeyRing(settings.api_keys)
+            keys = KeyRing(settings.api_keys, keyless_public=settings.allow_keyless_public)
             state = GatewayState(
                 settings, service, keys, metrics, RateLimiter(settings.feedback.per_minute, settings.feedback.burst),
                 AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate,
@@ -98,6 +99,18 @@ def lifespan(
                 await _shut_down(service, swapper, follower, writer, owns_store=store is None)
 
     return run
+
+
+def _generator(settings: GatewaySettings, session: aiohttp.ClientSession, metrics: Metrics) -> VLLMGenerator:
+    """vLLM's client: the request and connect timeouts, a circuit breaker per backend (its state a gauge)."""
+
+    def changed(url: str, state: State) -> None:
+        metrics.backend_circuit.labels(url).set(1 if state == "open" else 0)
+        (log.warning if state == "open" else log.info)("backend_circuit", backend=url, state=state)
+
+    b = settings.breaker
+    t = settings.timeouts
+    return VLLMGenerator(session, settings.all_backends(), t.request_s, t.connect_s, Breakers(b.failures, b.cooldown_s, changed))
 
 
 def _session(settings: GatewaySettings) -> aiohttp.ClientSession:
@@ -160,7 +173,7 @@ def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer
     if s.kind == "remote":
         assert s.remote_url is not None  # checked by the settings
         return RemotePoolingScorer(session, s.remote_url, s.remote_model, s.model_dir, s.version)
-    return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
+    return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
 
 
 def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) -> Callable[[Path, str], Scorer]:
@@ -180,7 +193,7 @@ def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) ->
             return RemotePoolingScorer(session, url, model, path, version, require_listed=version != s.version)
 
         return remote
-    return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms)
+    return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
 
 
 def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) -> RecordWriter:
@@ -193,6 +206,7 @@ def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) ->
         logged=metrics.records_logged.inc,
         spooled=metrics.records_spooled.inc,
         write_error=lambda kind: metrics.log_write_errors.labels(kind).inc(),
+        quarantined=metrics.records_quarantined.inc,
     )
     writer = RecordWriter(
         store, Spool(s.data_dir / "spool"), queue_size=s.queue_size, batch_size=s.batch_size,

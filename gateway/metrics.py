@@ -80,6 +80,9 @@ class Metrics:
         self.records_logged = Counter(f"{p}log_records_written", "Records written to the log database", registry=r)
         self.records_spooled = Counter(f"{p}log_records_spooled", "Records written to the local spool instead", registry=r)
         self.log_write_errors = Counter(f"{p}log_write_errors", "Failed log database writes", ["error"], registry=r)
+        self.records_quarantined = Counter(
+            f"{p}log_records_quarantined", "Records the log database refused, kept in the spool's quarantine file", registry=r
+        )
         self.log_queue_depth = Gauge(f"{p}log_queue_depth", "Records waiting for the log writer", registry=r)
         self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
         self.swaps = Counter(
@@ -104,6 +107,10 @@ class Metrics:
         )
         self.swap_backend_failures = Counter(
             f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
+        )
+
+        self.backend_circuit = Gauge(
+            f"{p}backend_circuit_open", "1 while a model backend's circuit is open (skipped)", ["backend"], registry=r
         )
 
         self.canary_info = Gauge(

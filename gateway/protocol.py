@@ -2,12 +2,14 @@
 
 Knows which fields exist (in the order of OpenAI's API reference), which the gateway
 handles itself, which pass through to vLLM unchanged, and which best-of-N cannot honour.
-Fields this module does not name (vLLM's own, e.g. ``top_k``, ``min_p``) are accepted and
-passed through: vLLM validates them. Response bodies are built in ``gateway.responses``.
+Fields this module does not name are vLLM's own (``top_k``, ``min_p``...): those the
+deployment allows (``vllm_fields``) pass through and vLLM validates them; any other is
+refused by name (``unknown_fields``). Response bodies are built in ``gateway.responses``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,7 +40,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Unknown fields are kept and passed through to vLLM."""
+    """``POST /v1/chat/completions``. Unknown fields are kept here; ``unknown_fields`` says which are not allowed."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -125,6 +127,11 @@ def uses_tools(request: ChatCompletionRequest) -> str | None:
             continue  # only a modifier of `tools`
         return name
     return None
+
+
+def unknown_fields(request: ChatCompletionRequest, allowed: Collection[str]) -> list[str]:
+    """Fields the request set that are neither OpenAI's, the gateway's, nor allowed vLLM fields."""
+    return [name for name in request.model_extra or {} if name not in allowed]
 
 
 def passthrough(request: ChatCompletionRequest) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def completion(plan: Plan, outcome: Outcome, model_alias: str) -> dict[str, Any]
     body["choices"] = [
         {
             "index": rank,
-            "message": {"role": "assistant", "content": generated[i].text},
+            "message": {"role": "assistant", "content": generated[i].text, **generated[i].message},
             "logprobs": generated[i].logprobs if plan.request.logprobs else None,
             "finish_reason": generated[i].finish_reason,
         }

@@ -4,7 +4,12 @@ Two real scorers behind one protocol:
 - ``LocalRewardModel``: a transformers ``*ForSequenceClassification`` (one label) in this
   process. Conversations from concurrent requests are batched into one forward pass by a
   batcher task; the forward pass runs in one worker thread, never on the event loop, on
-  ``cuda`` when there is one, with torch's threads bounded so vLLM keeps its cores.
+  ``cuda`` when there is one, with torch's threads bounded so vLLM keeps its cores. When a
+  shared pass fails (one request's conversation breaks the chat template, memory runs
+  out), each request in it is scored on its own, so only the one at fault fails. Inputs
+  longer than ``max_length`` tokens keep their end (the answer) and lose their beginning.
+  Background work (``score(..., background=True)``: scoring a relayed answer for the log)
+  waits while live requests are queued, and rides in small batches of its own.
 - ``RemotePoolingScorer``: a vLLM ``--runner pooling`` server's ``/classify``, asked for
   raw logits (``use_activation: false``), which is what Bradley-Terry rewards are.
 
@@ -15,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +44,9 @@ class Scorer(Protocol):
 
     async def start(self) -> None: ...
 
-    async def score(self, conversations: Sequence[Conversation]) -> list[float]: ...
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
+        """A reward per conversation; ``background``: no client waits for it (it yields to those that do)."""
+        ...
 
     async def ready(self) -> bool: ...
 
@@ -52,10 +60,16 @@ def render(tokenizer: Any, conversation: Conversation) -> str:
     return text
 
 
-@dataclass
+@dataclass(order=True)
 class _Job:
-    conversations: Sequence[Conversation]
-    future: asyncio.Future[list[float]]
+    background: bool
+    seq: int
+    conversations: Sequence[Conversation] = field(compare=False)
+    future: asyncio.Future[list[float]] = field(compare=False)
+
+
+BACKGROUND_BATCH = 8
+"""Most conversations in a background batch: a live request arriving meanwhile waits for at most that."""
 
 
 class LocalRewardModel:
@@ -69,15 +83,19 @@ class LocalRewardModel:
         threads: int = 1,
         max_batch: int = 64,
         batch_wait_ms: float = 2.0,
+        max_length: int | None = None,
     ) -> None:
+        """``max_length``: tokens the model reads at most (None: its ``max_position_embeddings``)."""
         self.version = version
+        self._max_length = max_length
         self._model_dir = model_dir
         self._device_name = device
         self._threads = threads
         self._max_batch = max_batch
         self._batch_wait_s = batch_wait_ms / 1000
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model")
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self._jobs = itertools.count()
         self._batcher: asyncio.Task[None] | None = None
         self._model: Any = None
         self._tokenizer: Any = None
@@ -99,49 +117,62 @@ class LocalRewardModel:
         self._device = torch.device(name)
         self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
         self._tokenizer.padding_side = "right"
+        self._tokenizer.truncation_side = "left"  # an over-long conversation keeps its answer
         model = AutoModelForSequenceClassification.from_pretrained(self._model_dir)
         if model.config.num_labels != 1:
             raise ValueError(f"{self._model_dir} is not a reward model: {model.config.num_labels} labels, expected 1")
+        if self._max_length is None:
+            self._max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self._model = model.to(self._device).eval()
 
-    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
         if self._batcher is None or self._batcher.done():
             raise ScorerFailed("the reward model is not running")
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(conversations, future))
+        await self._queue.put(_Job(background, next(self._jobs), conversations, future))
         return await future
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
+            jobs = [await self._queue.get()]  # live jobs first (the queue orders by background, then arrival)
+            background = jobs[0].background
+            limit = BACKGROUND_BATCH if background else self._max_batch
             size = len(jobs[0].conversations)
-            deadline = loop.time() + self._batch_wait_s
-            while size < self._max_batch:
+            deadline = loop.time() + (0 if background else self._batch_wait_s)
+            while size < limit:
                 timeout = deadline - loop.time()
                 try:
                     job = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
+                if job.background and not background:
+                    self._queue.put_nowait(job)  # never in a live batch
+                    break
                 jobs.append(job)
                 size += len(job.conversations)
             live = [job for job in jobs if not job.future.done()]  # a cancelled request needs no score
-            if not live:
-                continue
-            flat = [c for job in live for c in job.conversations]
-            try:
-                rewards = await loop.run_in_executor(self._executor, self._forward, flat)
-            except Exception as exc:
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(ScorerFailed(f"the reward model failed: {exc.__class__.__name__}: {exc}"))
-                continue
-            start = 0
-            for job in live:
-                end = start + len(job.conversations)
-                if not job.future.done():
-                    job.future.set_result(rewards[start:end])
-                start = end
+            if live:
+                await self._score_jobs(live)
+
+    async def _score_jobs(self, jobs: list[_Job]) -> None:
+        """One forward pass for all ``jobs``; if it fails, one per job, so that only the job at fault fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            rewards = await loop.run_in_executor(self._executor, self._forward, [c for job in jobs for c in job.conversations])
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    await self._score_jobs([job])
+            elif not jobs[0].future.done():
+                jobs[0].future.set_exception(ScorerFailed(f"the reward model failed: {exc.__class__.__name__}: {exc}"))
+            return
+        start = 0
+        for job in jobs:
+            end = start + len(job.conversations)
+            if not job.future.done():
+                job.future.set_result(rewards[start:end])
+            start = end
 
     def _forward(self, conversations: Sequence[Conversation]) -> list[float]:
         import torch
@@ -150,8 +181,9 @@ class LocalRewardModel:
         rewards: list[float] = []
         for start in range(0, len(texts), self._max_batch):
             batch = self._tokenizer(
-                texts[start : start + self._max_batch], add_special_tokens=False, padding=True, return_tensors="pt"
-            )
+                texts[start : start + self._max_batch], add_special_tokens=False, padding=True, return_tensors="pt",
+                truncation=self._max_length is not None, max_length=self._max_length,
+            )  # fmt: skip
             with torch.inference_mode():
                 logits = self._model(**{k: v.to(self._device) for k, v in batch.items()}).logits
             rewards.extend(float(x) for x in logits[:, 0].float().cpu())
@@ -205,7 +237,7 @@ class RemotePoolingScorer:
                 raise ScorerFailed(f"the reward model server at {self._url} does not serve '{self._model}' (yet)")
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self._tokenizer_dir)
 
-    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
         texts = [render(self._tokenizer, c) for c in conversations]
         body = {"model": self._model, "input": texts, "use_activation": False}
         try:

@@ -23,7 +23,7 @@ from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, passthrough, uses_tools
+from gateway.protocol import ChatCompletionRequest, passthrough, unknown_fields, uses_tools
 from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
@@ -115,6 +115,8 @@ class ChatService:
             raise InvalidRequest("audio output is not supported: the model is text-only", param="modalities")
         if request.web_search_options is not None:
             raise InvalidRequest("web search is not supported by this gateway", param="web_search_options")
+        if unknown := unknown_fields(request, s.vllm_fields):
+            raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
         max_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens or request.max_tokens or s.default_max_tokens
         if max_tokens > s.max_tokens_limit:
@@ -201,7 +203,7 @@ class ChatService:
         scorer = self.scorer
         assert scorer is not None
         try:
-            rewards = await scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates])
+            rewards = await scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates], background=True)
             for c, reward in zip(record.candidates, rewards, strict=True):
                 c.reward = reward
             record.rm_version = scorer.version

@@ -105,6 +105,7 @@ class ScorerSettings(BaseModel):
     threads: int = Field(default=1, ge=1, description="torch threads for the local reward model (vLLM needs the rest)")
     max_batch: int = Field(default=64, ge=1, description="most conversations scored in one forward pass")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="how long the batcher waits for more requests")
+    max_length: int | None = Field(default=None, ge=8, description="tokens read at most, the end kept; None: the model's limit")
     remote_url: str | None = Field(default=None, description="a vLLM --runner pooling server, for kind=remote")
     remote_model: str = "reward"
     version: str = "rm-base"
@@ -133,6 +134,22 @@ class Timeouts(BaseModel):
     """How long an idle connection to vLLM is kept for reuse. Below vLLM's own idle timeout
     (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s): a connection reused just as the server closes it fails
     the request ("Cannot write to closing transport"; aiohttp's default is 15 s)."""
+
+
+VLLM_FIELDS = (
+    "top_k", "min_p", "repetition_penalty", "length_penalty", "stop_token_ids", "include_stop_str_in_output",
+    "skip_special_tokens", "spaces_between_special_tokens", "bad_words", "allowed_token_ids", "structured_outputs",
+    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "echo", "documents",
+    "truncate_prompt_tokens",
+)  # fmt: skip
+"""vLLM's own request fields that change only the caller's own answer."""
+
+
+class BreakerSettings(BaseModel):
+    """Per backend (``gateway.breaker``): skip one that failed ``failures`` times in a row; probe it after ``cooldown_s``."""
+
+    failures: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=10.0, gt=0)
 
 
 class StoreSettings(BaseModel):
@@ -199,7 +216,12 @@ class GatewaySettings(YamlSettings):
     max_n_candidates: int = Field(default=16, ge=1)
     default_max_tokens: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=192, ge=1)
+    vllm_fields: list[str] = Field(default_factory=lambda: list(VLLM_FIELDS))
+    """Fields beyond OpenAI's a request may set, passed to vLLM as they are; any other unknown field is a 400. Not by
+    default: fields that schedule or budget vLLM for everyone (``priority``, ``ignore_eos``, ``min_tokens``,
+    ``request_id``, ``cache_salt``, ``kv_transfer_params``, ``vllm_xargs``, ``chat_template``...)."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     api_keys: list[ApiKey] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)

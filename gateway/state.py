@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway.auth import AdminGuard, KeyRing
+from gateway.auth import AdminGuard, KeyRing, local_caller
 from gateway.canary import CanaryGate
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
@@ -49,15 +49,19 @@ async def _state(request: Request) -> GatewayState:
 State = Annotated[GatewayState, Depends(_state)]
 
 
+def _local(request: Request) -> bool:
+    return local_caller(request.client.host if request.client else None, request.headers)
+
+
 async def _key_id(request: Request, state: State) -> str:
-    return state.keys.identify(request.headers.get("authorization"))
+    return state.keys.identify(request.headers.get("authorization"), _local(request))
 
 
 KeyId = Annotated[str, Depends(_key_id)]
 
 
 async def _admin(request: Request, state: State) -> None:
-    state.admin.check(request.headers.get("authorization"))
+    state.admin.check(request.headers.get("authorization"), _local(request))
 
 
 Admin = Depends(_admin)

@@ -4,11 +4,15 @@ Knows how to append a batch durably (one ``write`` + ``fsync`` per batch), and h
 its contents back for replay: the live file is renamed to a numbered ``.replay`` file
 first, so appends never race the replay, and a replay file is deleted only once its
 records are in the database. A crash during replay leaves the file for the next start;
-the store's idempotent writes make a second replay harmless. Thread-safe.
+the store's idempotent writes make a second replay harmless. A record the database refuses
+while it answers (a NUL character, a lone surrogate) is moved to ``quarantine.jsonl`` with
+the database's reason, for a person to look at; it never blocks the records after it.
+Thread-safe.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,6 +27,7 @@ class Spool:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._live = directory / "spool.jsonl"
+        self.quarantine_path = directory / "quarantine.jsonl"
         self._lock = threading.Lock()
         _drop_torn_tail(self._live)
         self._pending = sum(1 for p in self._files() for _ in _lines(p))
@@ -44,6 +49,27 @@ class Spool:
             finally:
                 os.close(fd)
             self._pending += len(records)
+
+    def quarantine(self, record: Record, reason: str) -> None:
+        """Keep a record the database refused (durably, with the reason), out of the replay."""
+        line = json.dumps({"reason": reason, "record": json.loads(to_json(record))}, separators=(",", ":")) + "\n"
+        with self._lock:
+            fd = os.open(self.quarantine_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def quarantined(self) -> list[tuple[str, Record]]:
+        """(the database's reason, the record) for every quarantined record, oldest first."""
+        if not self.quarantine_path.exists():
+            return []
+        out = []
+        for line in _lines(self.quarantine_path):
+            entry = json.loads(line)
+            out.append((str(entry["reason"]), from_json(json.dumps(entry["record"]))))
+        return out
 
     def replay_files(self) -> list[Path]:
         """Freeze the live file into a replay file; all replay files, oldest first."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, create_engine, delete, event, func, literal, select, tuple_
+from sqlalchemy import Engine, create_engine, delete, event, func, literal, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -29,6 +29,10 @@ class Store(Protocol):
 
     def write(self, records: Sequence[Record]) -> None:
         """All of ``records`` in one transaction, or an exception and none of them."""
+        ...
+
+    def ping(self) -> bool:
+        """Whether the database answers (a failed write was the records' fault, not the database's); never raises."""
         ...
 
     def close(self) -> None: ...
@@ -66,6 +70,14 @@ class SqlStore:
                     self._insert_ignore(conn, candidates, rows, ["completion_id", "idx"])
             if thumbs:
                 self._upsert_feedback(conn, thumbs)
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:  # whatever the driver raises, the answer is "no"
+            return False
+        return True
 
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)

@@ -7,6 +7,9 @@ the queue is full, records overflow to a spool thread that appends them to the s
 spool and the database is left alone for ``retry_s``; then the spool is replayed into it,
 oldest first. ``close`` drains the queue and the overflow (into the database, or the
 spool when the database is down); a spool left on disk is replayed at the next start.
+A batch the database refuses while it still answers holds a record it cannot take (a NUL
+character, a lone surrogate): the batch is written record by record and the refused ones
+are quarantined (``Spool.quarantine``), so one bad record never wedges the log.
 
 Threads rather than asyncio: SQLAlchemy's engine and fsync are blocking, and the writer
 must keep working while the event loop is busy serving.
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.store.records import Record
+from gateway.store.records import CompletionRecord, Record
 from gateway.store.spool import Spool
 from gateway.store.sql import Store
 
@@ -35,6 +38,7 @@ class WriterStats:
     logged: Callable[[int], None] = lambda n: None
     spooled: Callable[[int], None] = lambda n: None
     write_error: Callable[[str], None] = lambda kind: None
+    quarantined: Callable[[int], None] = lambda n: None
 
 
 class RecordWriter:
@@ -125,13 +129,43 @@ class RecordWriter:
         if not self.db_up:
             self._to_spool(batch)
             return
+        unwritten = self._store(batch)
+        if unwritten:
+            self._to_spool(unwritten)
+
+    def _store(self, records: list[Record]) -> list[Record]:
+        """Write ``records``; what is left when the database is down (to be spooled), else [].
+
+        A batch the database refuses while it answers is written record by record, and a
+        record it still refuses is quarantined."""
         try:
-            self.store.write(batch)
+            self.store.write(records)
         except Exception as exc:
-            self._db_failed(exc)
-            self._to_spool(batch)
+            if not self.store.ping():
+                self._db_failed(exc)
+                return records
         else:
-            self.stats.logged(len(batch))
+            self.stats.logged(len(records))
+            return []
+        for i, record in enumerate(records):
+            try:
+                self.store.write([record])
+            except Exception as exc:
+                if not self.store.ping():
+                    self._db_failed(exc)
+                    return records[i:]
+                self._quarantine(record, exc)
+            else:
+                self.stats.logged(1)
+        return []
+
+    def _quarantine(self, record: Record, exc: Exception) -> None:
+        reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.spool.quarantine(record, reason)
+        self.stats.quarantined(1)
+        self.stats.write_error(exc.__class__.__name__)
+        name = record.id if isinstance(record, CompletionRecord) else f"thumb on {record.completion_id}"
+        log.error("the log database refused record %s (%s); quarantined in %s", name, reason, self.spool.quarantine_path)
 
     def _replay(self) -> None:
         """Move spooled records into the database, oldest file first; stop at the first failure."""
@@ -142,14 +176,10 @@ class RecordWriter:
             return
         for path in files:
             records = list(self.spool.read(path))
-            try:
-                for i in range(0, len(records), self.batch_size):
-                    self.store.write(records[i : i + self.batch_size])
-            except Exception as exc:
-                self._db_failed(exc)
-                return
+            for i in range(0, len(records), self.batch_size):
+                if self._store(records[i : i + self.batch_size]):
+                    return  # the database is down: the file stays (writes are idempotent, a second replay is harmless)
             self.spool.done(path, len(records))
-            self.stats.logged(len(records))
             log.info("replayed %d spooled records from %s", len(records), path.name)
 
     def _db_failed(self, exc: Exception) -> None:

@@ -18,7 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
 from gateway.metrics import sample, scrape
-from gateway.settings import GatewaySettings
+from gateway.settings import VLLM_FIELDS, GatewaySettings
 from gateway.store.records import CompletionRecord
 from gateway.store.sql import SqlStore
 from gateway.vllm_process import VLLMProcess
@@ -44,6 +44,7 @@ def gateway_url(policy_vllm: str, test_models: Path, data_dir: Path) -> Iterator
         policy_version="v-test",
         n_candidates=4,
         swap={"registry_dir": data_dir / "registry"},  # type: ignore[arg-type]  # empty: the base is served
+        vllm_fields=[*VLLM_FIELDS, "ignore_eos"],  # the disconnect test's answers run to max_tokens
     )
     with running_gateway(settings) as url:
         yield url

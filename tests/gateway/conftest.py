@@ -13,6 +13,8 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.gateway.fakes import FakeGenerator, FakeScorer, FakeStore
 
+LOCAL = ("127.0.0.1", 50000)
+"""TestClient's peer address: a caller on the gateway's host (its default, ``testclient``, is no address)."""
 ANSWERS = ["Ugh. 7.", "Sure! 3 plus 4 is 7.", "7.", "The answer is 9."]
 REWARDS = {"Ugh. 7.": -1.0, "Sure! 3 plus 4 is 7.": 2.5, "7.": 1.0, "The answer is 9.": -2.0}
 
@@ -41,7 +43,7 @@ def make_client(tmp_path: Path, store: FakeStore) -> Iterator[Callable[..., Test
             scorer=scorer or FakeScorer(REWARDS),
             store=store,
         )
-        client = TestClient(app, raise_server_exceptions=False)
+        client = TestClient(app, raise_server_exceptions=False, client=LOCAL)
         client.__enter__()
         clients.append(client)
         return client

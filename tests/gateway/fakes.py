@@ -74,7 +74,7 @@ class FakeScorer:
     async def start(self) -> None:
         return None
 
-    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
         if self.fail:
             from gateway.errors import ScorerFailed
 
@@ -104,6 +104,9 @@ class FakeStore:
         with self._lock:
             self.writes += 1
             self.records.extend(records)
+
+    def ping(self) -> bool:
+        return not self.down
 
     def close(self) -> None:
         return None

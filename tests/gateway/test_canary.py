@@ -292,3 +292,17 @@ def test_without_a_token_admin_answers_on_loopback_only(make_client: Callable[..
     refused = public.get("/admin/policy", headers={"authorization": f"Bearer {CLIENT_KEY}"})
     assert refused.status_code == 403
     assert "admin_token" in refused.json()["error"]["message"]
+
+
+def test_without_a_token_admin_refuses_callers_through_a_proxy_or_from_elsewhere(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Judged by the connection, not by the loopback address the gateway listens on (a local proxy would open it)."""
+    local = admin_client(make_client, tmp_path)
+    for header in ("x-forwarded-for", "forwarded", "x-real-ip"):
+        proxied = local.get("/admin/policy", headers={header: "203.0.113.7"})
+        assert proxied.status_code == 403, header
+    remote = TestClient(local.app, client=("203.0.113.7", 40000), raise_server_exceptions=False)
+    refused = remote.post("/admin/policy/rollback")
+    assert refused.status_code == 403
+    assert "not on this gateway's host" in refused.json()["error"]["message"]

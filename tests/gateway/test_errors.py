@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from gateway.auth import digest
 from gateway.errors import BackendTimeout, BackendUnavailable
-from tests.gateway.conftest import ANSWERS
+from tests.gateway.conftest import ANSWERS, LOCAL
 from tests.gateway.fakes import FakeGenerator, FakeScorer
 
 CHAT = "/v1/chat/completions"
@@ -79,6 +80,26 @@ def test_standard_fields_from_sdks_and_chat_uis_are_accepted(client: TestClient)
         "prompt_cache_key": "k", "safety_identifier": "s", "function_call": "none",
     }  # fmt: skip
     assert client.post(CHAT, json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field", ["priority", "ignore_eos", "min_tokens", "request_id", "cache_salt", "kv_transfer_params", "chat_template", "typo"]
+)
+def test_fields_that_schedule_or_budget_vllm_are_refused_by_name(make_client: Callable[..., TestClient], field: str) -> None:
+    generator = FakeGenerator(ANSWERS)
+    client = make_client(generator=generator)
+    response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, field: 1})
+    assert_error(response, 400, param=field, code="unknown_field")
+    assert generator.calls == []
+
+
+def test_a_deployment_may_allow_more_vllm_fields(make_client: Callable[..., TestClient]) -> None:
+    generator = FakeGenerator(ANSWERS)
+    client = make_client(generator=generator, vllm_fields=["ignore_eos", "top_k"])
+    body = {"model": "toy-bon", "messages": MESSAGES, "ignore_eos": True, "top_k": 3}
+    assert client.post(CHAT, json=body).status_code == 200
+    assert {k: generator.calls[-1][0][k] for k in ("ignore_eos", "top_k")} == {"ignore_eos": True, "top_k": 3}
+    assert_error(client.post(CHAT, json={**body, "min_p": 0.1}), 400, param="min_p")  # the default list is replaced
 
 
 def test_malformed_json_and_wrong_content_type(client: TestClient) -> None:
@@ -164,7 +185,9 @@ def _real_client(backends: list[dict[str, str]], **overrides: Any) -> TestClient
     from tests.gateway.conftest import settings
 
     overrides.setdefault("store", {"enabled": False})  # these tests are about the backend, not the log
-    return TestClient(create_app(settings(backends=backends, **overrides), scorer=FakeScorer({})), raise_server_exceptions=False)
+    return TestClient(
+        create_app(settings(backends=backends, **overrides), scorer=FakeScorer({})), raise_server_exceptions=False, client=LOCAL
+    )
 
 
 def test_dead_backend_is_503() -> None:
@@ -185,3 +208,114 @@ def test_failover_to_the_next_backend_when_one_is_unreachable(hanging_backend: s
     with _real_client(backends, timeouts={"request_s": 0.5}) as client:
         # the dead one is skipped; the hanging one is reached, hence a timeout rather than 503
         assert_error(client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}), 504)
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A backend whose host drops connection attempts: a listening socket whose accept queue is full, so the kernel
+    answers no further SYN (what a dead host or a dropping firewall looks like: no refusal, just silence)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # never accepted: it only fills the queue
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield f"http://127.0.0.1:{port}"
+    for s in [*fillers, server]:
+        s.close()
+
+
+TOOL_CALL = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}
+
+
+@pytest.fixture
+def answering_backend() -> Iterator[str]:
+    """An HTTP server answering every chat request with one fixed completion; a request with ``tools`` gets what vLLM
+    answers when the model calls one (``content`` null, ``tool_calls``)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port = _closed_port()
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        message: dict[str, Any] = {"role": "assistant", "content": "7.", "reasoning_content": None, "tool_calls": []}
+        if body.get("tools"):
+            message = {**message, "content": None, "tool_calls": [TOOL_CALL]}
+        finish = "tool_calls" if body.get("tools") else "stop"
+        choices = [{"index": i, "message": message, "finish_reason": finish, "token_ids": [5]} for i in range(body.get("n", 1))]
+        usage = {"prompt_tokens": 5, "completion_tokens": len(choices), "total_tokens": 5 + len(choices)}
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": choices, "usage": usage})
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await release.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(release.set)
+    thread.join(10)
+    loop.close()
+
+
+def test_a_backend_that_drops_connections_is_failed_over_within_the_connect_timeout(
+    blackhole: str, answering_backend: str
+) -> None:
+    """Without the connect timeout the first request would wait for the whole request timeout (30 s) and get 504."""
+    backends = [{"url": blackhole, "model": "policy"}, {"url": answering_backend, "model": "policy"}]
+    overrides = {"timeouts": {"connect_s": 0.3, "request_s": 30}, "breaker": {"failures": 1, "cooldown_s": 600}}
+    with _real_client(backends, **overrides) as client:
+        first = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "n_candidates": 2})
+        assert first.status_code == 200, first.text
+        metrics = client.get("/metrics").text
+        assert f'bon_backend_circuit_open{{backend="{blackhole}"}} 1.0' in metrics  # skipped from now on
+        assert client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}).status_code == 200
+
+
+def test_when_every_backend_is_failing_requests_fail_fast_with_retry_after(hanging_backend: str) -> None:
+    """A backend that timed out (frozen vLLM): its circuit opens and the next request gets 503 at once, not a wait."""
+    overrides = {"timeouts": {"request_s": 0.5}, "breaker": {"failures": 1, "cooldown_s": 600}}
+    with _real_client([{"url": hanging_backend, "model": "policy"}], **overrides) as client:
+        assert_error(client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}), 504, code="backend_timeout")
+        response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES})
+        assert_error(response, 503, code="backend_unavailable")
+        assert "circuit open" in response.json()["error"]["message"]
+        assert 500 <= int(response.headers["retry-after"]) <= 601
+
+
+def test_a_tool_call_is_returned_as_vllm_answered_it(answering_backend: str) -> None:
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    with _real_client([{"url": answering_backend, "model": "policy"}]) as client:
+        response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "tools": tools, "n_candidates": 1})
+        assert response.status_code == 200, response.text
+        [choice] = response.json()["choices"]
+        assert choice["message"] == {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+        assert choice["finish_reason"] == "tool_calls"
+        plain = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "n_candidates": 2}).json()
+        assert plain["choices"][0]["message"] == {"role": "assistant", "content": "7."}  # vLLM's empty fields left out
+
+
+def test_a_keyless_gateway_serves_only_callers_on_its_host(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    body = {"model": "toy-bon", "messages": MESSAGES}
+    assert client.post(CHAT, json=body).status_code == 200
+    assert_error(client.post(CHAT, json=body, headers={"x-forwarded-for": "203.0.113.7"}), 401, code="invalid_api_key")
+    remote = TestClient(client.app, client=("203.0.113.7", 40000), raise_server_exceptions=False)
+    error = assert_error(remote.post(CHAT, json=body), 401, code="invalid_api_key")
+    assert "allow_keyless_public" in error["message"]
+    assert_error(remote.post("/v1/feedback", json={"completion_id": "x", "thumb": "up"}), 401)
+    public = make_client(allow_keyless_public=True)
+    assert public.post(CHAT, json=body, headers={"x-forwarded-for": "203.0.113.7"}).status_code == 200

@@ -28,7 +28,7 @@ class NamedScorer(FakeScorer):
         self.on_score = on_score
         self.closed = False
 
-    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
         if self.on_score is not None:
             self.on_score()
         return await super().score(conversations)

@@ -23,11 +23,11 @@ def test_rank_is_by_reward_then_generation_order() -> None:
 
 def test_keys_are_checked_by_digest() -> None:
     ring = KeyRing([ApiKey(id="a", sha256=digest("sk-a")), ApiKey(id="b", sha256=digest("sk-b"))])
-    assert ring.identify("Bearer sk-b") == "b"
+    assert ring.identify("Bearer sk-b", local=True) == "b"
     for header in (None, "", "Bearer ", "Token sk-a", "Bearer sk-c"):
         with pytest.raises(AuthenticationFailed):
-            ring.identify(header)
-    assert KeyRing([]).identify(None) == KEYLESS_ID
+            ring.identify(header, local=True)
+    assert KeyRing([]).identify(None, local=True) == KEYLESS_ID
 
 
 def test_keyless_gateway_refuses_a_public_address() -> None:

@@ -94,6 +94,8 @@ def exposition() -> dict[str, Sample]:
     metrics.swap_seconds.labels("lora").observe(0.2)
     metrics.swap_probe_diff.labels("http://vllm:8000").set(1e-5)
     metrics.swap_backend_failures.labels("http://vllm:8000").inc()
+    metrics.backend_circuit.labels("http://vllm:8000").set(1)
+    metrics.records_quarantined.inc()
     metrics.set_canary("v2")
     metrics.canary_decisions.labels("rollback", "gate").inc()
     for arm in ("canary", "current"):

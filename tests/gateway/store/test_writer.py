@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.store.records import FeedbackRecord, Record
+from gateway.store.records import CompletionRecord, FeedbackRecord, Record
 from gateway.store.spool import Spool
 from gateway.store.sql import SqlStore
 from gateway.store.writer import RecordWriter
@@ -30,6 +30,9 @@ class Switchable:
         if self.down:
             raise ConnectionError("database unreachable")
         self.store.write(records)
+
+    def ping(self) -> bool:
+        return not self.down and self.store.ping()
 
     def close(self) -> None:
         self.store.close()
@@ -122,3 +125,53 @@ def test_a_torn_spool_line_from_a_crash_is_cut_and_the_rest_kept(tmp_path: Path)
     reopened.append([completion(3)])
     [path] = reopened.replay_files()
     assert [r.id for r in reopened.read(path) if not isinstance(r, FeedbackRecord)] == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
+
+
+def poisoned(i: int) -> CompletionRecord:
+    """A record neither database takes: a NUL (PostgreSQL's text and JSON refuse it) and a lone surrogate in a text
+    column (not UTF-8: SQLite's driver refuses it; in a JSON column it would be written escaped)."""
+    record = completion(i)
+    record.messages = [{"role": "user", "content": "What is 1\x00 plus 1?"}]
+    record.candidates[0].text = "2\x00\ud800"
+    return record
+
+
+def test_one_poisoned_record_is_quarantined_and_the_rest_are_written(sql_store: SqlStore, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    quarantined: list[int] = []
+    writer = RecordWriter(sql_store, spool, flush_interval_s=0.05)
+    writer.stats.quarantined = quarantined.append
+    writer.start()
+    for record in (completion(1), poisoned(2), completion(3), FeedbackRecord("chatcmpl-1", "team-a", "up", "ok\x00", 1.0)):
+        writer.submit(record)
+    wait_until(lambda: sql_store.counts().completions == 2, message="the good records of the batch were not written")
+    writer.submit(completion(4))  # the log is not wedged
+    wait_until(lambda: sql_store.counts().completions == 3, message="the log stopped after a poisoned record")
+    writer.close()
+    assert sorted(sql_store.completion_ids()) == ["chatcmpl-1", "chatcmpl-3", "chatcmpl-4"]
+    assert spool.pending == 0
+    refused = [record for _, record in spool.quarantined()]
+    assert [r.id for r in refused if isinstance(r, CompletionRecord)] == ["chatcmpl-2"]
+    first = refused[0]
+    assert isinstance(first, CompletionRecord)
+    assert (first.messages, first.candidates[0].text) == (poisoned(2).messages, "2\x00\ud800")  # kept whole, for a person
+    assert sum(quarantined) == len(refused)
+    if sql_store.engine.dialect.name == "postgresql":  # SQLite takes a NUL in text: only PostgreSQL refuses the thumb
+        assert (len(refused), sql_store.counts().feedback) == (2, 0)
+    else:
+        assert (len(refused), sql_store.counts().feedback) == (1, 1)
+
+
+def test_a_poisoned_record_in_the_spool_does_not_stop_the_replay(sql_store: SqlStore, tmp_path: Path) -> None:
+    db = Switchable(sql_store)
+    db.down = True
+    writer = RecordWriter(db, Spool(tmp_path / "spool"), flush_interval_s=0.01, retry_s=0.05)
+    writer.start()
+    for record in (completion(1), poisoned(2), completion(3)):
+        writer.submit(record)
+    wait_until(lambda: writer.spool.pending == 3, message="the records were not spooled")
+    db.down = False
+    wait_until(lambda: writer.spool.pending == 0, message="the replay stopped at the poisoned record")
+    writer.close()
+    assert sorted(sql_store.completion_ids()) == ["chatcmpl-1", "chatcmpl-3"]
+    assert [r.id for _, r in writer.spool.quarantined() if isinstance(r, CompletionRecord)] == ["chatcmpl-2"]
