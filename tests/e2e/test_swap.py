@@ -11,7 +11,6 @@ version, and what vLLM serves under the new name reproduces the trainer's probe 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.metrics import sample
+from gateway.metrics import sample, scrape
 from gateway.settings import GatewaySettings
 from gateway.store.sql import SqlStore
 from tests.e2e.conftest import running_gateway
@@ -201,8 +200,7 @@ def _switched_once(seen: list[tuple[int, str]], old: str, new: str) -> None:
 
 
 def _probed_backends(url: str) -> set[str]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return set(re.findall(r'^bon_swap_probe_diff_nats\{backend="([^"]+)"\}', text, flags=re.MULTILINE))
+    return {s.labels["backend"] for s in scrape(url) if s.name == "bon_swap_probe_diff_nats"}
 
 
 def _models(vllm: str) -> set[str]:
