@@ -23,8 +23,10 @@ from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.settings import ApiKey, is_loopback
 
 KEYLESS_ID = "anonymous"
-PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-"""Set by proxies (nginx, Envoy, ingress controllers) on what they forward: such a request is not a local caller's."""
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "via")
+"""Set by proxies (nginx with its usual ``proxy_set_header``, Envoy, ingress controllers) on what they forward: such
+a request is not a local caller's. A same-host proxy or tunnel that adds none of them (a bare ``proxy_pass``, an SSH
+port forward) makes everyone it forwards local: give such a deployment API keys and an admin token."""
 
 
 def local_caller(peer: str | None, headers: Mapping[str, str]) -> bool:

@@ -33,6 +33,11 @@ class InvalidRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     default_code = "unsupported_media_type"
@@ -111,6 +116,34 @@ class ScorerFailed(GatewayError):
     status = 500
     type = "server_error"
     default_code = "reward_model_error"
+
+
+class ScorerUnavailable(GatewayError):
+    """The reward model failed or missed its deadline, and ``scorer.on_failure`` is ``fail_closed``."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "reward_model_unavailable"
+
+
+class Overloaded(GatewayError):
+    """Too many requests in flight: refused at once (cheap for the SDKs' retries), with Retry-After."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.headers["retry-after"] = str(max(1, round(retry_after_s + 0.5)))
+
+
+class StreamTooLong(GatewayError):
+    """A relayed stream ran past ``limits.max_stream_s`` (sent as the stream's last event: the status was 200)."""
+
+    status = 408
+    type = "timeout"
+    default_code = "stream_too_long"
 
 
 class NotReady(GatewayError):

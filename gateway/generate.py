@@ -17,7 +17,7 @@ proxy on aiohttp 6.5 ms (the design notes in ``shared/DESIGN.md`` beside the rep
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,8 +66,8 @@ class Generator(Protocol):
 
     async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation: ...
 
-    def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-        """Relay a streaming (N=1) request: yields each SSE ``data:`` payload as raw bytes."""
+    def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
+        """Relay a streaming (N=1) request: yields each SSE ``data:`` payload as raw bytes (close it to let go)."""
         ...
 
     async def ready(self) -> bool: ...
@@ -90,8 +90,11 @@ class VLLMGenerator:
         self._backends = list(backends)
         self._in_flight: dict[str, int] = {}
         """Backend URL → requests in flight (routed backends may be ones the config does not list: blue-green)."""
-        # a per-request timeout replaces the session's: the connect timeout is set here again
+        # a per-request timeout replaces the session's: the connect timeout is set here again. A relayed stream is
+        # bounded between chunks (its length is ``limits.max_stream_s``'s), a buffered request as a whole
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s)
+        self._request_timeout_s = request_timeout_s
         self.breakers = breakers or Breakers(failures=3, cooldown_s=10.0)
 
     def _order(self, models: dict[str, str] | None) -> list[tuple[str, str]]:
@@ -101,7 +104,7 @@ class VLLMGenerator:
 
     @asynccontextmanager
     async def _post(
-        self, payload: Callable[[str], dict[str, Any]], models: dict[str, str] | None
+        self, payload: Callable[[str], dict[str, Any]], models: dict[str, str] | None, timeout: aiohttp.ClientTimeout
     ) -> AsyncIterator[tuple[str, aiohttp.ClientResponse]]:
         """POST a chat request to the first reachable backend; yields it and its 200 response.
 
@@ -117,7 +120,7 @@ class VLLMGenerator:
             healthy: bool | None = None  # what the outcome says about the backend (None: nothing)
             try:
                 try:
-                    response = await self._session.post(f"{url}/v1/chat/completions", json=payload(model), timeout=self._timeout)
+                    response = await self._session.post(f"{url}/v1/chat/completions", json=payload(model), timeout=timeout)
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     healthy, last_error = False, exc
                     continue
@@ -125,12 +128,12 @@ class VLLMGenerator:
                     if response.status != 200:
                         healthy = None if response.status in (429, 503) else response.status < 500
                         await _json_or_raise(response)
+                    self.breakers.succeeded(url)  # it answers: a probe's verdict does not wait for the whole answer
                     yield url, response
-                healthy = True
                 return
             except TimeoutError:
                 healthy = False
-                raise BackendTimeout(f"the model backend did not answer within {self._timeout.total:.0f} s") from None
+                raise BackendTimeout(f"the model backend did not answer within {self._request_timeout_s:.0f} s") from None
             except aiohttp.ClientError as exc:
                 healthy = False
                 raise BackendFailed(f"the model backend failed: {exc.__class__.__name__}") from None
@@ -157,12 +160,13 @@ class VLLMGenerator:
         def payload(model: str) -> dict[str, Any]:
             return {**body, "model": model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
 
-        async with self._post(payload, models) as (url, response):
+        async with self._post(payload, models, self._timeout) as (url, response):
             return _generation(await _json_or_raise(response), url)
         raise AssertionError("unreachable: _post yields or raises")
 
-    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-        async with self._post(lambda model: {**body, "model": model, "n": 1, "stream": True}, models) as (_, response):
+    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
+        payload: Callable[[str], dict[str, Any]] = lambda model: {**body, "model": model, "n": 1, "stream": True}  # noqa: E731
+        async with self._post(payload, models, self._stream_timeout) as (_, response):
             async for line in response.content:
                 if line.startswith(b"data: "):
                     yield line[6:].rstrip(b"\r\n")

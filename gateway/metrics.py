@@ -109,6 +109,9 @@ class Metrics:
             f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
         )
 
+        self.degraded = Counter(
+            f"{p}degraded", "Answers served without best-of-N (scorer.on_failure fail_open) by reason", ["reason"], registry=r
+        )
         self.backend_circuit = Gauge(
             f"{p}backend_circuit_open", "1 while a model backend's circuit is open (skipped)", ["backend"], registry=r
         )

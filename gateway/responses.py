@@ -50,6 +50,8 @@ def completion(plan: Plan, outcome: Outcome, model_alias: str) -> dict[str, Any]
     body["usage"] = usage(outcome.generation)
     if plan.request.return_candidates:
         body["candidates"] = candidates(outcome)
+        if outcome.degraded:
+            body["degraded"] = outcome.degraded  # why the candidates carry no rewards
     return body
 
 

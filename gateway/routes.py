@@ -11,10 +11,11 @@ OpenAI error JSON by the app's one handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any, Literal, TypeVar
 
@@ -25,7 +26,18 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import responses
 from gateway.canary import GateBusy, NoCanary
-from gateway.errors import CompletionNotFound, Conflict, GatewayError, InvalidRequest, NotReady, RateLimited, UnsupportedMediaType
+from gateway.errors import (
+    CompletionNotFound,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    StreamTooLong,
+    UnsupportedMediaType,
+)
 from gateway.protocol import AdminAction, ChatCompletionRequest, FeedbackRequest
 from gateway.service import Plan
 from gateway.state import Admin, GatewayState, KeyId, State
@@ -48,32 +60,13 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
     headers = {"x-request-id": request_id, "x-policy-version": state.settings.policy_version}
     plan: Plan | None = None
     status = 500
-    state.metrics.in_flight.inc()
-    try:
-        plan = state.service.plan(await _parse(request, ChatCompletionRequest), key_id)
-        headers["x-policy-version"] = plan.policy_version
-        if plan.streaming and plan.n_candidates == 1:
-            relay = state.service.relay(plan)
-            first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
-            status = 200
-            return StreamingResponse(responses.sse([first], relay), media_type="text/event-stream", headers=headers)
-        outcome = await _unless_disconnected(request, state.service.run(plan))  # logged by the service
-        status = 200
-        alias = state.settings.model_alias
-        if plan.streaming:
-            return StreamingResponse(
-                responses.sse(responses.chunks(plan, outcome, alias)), media_type="text/event-stream", headers=headers
-            )
-        return JSONResponse(responses.completion(plan, outcome, alias), headers=headers)
-    except GatewayError as exc:
-        status = exc.status
-        exc.headers.update(headers)
-        raise
-    except ClientDisconnected:
-        status = 499
-        return Response(status_code=499)
-    finally:
-        state.metrics.in_flight.dec()
+    admitted = False
+
+    def finish() -> None:
+        """The request is over (for a stream: its last byte, or its client left): count and log it."""
+        if admitted:
+            state.in_flight -= 1
+            state.metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         state.metrics.requests.labels(str(status)).inc()
         stream = "true" if plan is not None and plan.streaming else "false"
@@ -91,11 +84,71 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
             **({"messages": [m.model_dump() for m in plan.request.messages]} if plan and state.settings.log_prompts else {}),
         )
 
+    streaming: AsyncIterator[bytes] | None = None
+    try:
+        cap = state.settings.limits.max_in_flight
+        if cap and state.in_flight >= cap:
+            raise Overloaded(f"the gateway is at its limit of {cap} requests in flight; retry shortly")
+        admitted = True
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        plan = state.service.plan(await _parse(request, ChatCompletionRequest, state.settings.limits.max_body_bytes), key_id)
+        headers["x-policy-version"] = plan.policy_version
+        if plan.streaming and plan.n_candidates == 1:
+            relay = state.service.relay(plan)
+            first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
+            status = 200
+            tail = _until(relay, state.settings.limits.max_stream_s)
+            streaming = responses.sse([first], tail)
+        else:
+            outcome = await _unless_disconnected(request, state.service.run(plan))  # logged by the service
+            status = 200
+            if outcome.degraded:
+                headers["x-bon-degraded"] = outcome.degraded
+            alias = state.settings.model_alias
+            if not plan.streaming:
+                return JSONResponse(responses.completion(plan, outcome, alias), headers=headers)
+            streaming = responses.sse(responses.chunks(plan, outcome, alias))
+        return StreamingResponse(_then(streaming, finish), media_type="text/event-stream", headers=headers)
+    except GatewayError as exc:
+        status = exc.status
+        exc.headers.update(headers)
+        raise
+    except ClientDisconnected:
+        status = 499
+        return Response(status_code=499)
+    finally:
+        if streaming is None:
+            finish()
+
+
+async def _then(body: AsyncIterator[bytes], finish: Callable[[], None]) -> AsyncIterator[bytes]:
+    """``body``, then ``finish()`` once it is over, however it ends (done, failed, or its client left)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        finish()
+
+
+async def _until(relay: AsyncGenerator[bytes, None], limit_s: float) -> AsyncIterator[bytes]:
+    """A relayed stream's payloads for ``limit_s`` (``limits.max_stream_s``); then an error event, the end, and vLLM's
+    request closed. Checked per payload, no timer per token: a stream that stalls is ended by ``timeouts.request_s``."""
+    deadline = time.monotonic() + limit_s
+    async with contextlib.aclosing(relay):
+        async for payload in relay:
+            if time.monotonic() > deadline:
+                error = StreamTooLong(f"the stream ran past this gateway's limit of {limit_s:.0f} s and was ended")
+                yield json.dumps(error.body()).encode()
+                yield b"[DONE]"
+                return
+            yield payload
+
 
 @router.post("/v1/feedback")
 async def feedback(request: Request, state: State, key_id: KeyId) -> dict[str, Any]:
     """A thumb on one of the caller's own completions; a repeat replaces the previous one."""
-    body = await _parse(request, FeedbackRequest)
+    body = await _parse(request, FeedbackRequest, state.settings.limits.max_body_bytes)
     if not state.service.ids.owned_by(body.completion_id, key_id):
         raise CompletionNotFound(f"no completion '{body.completion_id}' for this API key", param="completion_id")
     if len(body.comment or "") > state.settings.feedback.max_comment_chars:
@@ -165,7 +218,8 @@ async def metrics(state: State) -> Response:
 async def _decide_by_hand(request: Request, state: GatewayState, action: Literal["promote", "rollback"]) -> dict[str, Any]:
     if state.gate is None:
         raise Conflict("hot-swap is disabled on this gateway (swap.enabled: false): there are no versions to move")
-    body = await _parse(request, AdminAction) if await request.body() else AdminAction()
+    raw = await _read(request, state.settings.limits.max_body_bytes)
+    body = _validate(request, raw, AdminAction) if raw else AdminAction()
     try:
         look = await asyncio.to_thread(state.gate.decide_by_hand, action, body.reason or f"{action} by hand")
     except NoCanary as exc:
@@ -175,11 +229,27 @@ async def _decide_by_hand(request: Request, state: GatewayState, action: Literal
     return {"object": "policy_decision", **asdict(look)}
 
 
-async def _parse(request: Request, model: type[M]) -> M:
+async def _parse(request: Request, model: type[M], limit: int) -> M:
+    return _validate(request, await _read(request, limit), model)
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    """The body, refused (413) from its Content-Length, or as soon as more than ``limit`` bytes arrived."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; this gateway takes at most {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is over this gateway's limit of {limit} bytes")
+    return bytes(body)
+
+
+def _validate(request: Request, raw: bytes, model: type[M]) -> M:
     content_type = request.headers.get("content-type", "")
     if "application/json" not in content_type.lower():
         raise UnsupportedMediaType(f"expected Content-Type application/json, got {content_type or 'none'!r}")
-    raw = await request.body()
     try:
         data = json.loads(raw)
     except ValueError as exc:

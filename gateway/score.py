@@ -62,14 +62,18 @@ def render(tokenizer: Any, conversation: Conversation) -> str:
 
 @dataclass(order=True)
 class _Job:
-    background: bool
+    due: float
+    """When it arrived; a background job as if it arrived ``BACKGROUND_DELAY_S`` later (so it never starves)."""
     seq: int
+    background: bool = field(compare=False)
     conversations: Sequence[Conversation] = field(compare=False)
     future: asyncio.Future[list[float]] = field(compare=False)
 
 
 BACKGROUND_BATCH = 8
 """Most conversations in a background batch: a live request arriving meanwhile waits for at most that."""
+BACKGROUND_DELAY_S = 2.0
+"""A background job goes after live jobs that arrive up to this much later, before those that arrive after."""
 
 
 class LocalRewardModel:
@@ -129,13 +133,14 @@ class LocalRewardModel:
         if self._batcher is None or self._batcher.done():
             raise ScorerFailed("the reward model is not running")
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(background, next(self._jobs), conversations, future))
+        due = asyncio.get_running_loop().time() + (BACKGROUND_DELAY_S if background else 0.0)
+        await self._queue.put(_Job(due, next(self._jobs), background, conversations, future))
         return await future
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]  # live jobs first (the queue orders by background, then arrival)
+            jobs = [await self._queue.get()]  # by arrival, background jobs as if later (``BACKGROUND_DELAY_S``)
             background = jobs[0].background
             limit = BACKGROUND_BATCH if background else self._max_batch
             size = len(jobs[0].conversations)
@@ -146,14 +151,21 @@ class LocalRewardModel:
                     job = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
-                if job.background and not background:
-                    self._queue.put_nowait(job)  # never in a live batch
+                if job.background != background:
+                    self._queue.put_nowait(job)  # a batch is all live or all background
                     break
                 jobs.append(job)
                 size += len(job.conversations)
             live = [job for job in jobs if not job.future.done()]  # a cancelled request needs no score
-            if live:
+            if not live:
+                continue
+            try:
                 await self._score_jobs(live)
+            except asyncio.CancelledError:  # closed mid-pass: its requests fail, never hang
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(ScorerFailed(f"the reward model {self.version} was closed"))
+                raise
 
     async def _score_jobs(self, jobs: list[_Job]) -> None:
         """One forward pass for all ``jobs``; if it fails, one per job, so that only the job at fault fails."""
@@ -193,10 +205,15 @@ class LocalRewardModel:
         return self._model is not None and self._batcher is not None and not self._batcher.done()
 
     async def close(self) -> None:
+        """Stop; requests still waiting (background scoring when this version is swapped out) fail, never hang."""
         if self._batcher is not None:
             self._batcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ScorerFailed(f"the reward model {self.version} was closed"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

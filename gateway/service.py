@@ -15,11 +15,11 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.errors import InvalidRequest, ModelNotFound, ScorerFailed, ScorerUnavailable
 from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
@@ -27,7 +27,7 @@ from gateway.protocol import ChatCompletionRequest, passthrough, unknown_fields,
 from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, LimitSettings
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
 
 log = logging.getLogger("gateway.service")
@@ -75,6 +75,11 @@ class Outcome:
     chosen: list[int]
     rm_version: str | None = None
     """The reward model that gave ``rewards`` (the scorer may be swapped while a request runs)."""
+    degraded: str | None = None
+    """Why the answer is not best-of-N (``scorer_failed``, ``scorer_timeout``: ``scorer.on_failure`` fail_open)."""
+    cancelled: bool = False
+    """Not completed (the client left, or its stream broke off): logged with what was generated so far (maybe
+    nothing), never trained on."""
 
 
 def sticky_key(request: ChatCompletionRequest, key_id: str) -> str:
@@ -123,12 +128,18 @@ class ChatService:
             raise InvalidRequest(
                 f"{max_param} {max_tokens} exceeds this gateway's limit of {s.max_tokens_limit}", param=max_param
             )
+        _within_limits(request, s.limits)
         n_return = request.n or 1
         default_n = s.n_candidates if s.scoring_enabled else 1
         n_candidates = max(request.n_candidates or default_n, n_return)
         param = "n_candidates" if request.n_candidates is not None and request.n_candidates >= n_return else "n"
         if n_candidates > s.max_n_candidates:
             raise InvalidRequest(f"{param} {n_candidates} exceeds the maximum of {s.max_n_candidates} candidates", param=param)
+        if n_candidates * max_tokens > s.limits.max_candidate_tokens:
+            raise InvalidRequest(
+                f"{param} {n_candidates} x max_tokens {max_tokens} = {n_candidates * max_tokens} tokens exceeds this gateway's "
+                f"budget of {s.limits.max_candidate_tokens} per request", param=param, code="budget_exceeded",
+            )  # fmt: skip
         if n_candidates > 1 and not s.scoring_enabled:
             raise InvalidRequest("scoring is disabled on this gateway, so it generates one candidate (n=1)", param=param)
         tool_field = uses_tools(request)
@@ -146,19 +157,30 @@ class ChatService:
 
     # ---- generate → score → select → log ----
     async def run(self, plan: Plan) -> Outcome:
-        """The answer for a buffered request (JSON, or N>1 streamed after scoring); its record goes to the log here."""
+        """The answer for a buffered request (JSON, or N>1 streamed after scoring); its record goes to the log here,
+        also when the request is cancelled (its client left: marked so)."""
+        generated: list[Generation] = []
+        try:
+            return await self._run(plan, generated)
+        except asyncio.CancelledError:
+            generation = generated[0] if generated else Generation([], 0, 0, backend="")
+            self.log(plan, Outcome(generation, None, [], cancelled=True))
+            raise
+
+    async def _run(self, plan: Plan, generated: list[Generation]) -> Outcome:
         started = time.perf_counter()
         generation = await self.generator.generate(plan.body, plan.n_candidates, plan.models)
+        generated.append(generation)
         plan.timings["generate"] = time.perf_counter() - started
         self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
         self.metrics.candidates.observe(len(generation.candidates))
 
         rewards: list[float] | None = None
+        degraded: str | None = None
         scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
         if scorer is not None and (len(generation.candidates) > 1 or plan.request.return_candidates):
             started = time.perf_counter()
-            messages = _messages(plan)
-            rewards = await scorer.score([Conversation(messages, c.text) for c in generation.candidates])
+            rewards, degraded = await self._score(scorer, plan, generation)
             plan.timings["score"] = time.perf_counter() - started
             self.metrics.stage_latency.labels("score").observe(plan.timings["score"])
 
@@ -169,9 +191,29 @@ class ChatService:
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
-        outcome = Outcome(generation, rewards, chosen, scorer.version if scorer is not None and rewards is not None else None)
+        rm_version = scorer.version if scorer is not None and rewards is not None else None
+        outcome = Outcome(generation, rewards, chosen, rm_version, degraded)
         self.log(plan, outcome)
         return outcome
+
+    async def _score(self, scorer: Scorer, plan: Plan, generation: Generation) -> tuple[list[float] | None, str | None]:
+        """The candidates' rewards within ``scorer.deadline_ms``; on failure, per ``scorer.on_failure``: 503, or
+        (None, why) and the answer goes out unranked."""
+        s = self.settings.scorer
+        messages = _messages(plan)
+        try:
+            rewards = await asyncio.wait_for(
+                scorer.score([Conversation(messages, c.text) for c in generation.candidates]), s.deadline_ms / 1000
+            )
+            return rewards, None
+        except (ScorerFailed, TimeoutError) as exc:
+            reason = "scorer_timeout" if isinstance(exc, TimeoutError) else "scorer_failed"
+            what = f"missed its {s.deadline_ms:.0f} ms deadline" if reason == "scorer_timeout" else f"failed ({exc})"
+            if s.on_failure == "fail_closed":
+                raise ScorerUnavailable(f"the reward model {what}; retry shortly") from None
+            self.metrics.degraded.labels(reason).inc()
+            log.warning("reward model %s: %s answered unranked (scorer.on_failure fail_open)", what, plan.completion_id)
+            return None, reason
 
     def _observe_rewards(self, rewards: list[float], chosen: int, version: str) -> None:
         self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
@@ -190,7 +232,7 @@ class ChatService:
             return  # `store: false`: served, counted in metrics, not kept for training
         started = time.perf_counter()
         record = self._record(plan, outcome)
-        if outcome.rewards is None and self.scorer is not None and self.settings.store.score_unscored:
+        if outcome.rewards is None and self.scorer is not None and self.settings.store.score_unscored and not outcome.cancelled:
             task = asyncio.create_task(self._score_then_submit(plan, record))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -234,6 +276,7 @@ class ChatService:
                 _candidate_record(c, rewards[k] if rewards is not None else None, k in outcome.chosen)
                 for k, c in enumerate(outcome.generation.candidates)
             ],
+            status="cancelled" if outcome.cancelled else "ok",
         )
 
     def _remember(self, completion_id: str, version: str) -> None:
@@ -249,7 +292,7 @@ class ChatService:
         if self.sink is not None:
             self.sink.submit(record)
 
-    async def relay(self, plan: Plan) -> AsyncIterator[bytes]:
+    async def relay(self, plan: Plan) -> AsyncGenerator[bytes, None]:
         """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint.
         The answer is collected on the way (text, token ids, usage) and logged once it is complete."""
         started = time.perf_counter()
@@ -262,7 +305,7 @@ class ChatService:
         answer = Candidate(index=0, text="", finish_reason=None)
         texts: list[str] = []
         usage: dict[str, Any] = {}
-        complete = False
+        complete = left = False
         try:
             async for payload in stream:
                 if first:
@@ -287,17 +330,23 @@ class ChatService:
                             chunk["usage"] = None
                     chunk.update(id=plan.completion_id, model=self.settings.model_alias, system_fingerprint=plan.policy_version)
                 yield json.dumps(chunk, separators=(",", ":")).encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            left = True  # the client left (or the stream was cut at its time limit)
+            raise
         finally:
+            await stream.aclose()  # now, not when collected: closing it closes vLLM's request
             plan.timings["generate"] = time.perf_counter() - started
             self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
             self.metrics.candidates.observe(1)
+            answer.text = "".join(texts)
+            generation = Generation(
+                [answer], int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend=""
+            )
             if complete:
-                answer.text = "".join(texts)
                 self.metrics.chosen_length.observe(answer.token_count)
-                generation = Generation(
-                    [answer], int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend=""
-                )
                 self.log(plan, Outcome(generation, None, [0]))
+            elif left or not first:  # cut short (a backend failure before the first byte was no answer at all)
+                self.log(plan, Outcome(generation, None, [], cancelled=True))
 
 
 def _messages(plan: Plan) -> list[dict[str, Any]]:
@@ -317,3 +366,26 @@ def _candidate_record(c: Candidate, reward: float | None, chosen: bool) -> Candi
         logprob_mean=total / len(logprobs) if total is not None else None,
         chosen=chosen,
     )
+
+
+def _within_limits(request: ChatCompletionRequest, limits: LimitSettings) -> None:
+    """Messages within ``limits``: how many, and the characters of text in each and in all; a 400 naming the field."""
+    if len(request.messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"{len(request.messages)} messages; this gateway takes at most {limits.max_messages}", param="messages",
+            code="too_many_messages",
+        )  # fmt: skip
+    total = 0
+    for i, message in enumerate(request.messages):
+        chars = len(message.text())
+        if chars > limits.max_message_chars:
+            raise InvalidRequest(
+                f"message {i} has {chars} characters; this gateway takes at most {limits.max_message_chars} per message",
+                param=f"messages.{i}.content", code="message_too_long",
+            )  # fmt: skip
+        total += chars
+    if total > limits.max_total_chars:
+        raise InvalidRequest(
+            f"the messages have {total} characters; this gateway takes at most {limits.max_total_chars}", param="messages",
+            code="messages_too_long",
+        )  # fmt: skip

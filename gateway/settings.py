@@ -109,6 +109,10 @@ class ScorerSettings(BaseModel):
     remote_url: str | None = Field(default=None, description="a vLLM --runner pooling server, for kind=remote")
     remote_model: str = "reward"
     version: str = "rm-base"
+    on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """The reward model failed or missed ``deadline_ms``: 503 (closed), or the first candidates unranked, tagged
+    ``x-bon-degraded`` and counted (open)."""
+    deadline_ms: float = Field(default=10_000, gt=0, description="longest wait for a request's rewards")
 
 
 class ApiKey(BaseModel):
@@ -143,6 +147,18 @@ VLLM_FIELDS = (
     "truncate_prompt_tokens",
 )  # fmt: skip
 """vLLM's own request fields that change only the caller's own answer."""
+
+
+class LimitSettings(BaseModel):
+    """What one request may ask (each over-limit request is a 4xx naming the field) and how many run at once."""
+
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="413 from Content-Length, or while reading")
+    max_messages: int = Field(default=256, ge=1)
+    max_message_chars: int = Field(default=100_000, ge=1, description="characters of text in one message")
+    max_total_chars: int = Field(default=400_000, ge=1, description="characters of text in all messages")
+    max_candidate_tokens: int = Field(default=2048, ge=1, description="n_candidates x max_tokens: what one request may cost")
+    max_stream_s: float = Field(default=300.0, gt=0, description="a relayed stream is ended (with an error event) after this")
+    max_in_flight: int = Field(default=256, ge=0, description="chat requests at once; beyond: 503 at once. 0: no cap")
 
 
 class BreakerSettings(BaseModel):
@@ -222,6 +238,7 @@ class GatewaySettings(YamlSettings):
     ``request_id``, ``cache_salt``, ``kv_transfer_params``, ``vllm_xargs``, ``chat_template``...)."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     api_keys: list[ApiKey] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)

@@ -69,9 +69,11 @@ def window(
     rm_version: str | None = None,
     keep_thumbed: bool = True,
 ) -> Iterator[tuple[CompletionRecord, FeedbackRecord | None]]:
-    """The window's completions; with ``keep_thumbed``, a thumbed one is kept whatever its reward model
-    (its pair comes from the thumb, not from those scores)."""
+    """The window's completed completions (a cancelled one is never trained on); with ``keep_thumbed``, a thumbed
+    one is kept whatever its reward model (its pair comes from the thumb, not from those scores)."""
     for record, thumb in store.read_labelled(since, until):
+        if record.status != "ok":
+            continue
         if policy_version is not None and record.policy_version != policy_version:
             continue
         if rm_version is not None and record.rm_version != rm_version and not (keep_thumbed and thumb is not None):

@@ -46,6 +46,8 @@ class CompletionRecord:
     completion_tokens: int
     timings_ms: dict[str, float]
     candidates: list[CandidateRecord] = field(default_factory=list)
+    status: Literal["ok", "cancelled"] = "ok"
+    """``cancelled``: not completed, the client left or its stream broke off (what was generated so far, if anything)."""
     kind: Literal["completion"] = "completion"
 
 

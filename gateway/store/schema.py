@@ -27,6 +27,7 @@ completions = Table(
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("timings_ms", Json, nullable=False),
+    Column("status", String(16), nullable=False, server_default="ok", comment="ok, or cancelled: the client left"),
     Index("ix_completions_created", "created"),
     Index("ix_completions_policy_rm", "policy_version", "rm_version", "created"),
 )

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, create_engine, delete, event, func, literal, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
 from gateway.gate import ArmTotals
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
@@ -32,7 +33,12 @@ class Store(Protocol):
         ...
 
     def ping(self) -> bool:
-        """Whether the database answers (a failed write was the records' fault, not the database's); never raises."""
+        """Whether the database answers; never raises."""
+        ...
+
+    def refused(self, exc: Exception) -> bool:
+        """Whether a failed write's error is about the records' content (a character, a constraint), not about the
+        database's state (down, read-only, full, a deadlock): only such records are ever quarantined."""
         ...
 
     def close(self) -> None: ...
@@ -78,6 +84,10 @@ class SqlStore:
         except Exception:  # whatever the driver raises, the answer is "no"
             return False
         return True
+
+    def refused(self, exc: Exception) -> bool:
+        orig = exc.orig if isinstance(exc, StatementError) else None
+        return isinstance(exc, DataError | IntegrityError | UnicodeError) or isinstance(orig, UnicodeError | ValueError)
 
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
@@ -244,6 +254,7 @@ def _completion_row(r: CompletionRecord) -> dict[str, Any]:
         "id": r.id, "created": r.created, "key_id": r.key_id, "messages": r.messages, "params": r.params,
         "policy_version": r.policy_version, "rm_version": r.rm_version, "n_candidates": r.n_candidates,
         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "timings_ms": r.timings_ms,
+        "status": r.status,
     }  # fmt: skip
 
 
@@ -264,7 +275,7 @@ def _completion_record(row: Any, cands: list[CandidateRecord]) -> CompletionReco
         id=row["id"], created=row["created"], key_id=row["key_id"], messages=row["messages"], params=row["params"],
         policy_version=row["policy_version"], rm_version=row["rm_version"], n_candidates=row["n_candidates"],
         prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"], timings_ms=row["timings_ms"],
-        candidates=cands,
+        candidates=cands, status=row["status"],
     )  # fmt: skip
 
 

@@ -7,9 +7,11 @@ the queue is full, records overflow to a spool thread that appends them to the s
 spool and the database is left alone for ``retry_s``; then the spool is replayed into it,
 oldest first. ``close`` drains the queue and the overflow (into the database, or the
 spool when the database is down); a spool left on disk is replayed at the next start.
-A batch the database refuses while it still answers holds a record it cannot take (a NUL
-character, a lone surrogate): the batch is written record by record and the refused ones
-are quarantined (``Spool.quarantine``), so one bad record never wedges the log.
+A batch the database refuses for its content while it still answers holds a record it
+cannot take (a NUL character, a lone surrogate, a violated constraint): the batch is written
+record by record and the refused ones are quarantined (``Spool.quarantine``), so one bad
+record never wedges the log. Any other failure (down, read-only, full, a deadlock) spools
+the records for a later replay, never quarantines them.
 
 Threads rather than asyncio: SQLAlchemy's engine and fsync are blocking, and the writer
 must keep working while the event loop is busy serving.
@@ -141,7 +143,7 @@ class RecordWriter:
         try:
             self.store.write(records)
         except Exception as exc:
-            if not self.store.ping():
+            if not self._refused(exc):
                 self._db_failed(exc)
                 return records
         else:
@@ -151,13 +153,17 @@ class RecordWriter:
             try:
                 self.store.write([record])
             except Exception as exc:
-                if not self.store.ping():
+                if not self._refused(exc):
                     self._db_failed(exc)
                     return records[i:]
                 self._quarantine(record, exc)
             else:
                 self.stats.logged(1)
         return []
+
+    def _refused(self, exc: Exception) -> bool:
+        """The records' fault (their content), and the database answers: not a reason to spool and retry."""
+        return self.store.refused(exc) and self.store.ping()
 
     def _quarantine(self, record: Record, exc: Exception) -> None:
         reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

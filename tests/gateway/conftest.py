@@ -34,7 +34,15 @@ def make_client(tmp_path: Path, store: FakeStore) -> Iterator[Callable[..., Test
     """Clients on fakes; the log goes to the ``store`` fixture (data dir under ``tmp_path``)."""
     clients: list[TestClient] = []
 
-    def make(generator: FakeGenerator | None = None, scorer: FakeScorer | None = None, **overrides: Any) -> TestClient:
+    def make(
+        generator: FakeGenerator | None = None,
+        scorer: FakeScorer | None = None,
+        scorer_settings: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> TestClient:
+        """``scorer``: the fake reward model; ``scorer_settings``: the settings' ``scorer`` section."""
+        if scorer_settings is not None:
+            overrides["scorer"] = scorer_settings
         overrides.setdefault("store", {})
         overrides["store"] = {"data_dir": str(tmp_path / "data"), "flush_interval_ms": 5, **overrides["store"]}
         app = create_app(

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -41,7 +41,7 @@ class FakeGenerator:
         ]
         return Generation(candidates, prompt_tokens=5, completion_tokens=sum(c.token_count for c in candidates), backend="fake")
 
-    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         self.calls.append((body, 1))
         if self.error is not None:
             raise self.error
@@ -62,13 +62,14 @@ class FakeGenerator:
 
 
 class FakeScorer:
-    """Reward = ``rewards[text]`` (default 0); can be told to fail."""
+    """Reward = ``rewards[text]`` (default 0); can be told to fail, or to take ``delay_s``."""
 
     version = "rm-fake"
 
-    def __init__(self, rewards: dict[str, float], *, fail: bool = False) -> None:
+    def __init__(self, rewards: dict[str, float], *, fail: bool = False, delay_s: float = 0.0) -> None:
         self.rewards = rewards
         self.fail = fail
+        self.delay_s = delay_s
         self.seen: list[Conversation] = []
 
     async def start(self) -> None:
@@ -79,6 +80,7 @@ class FakeScorer:
             from gateway.errors import ScorerFailed
 
             raise ScorerFailed("the reward model failed: RuntimeError: boom")
+        await asyncio.sleep(self.delay_s)
         self.seen.extend(conversations)
         return [self.rewards.get(c.answer, 0.0) for c in conversations]
 
@@ -107,6 +109,9 @@ class FakeStore:
 
     def ping(self) -> bool:
         return not self.down
+
+    def refused(self, exc: Exception) -> bool:
+        return isinstance(exc, ValueError)
 
     def close(self) -> None:
         return None

@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,8 +24,9 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.metrics import sample
+from gateway.store.records import CompletionRecord
 from tests.gateway.conftest import REWARDS, settings
-from tests.gateway.fakes import FakeScorer
+from tests.gateway.fakes import FakeScorer, FakeStore
 from tests.polling import wait_until
 from tests.serving import serving
 
@@ -90,11 +92,16 @@ def endless_backend() -> Iterator[EndlessBackend]:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_walks_away_closes_the_backend_request(endless_backend: EndlessBackend, stream: bool) -> None:
-    """Mid-stream (after the first chunk is relayed) or while best-of-N waits for its candidates."""
+def test_a_client_that_walks_away_closes_the_backend_request(
+    endless_backend: EndlessBackend, stream: bool, tmp_path: Path
+) -> None:
+    """Mid-stream (after the first chunk is relayed) or while best-of-N waits for its candidates; either way the
+    request is logged, marked cancelled, with what was generated so far."""
+    store = FakeStore()
     app = create_app(
-        settings(backends=[{"url": endless_backend.url, "model": "policy"}], store={"enabled": False}),
+        settings(backends=[{"url": endless_backend.url, "model": "policy"}], store={"data_dir": str(tmp_path / "data")}),
         scorer=FakeScorer(REWARDS),
+        store=store,
     )
     body = json.dumps({"model": "toy-bon", "messages": MESSAGES, "stream": stream, "n_candidates": 1 if stream else 4})
     with serving(app) as gateway:
@@ -117,3 +124,8 @@ def test_a_client_that_walks_away_closes_the_backend_request(endless_backend: En
         assert endless_backend.closed.acquire(timeout=30), "the gateway kept its backend request open after the client left"
         if not stream:  # a plain request given up is counted as nginx's 499
             wait_until(lambda: (sample(gateway, "bon_requests_total", {"status": "499"}) or 0) == 1, 30, "no 499 counted")
+        [record] = store.wait_for(lambda records: len(records) == 1, 30)
+    assert isinstance(record, CompletionRecord)
+    assert record.status == "cancelled"
+    assert [c.text for c in record.candidates] == (["Sure"] if stream else [])  # what the client had been sent
+    assert not any(c.chosen for c in record.candidates)

@@ -133,10 +133,32 @@ def test_backend_errors_map_to_statuses(make_client: Callable[..., TestClient]) 
     assert response.headers["x-request-id"]
 
 
-def test_scorer_failure_is_a_clear_500(make_client: Callable[..., TestClient]) -> None:
+def test_a_failing_reward_model_fails_closed_by_default(make_client: Callable[..., TestClient]) -> None:
     client = make_client(scorer=FakeScorer({}, fail=True))
-    error = assert_error(client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}), 500, code="reward_model_error")
-    assert "reward model" in error["message"]
+    response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES})
+    error = assert_error(response, 503, code="reward_model_unavailable")
+    assert "reward model failed" in error["message"]
+    late = make_client(scorer=FakeScorer({}, delay_s=5), scorer_settings={"deadline_ms": 50})
+    error = assert_error(late.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}), 503, code="reward_model_unavailable")
+    assert "deadline" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("scorer", "reason"), [(FakeScorer({}, fail=True), "scorer_failed"), (FakeScorer({}, delay_s=5), "scorer_timeout")]
+)
+def test_fail_open_answers_unranked_and_says_so(make_client: Callable[..., TestClient], scorer: FakeScorer, reason: str) -> None:
+    client = make_client(scorer=scorer, scorer_settings={"on_failure": "fail_open", "deadline_ms": 50})
+    body = {"model": "toy-bon", "messages": MESSAGES, "n_candidates": 4, "return_candidates": True}
+    response = client.post(CHAT, json=body)
+    assert response.status_code == 200
+    assert response.headers["x-bon-degraded"] == reason
+    data = response.json()
+    assert data["degraded"] == reason
+    assert data["choices"][0]["message"]["content"] == ANSWERS[0]  # the first candidate, not ranked
+    assert all(c["reward"] is None for c in data["candidates"])
+    assert f'bon_degraded_total{{reason="{reason}"}} 1.0' in client.get("/metrics").text
+    streamed = client.post(CHAT, json={**body, "stream": True})
+    assert streamed.headers["x-bon-degraded"] == reason
 
 
 # ---- the real vLLM client against a dead and a hanging backend ----

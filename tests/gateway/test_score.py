@@ -99,3 +99,22 @@ def test_background_scoring_yields_to_live_requests(test_models: Path) -> None:
     assert passes[0] == ["live 1.", "live 2."]  # queued after the background work, scored first, alone
     assert all(len(p) <= score.BACKGROUND_BATCH for p in passes[1:])
     assert sorted(a for p in passes[1:] for a in p) == sorted(f"background {i}." for i in range(12))
+
+
+def test_closing_fails_the_requests_still_waiting(test_models: Path) -> None:
+    """A reward model swapped out under load: what was queued for it fails (and is logged unscored), never hangs."""
+
+    async def work(rm: LocalRewardModel) -> list[Any]:
+        waiting = [asyncio.ensure_future(rm.score([conv(f"{i}.")], background=True)) for i in range(40)]
+        await asyncio.sleep(0)  # queued
+        await rm.close()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 30)
+
+    async def go() -> list[Any]:
+        rm = LocalRewardModel(test_models / "reward_model", "rm-test")
+        await rm.start()
+        return await work(rm)
+
+    results = asyncio.run(go())
+    assert all(isinstance(r, ScorerFailed | list) for r in results)
+    assert any(isinstance(r, ScorerFailed) and "closed" in str(r) for r in results)

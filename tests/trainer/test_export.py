@@ -147,3 +147,19 @@ def test_the_reward_model_filter_keeps_thumbed_completions_only_when_thumbs_deci
     assert [r.id for r, _ in window(store, 0.0, None, rm_version="rm-new", keep_thumbed=False)] == []
     assert [r.id for r, _ in window(store, 0.0, None, rm_version="rm-old")] == ["c0", "c1"]
     store.close()
+
+
+def test_a_cancelled_completion_is_logged_but_never_trained_on(tmp_path: Path) -> None:
+    from trainer.export import window
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'log.db'}")
+    store.migrate()
+    now = time.time()
+    cands = [CandidateRecord(0, "4.", [1], "stop", reward=1.0, chosen=True), CandidateRecord(1, "5.", [2], "stop", reward=0.0)]
+    done = CompletionRecord("c0", now, "k", [{"role": "user", "content": "2+2?"}], {}, "base", "rm", 2, 3, 2, {}, cands)
+    left = CompletionRecord("c1", now, "k", [{"role": "user", "content": "2+2?"}], {}, "base", "rm", 2, 3, 2, {}, cands,
+                            status="cancelled")  # fmt: skip
+    store.write([done, left, FeedbackRecord("c1", "k", "up", None, now)])
+    assert {r.id: r.status for r in store.read_completions()} == {"c0": "ok", "c1": "cancelled"}
+    assert [r.id for r, _ in window(store, 0.0, None)] == ["c0"]
+    store.close()

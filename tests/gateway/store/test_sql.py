@@ -34,7 +34,7 @@ def completion(i: int, created: float | None = None) -> CompletionRecord:
 
 
 def test_migrations_build_exactly_the_schema_the_code_uses(sql_store: SqlStore) -> None:
-    assert current(sql_store.engine) == "0001"
+    assert current(sql_store.engine) == "0002"
     sql_store.migrate()  # a second start migrates nothing
     with sql_store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)

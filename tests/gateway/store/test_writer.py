@@ -34,6 +34,9 @@ class Switchable:
     def ping(self) -> bool:
         return not self.down and self.store.ping()
 
+    def refused(self, exc: Exception) -> bool:
+        return self.store.refused(exc)
+
     def close(self) -> None:
         self.store.close()
 
@@ -175,3 +178,17 @@ def test_a_poisoned_record_in_the_spool_does_not_stop_the_replay(sql_store: SqlS
     writer.close()
     assert sorted(sql_store.completion_ids()) == ["chatcmpl-1", "chatcmpl-3"]
     assert [r.id for _, r in writer.spool.quarantined() if isinstance(r, CompletionRecord)] == ["chatcmpl-2"]
+
+
+def test_a_database_that_answers_but_refuses_every_write_spools_and_quarantines_nothing(tmp_path: Path) -> None:
+    """Read-only (a replica after a failover, a full disk): ``SELECT 1`` works, every write fails; not the records' fault."""
+    sqlite(tmp_path).close()  # the schema, then the same file opened read-only
+    readonly = SqlStore(f"sqlite:///file:{tmp_path / 'log.db'}?mode=ro&uri=true")
+    assert readonly.ping()
+    writer = RecordWriter(readonly, Spool(tmp_path / "spool"), flush_interval_s=0.01, retry_s=60)
+    writer.start()
+    for record in (completion(1), poisoned(2)):
+        writer.submit(record)
+    writer.close()
+    assert writer.spool.pending == 2
+    assert writer.spool.quarantined() == []
