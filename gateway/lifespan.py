@@ -38,6 +38,7 @@ from gateway.state import GatewayState
 from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
 from gateway.swap import Swapper
 from gateway.vllm_process import VLLMProcess
+from gateway.warmup import until_warm
 
 log = structlog.get_logger("gateway")
 Lifespan = Callable[[FastAPI], Any]
@@ -79,6 +80,11 @@ def lifespan(
                 AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate,
             )  # fmt: skip
             app.state.gateway = state
+            state.warm = not settings.warmup
+
+            def warmed() -> None:
+                state.warm = True
+
             stop = on_fatal or (lambda message: signal.raise_signal(signal.SIGTERM))
             tasks = [
                 asyncio.create_task(work)
@@ -87,6 +93,7 @@ def lifespan(
                     swapper.run() if swapper is not None else None,
                     follower.run() if follower is not None else None,
                     gate.run() if gate is not None and gate.automatic else None,
+                    until_warm(service, warmed) if settings.warmup else None,
                 )
                 if work is not None
             ]

@@ -50,8 +50,9 @@ def completion(plan: Plan, outcome: Outcome, model_alias: str) -> dict[str, Any]
     body["usage"] = usage(outcome.generation)
     if plan.request.return_candidates:
         body["candidates"] = candidates(outcome)
-        if outcome.degraded:
-            body["degraded"] = outcome.degraded  # why the candidates carry no rewards
+        degraded = ",".join(filter(None, (plan.degraded, outcome.degraded)))
+        if degraded:
+            body["degraded"] = degraded  # fewer candidates (overload), or none ranked (the reward model failed)
     return body
 
 

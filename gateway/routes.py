@@ -92,8 +92,11 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         admitted = True
         state.in_flight += 1
         state.metrics.in_flight.inc()
-        plan = state.service.plan(await _parse(request, ChatCompletionRequest, state.settings.limits.max_body_bytes), key_id)
+        body = await _parse(request, ChatCompletionRequest, state.settings.limits.max_body_bytes)
+        plan = state.service.plan(body, key_id, state.in_flight)
         headers["x-policy-version"] = plan.policy_version
+        if plan.degraded:
+            headers["x-bon-degraded"] = plan.degraded
         if plan.streaming and plan.n_candidates == 1:
             relay = state.service.relay(plan)
             first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
@@ -104,7 +107,7 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
             outcome = await _unless_disconnected(request, state.service.run(plan))  # logged by the service
             status = 200
             if outcome.degraded:
-                headers["x-bon-degraded"] = outcome.degraded
+                headers["x-bon-degraded"] = ",".join(filter(None, (plan.degraded, outcome.degraded)))
             alias = state.settings.model_alias
             if not plan.streaming:
                 return JSONResponse(responses.completion(plan, outcome, alias), headers=headers)
@@ -203,6 +206,7 @@ async def ready(state: State) -> dict[str, Any]:
     checks = {
         "generator": await service.generator.ready(),
         "scorer": True if service.scorer is None else await service.scorer.ready(),
+        "warm": state.warm,
     }
     if not all(checks.values()):
         raise NotReady("not ready: " + ", ".join(name for name, ok in checks.items() if not ok))

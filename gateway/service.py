@@ -57,6 +57,8 @@ class Plan:
     """The route's backend URL → model name (None: every backend under its configured name)."""
     created: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
+    degraded: str | None = None
+    """Why N was lowered (``overload``: past ``limits.degrade_above`` requests in flight)."""
 
     @property
     def streaming(self) -> bool:
@@ -110,7 +112,9 @@ class ChatService:
         self._recent: OrderedDict[str, str] = OrderedDict()
 
     # ---- protocol: validate and plan ----
-    def plan(self, request: ChatCompletionRequest, key_id: str) -> Plan:
+    def plan(self, request: ChatCompletionRequest, key_id: str, in_flight: int = 0) -> Plan:
+        """What to do for ``request``; ``in_flight``: requests running now (this one included), which may lower N
+        (``limits.degrade_above``)."""
         s = self.settings
         if request.model != s.model_alias:
             raise ModelNotFound(
@@ -147,13 +151,19 @@ class ChatService:
             raise InvalidRequest(
                 f"'{tool_field}' cannot be used with best-of-N: set n_candidates to 1 to call tools", param=tool_field
             )
+        degraded = None
+        if s.limits.degrade_above and in_flight > s.limits.degrade_above and n_candidates > n_return:
+            n_candidates, degraded = max(n_return, n_candidates // 2), "overload"  # half the work, still ranked
+            self.metrics.degraded.labels(degraded).inc()
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
         route = self.route(sticky_key(request, key_id)) if self.route is not None else None
         version = route.version if route is not None else s.policy_version
         models = route.models if route is not None else None
-        return Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
+        plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
+        plan.degraded = degraded
+        return plan
 
     # ---- generate → score → select → log ----
     async def run(self, plan: Plan) -> Outcome:

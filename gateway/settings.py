@@ -159,6 +159,7 @@ class LimitSettings(BaseModel):
     max_candidate_tokens: int = Field(default=2048, ge=1, description="n_candidates x max_tokens: what one request may cost")
     max_stream_s: float = Field(default=300.0, gt=0, description="a relayed stream is ended (with an error event) after this")
     max_in_flight: int = Field(default=256, ge=0, description="chat requests at once; beyond: 503 at once. 0: no cap")
+    degrade_above: int = Field(default=0, ge=0, description="past this many in flight, N is halved (not below n); 0: never")
 
 
 class BreakerSettings(BaseModel):
@@ -239,6 +240,8 @@ class GatewaySettings(YamlSettings):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    warmup: bool = True
+    """Before ``/ready`` turns ready: one best-of-N request and one reward-model pass (``gateway.warmup``)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)

@@ -38,6 +38,8 @@ class GatewayState:
     started: int = field(default_factory=lambda: int(time.time()))
     fatal: str | None = None
     """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
+    warm: bool = False
+    """The warm-up request went through (or ``warmup`` is off); ``/ready`` waits for it."""
     in_flight: int = 0
     """Chat requests admitted and not over (a stream: until its last byte); capped by ``limits.max_in_flight``."""
 

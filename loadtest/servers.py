@@ -66,5 +66,5 @@ def gateway(settings: dict[str, Any]) -> Iterator[str]:
         data = {**settings, "store": store, "port": port}
         config.write_text(yaml.safe_dump(data))
         url = f"http://127.0.0.1:{port}"
-        with process([sys.executable, "-m", "gateway", "serve", "--config", str(config)], f"{url}/health"):
+        with process([sys.executable, "-m", "gateway", "serve", "--config", str(config)], f"{url}/ready"):  # warmed up
             yield url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.vllm_process import VLLMProcess, free_port
+from tests.polling import wait_until
 from tests.serving import serving
 
 
@@ -52,6 +54,15 @@ def policy_vllm(policy_vllm_process: VLLMProcess) -> str:
 
 @contextmanager
 def running_gateway(settings: GatewaySettings) -> Iterator[str]:
-    """The real app under uvicorn in a thread, on a free port; yields its base URL."""
+    """The real app under uvicorn in a thread, on a free port, warmed up (``/ready``); yields its base URL."""
     with serving(create_app(settings)) as url:
+        wait_until(lambda: _ready(url), 300, "the gateway did not become ready (warm-up)")
         yield url
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=10) as response:
+            return bool(response.status == 200)
+    except OSError:  # 503 (HTTPError) while warming up, or not listening yet
+        return False

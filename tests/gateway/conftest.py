@@ -20,7 +20,10 @@ REWARDS = {"Ugh. 7.": -1.0, "Sure! 3 plus 4 is 7.": 2.5, "7.": 1.0, "The answer 
 
 
 def settings(**overrides: Any) -> GatewaySettings:
-    base: dict[str, Any] = {"backends": [{"url": "http://127.0.0.1:9", "model": "policy"}], "n_candidates": 4}
+    base: dict[str, Any] = {
+        "backends": [{"url": "http://127.0.0.1:9", "model": "policy"}], "n_candidates": 4,
+        "warmup": False,  # fakes need none, and a warm-up request would be one more call to count (tests/gateway/test_warmup.py)
+    }  # fmt: skip
     return GatewaySettings(**{**base, **overrides})
 
 

@@ -102,8 +102,11 @@ class HeldGenerator(FakeGenerator):
     def __init__(self) -> None:
         super().__init__(ANSWERS)
         self.release = threading.Event()
+        self.waiting = 0
+        """Requests that reached the generator (planned) and wait for ``release``."""
 
     async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
+        self.waiting += 1
         await asyncio.to_thread(self.release.wait, 60)
         return await super().generate(body, n, models)
 
@@ -159,3 +162,27 @@ def test_a_relayed_stream_holds_its_place_until_its_last_byte() -> None:
         wait_until(lambda: sample(url, "bon_requests_in_flight") == 0, 10, "the stream was never counted as over")
         generator.release.set()
         assert client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}).status_code == 200
+
+
+def test_under_load_n_is_halved_and_the_answer_says_so() -> None:
+    generator = HeldGenerator()
+    app = create_app(
+        settings(limits={"max_in_flight": 8, "degrade_above": 1}),
+        generator=generator,
+        scorer=FakeScorer(REWARDS),
+        store=FakeStore(),
+    )
+    body = {"model": "toy-bon", "messages": MESSAGES, "n_candidates": 4, "return_candidates": True}
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.post, CHAT, json=body)  # in flight alone: full N
+        wait_until(lambda: generator.waiting == 1, 30, "the first request did not reach the generator")
+        second = pool.submit(client.post, CHAT, json=body)  # the second in flight: past degrade_above
+        wait_until(lambda: generator.waiting == 2, 30, "the second request did not reach the generator")
+        generator.release.set()
+        full, lowered = first.result(), second.result()
+        assert "x-bon-degraded" not in full.headers
+        assert len(full.json()["candidates"]) == 4
+        assert lowered.headers["x-bon-degraded"] == "overload"
+        assert lowered.json()["degraded"] == "overload"
+        assert len(lowered.json()["candidates"]) == 2  # still ranked by the reward model
+        assert sample(url, "bon_degraded_total", {"reason": "overload"}) == 1
