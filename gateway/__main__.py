@@ -150,7 +150,10 @@ def _serve(args: argparse.Namespace) -> int:
                 server.should_exit = True
 
         app = create_app(settings, vllm=vllm, on_fatal=on_fatal)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none")
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning", access_log=False, ws="none",
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        )  # fmt: skip
         server = uvicorn.Server(config)
         print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port}", flush=True)
         server.run()

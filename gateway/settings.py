@@ -240,6 +240,9 @@ class GatewaySettings(YamlSettings):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    shutdown_grace_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM: stop accepting, let requests in flight finish for at most this long, then flush the log and stop
+    the managed vLLM (a Kubernetes ``terminationGracePeriodSeconds`` should exceed it)."""
     warmup: bool = True
     """Before ``/ready`` turns ready: one best-of-N request and one reward-model pass (``gateway.warmup``)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
