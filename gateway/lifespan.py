@@ -94,6 +94,7 @@ def lifespan(
                     follower.run() if follower is not None else None,
                     gate.run() if gate is not None and gate.automatic else None,
                     until_warm(service, warmed) if settings.warmup else None,
+                    _purge_every(settings, writer.store) if writer is not None and isinstance(writer.store, SqlStore) else None,
                 )
                 if work is not None
             ]
@@ -106,6 +107,20 @@ def lifespan(
                 await _shut_down(service, swapper, follower, writer, owns_store=store is None)
 
     return run
+
+
+async def _purge_every(settings: GatewaySettings, store: SqlStore) -> None:
+    """Retention on a schedule: records older than ``store.retention_days`` deleted every ``store.purge_every_h``."""
+    s = settings.store
+    if s.retention_days is None or s.purge_every_h is None:
+        return
+    while True:
+        try:
+            counts = await asyncio.to_thread(store.purge, s.retention_days * 86400)
+            log.info("log_purged", completions=counts.completions, candidates=counts.candidates, feedback=counts.feedback)
+        except Exception as exc:  # the database may be down: the next round tries again
+            log.warning("log_purge_failed", error=f"{exc.__class__.__name__}: {exc}")
+        await asyncio.sleep(s.purge_every_h * 3600)
 
 
 def _generator(settings: GatewaySettings, session: aiohttp.ClientSession, metrics: Metrics) -> VLLMGenerator:

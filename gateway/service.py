@@ -24,6 +24,7 @@ from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, passthrough, unknown_fields, uses_tools
+from gateway.redact import Redactor
 from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
@@ -106,6 +107,8 @@ class ChatService:
         self.metrics = metrics
         self.ids = ids
         self.sink = sink
+        r = settings.store.redact
+        self._redactor = Redactor(r.patterns, emails=r.emails, phones=r.phones, cards=r.cards) if r.enabled else None
         self.route = route
         """The hot-swap's route for a sticky key (``gateway.swap``: current or canary); None: the configured backends."""
         self._background: set[asyncio.Task[None]] = set()
@@ -247,7 +250,7 @@ class ChatService:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         else:
-            self.sink.submit(record)
+            self._submit(record)
         self.metrics.stage_latency.labels("log").observe(time.perf_counter() - started)
 
     async def _score_then_submit(self, plan: Plan, record: CompletionRecord) -> None:
@@ -261,7 +264,7 @@ class ChatService:
             record.rm_version = scorer.version
         except Exception as exc:
             log.warning("scoring %s for the log failed: %s", record.id, exc)
-        self.sink.submit(record)
+        self._submit(record)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for background scoring (at shutdown), so its records reach the log."""
@@ -289,6 +292,11 @@ class ChatService:
             status="cancelled" if outcome.cancelled else "ok",
         )
 
+    def _submit(self, record: Record) -> None:
+        """To the log, redacted first when the config asks (``store.redact``): the database never sees the original."""
+        assert self.sink is not None
+        self.sink.submit(self._redactor.record(record) if self._redactor is not None else record)
+
     def _remember(self, completion_id: str, version: str) -> None:
         self._recent[completion_id] = version
         if len(self._recent) > RECENT_IDS:
@@ -300,7 +308,7 @@ class ChatService:
         version = self._recent.get(record.completion_id, "unknown")
         self.metrics.feedback.labels(record.thumb, version).inc()
         if self.sink is not None:
-            self.sink.submit(record)
+            self._submit(record)
 
     async def relay(self, plan: Plan) -> AsyncGenerator[bytes, None]:
         """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint.

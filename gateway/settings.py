@@ -169,6 +169,16 @@ class BreakerSettings(BaseModel):
     cooldown_s: float = Field(default=10.0, gt=0)
 
 
+class RedactSettings(BaseModel):
+    """Personal data replaced by a tag before text is stored (``gateway.redact``); the served answer is unchanged."""
+
+    enabled: bool = False
+    emails: bool = True
+    phones: bool = True
+    cards: bool = True
+    patterns: list[str] = Field(default_factory=list, description="regular expressions of the deployment's own")
+
+
 class StoreSettings(BaseModel):
     """The candidate/feedback log (see ``gateway/store``)."""
 
@@ -185,9 +195,13 @@ class StoreSettings(BaseModel):
     retry_s: float = Field(default=2.0, gt=0, description="how long a failed database is left alone before a retry")
     connect_timeout_s: float = Field(default=3.0, gt=0)
     retention_days: float | None = Field(default=90.0, gt=0)
-    """``python -m gateway purge`` deletes records older than this; None keeps everything."""
+    """Records older than this are deleted (``python -m gateway purge``, and every ``purge_every_h``); None keeps all."""
+    purge_every_h: float | None = Field(default=24.0, gt=0)
+    """The gateway itself purges on this schedule (None: only the command, e.g. from a CronJob). Idempotent, so
+    replicas sharing a database may all do it."""
     score_unscored: bool = True
     """Score N=1 answers for the log after the response is sent (off the critical path)."""
+    redact: RedactSettings = Field(default_factory=RedactSettings)
 
     def database_url(self) -> str:
         return self.url or f"sqlite:///{self.data_dir / 'gateway.db'}"
