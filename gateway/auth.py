@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import SecretStr
 
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.settings import ApiKey, is_loopback
+from gateway.settings import ApiKey, Scope, is_loopback
 
 KEYLESS_ID = "anonymous"
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "via")
@@ -51,16 +51,16 @@ def bearer(authorization: str | None, what: str, placeholder: str) -> str:
 
 class KeyRing:
     def __init__(self, keys: Sequence[ApiKey], *, keyless_public: bool = False) -> None:
-        self._keys = [(key.sha256, key.id) for key in keys]
+        self._keys = [(key.sha256, key) for key in keys]
         self._keyless_public = keyless_public
 
     @property
     def keyless(self) -> bool:
         return not self._keys
 
-    def identify(self, authorization: str | None, local: bool) -> str:
+    def identify(self, authorization: str | None, local: bool, scope: Scope = "chat") -> str:
         """The key id for an ``Authorization`` header value (``local``: the caller is on this host, ``local_caller``);
-        raises ``AuthenticationFailed``."""
+        raises ``AuthenticationFailed``, or ``PermissionDenied`` when the key lacks ``scope``."""
         if self.keyless:
             if local or self._keyless_public:
                 return KEYLESS_ID
@@ -68,14 +68,30 @@ class KeyRing:
                 "this gateway has no API keys and serves only its own host (a loopback client, not through a proxy); "
                 "configure api_keys, or allow_keyless_public"
             )
-        wanted = digest(bearer(authorization, "API key", "key"))
-        found = None
-        for stored, key_id in self._keys:
-            if hmac.compare_digest(stored, wanted):
-                found = key_id
+        found = self._find(authorization)
         if found is None:
             raise AuthenticationFailed("incorrect API key provided")
+        if scope not in found.scopes:
+            raise PermissionDenied(f"this API key has no '{scope}' scope (it has: {', '.join(found.scopes) or 'none'})")
+        return found.id
+
+    def _find(self, authorization: str | None) -> ApiKey | None:
+        wanted = digest(bearer(authorization, "API key", "key"))
+        found = None
+        for stored, key in self._keys:  # every digest compared, in constant time each
+            if hmac.compare_digest(stored, wanted):
+                found = key
         return found
+
+    def is_admin(self, authorization: str | None) -> bool:
+        """Whether the header carries a key with the ``admin`` scope."""
+        if self.keyless or not authorization:
+            return False
+        try:
+            key = self._find(authorization)
+        except AuthenticationFailed:
+            return False
+        return key is not None and "admin" in key.scopes
 
 
 class AdminGuard:
@@ -86,7 +102,10 @@ class AdminGuard:
 
     def check(self, authorization: str | None, local: bool) -> None:
         """Raises ``AuthenticationFailed`` (401) or ``PermissionDenied`` (403) unless the caller may administer
-        (``local``: the caller is on this host, ``local_caller``)."""
+        (``local``: the caller is on this host, ``local_caller``). An API key with the ``admin`` scope is as good as
+        the admin token."""
+        if self._keys.is_admin(authorization):
+            return
         if self._digest is None:
             if is_loopback(self._host) and local:
                 return
@@ -97,8 +116,8 @@ class AdminGuard:
         if not self._keys.keyless:
             try:
                 self._keys.identify(authorization, local=False)
-            except AuthenticationFailed:
+            except (AuthenticationFailed, PermissionDenied):
                 pass
             else:
-                raise PermissionDenied("this API key may not use the admin endpoints; send the admin token")
+                raise PermissionDenied("this API key has no 'admin' scope; send the admin token or an admin key")
         raise AuthenticationFailed("incorrect admin token")

@@ -30,6 +30,7 @@ from gateway.generate import Generator, VLLMGenerator
 from gateway.ids import CompletionIds, load_or_create_secret
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.quotas import Quotas
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService
@@ -80,6 +81,7 @@ def lifespan(
                 AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate,
             )  # fmt: skip
             app.state.gateway = state
+            state.quotas = Quotas(settings.api_keys, settings.quota_replicas)
             state.warm = not settings.warmup
 
             def warmed() -> None:

@@ -39,8 +39,9 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.protocol import AdminAction, ChatCompletionRequest, FeedbackRequest
+from gateway.quotas import Ticket
 from gateway.service import Plan
-from gateway.state import Admin, GatewayState, KeyId, State
+from gateway.state import Admin, FeedbackKeyId, GatewayState, KeyId, State
 from gateway.store.records import FeedbackRecord
 
 log = structlog.get_logger("gateway")
@@ -67,6 +68,8 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         if admitted:
             state.in_flight -= 1
             state.metrics.in_flight.dec()
+        if ticket is not None:
+            state.quotas.settle(ticket, plan.used_tokens if plan is not None else None)
         elapsed = time.perf_counter() - started
         state.metrics.requests.labels(str(status)).inc()
         stream = "true" if plan is not None and plan.streaming else "false"
@@ -85,6 +88,7 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         )
 
     streaming: AsyncIterator[bytes] | None = None
+    ticket: Ticket | None = None
     try:
         cap = state.settings.limits.max_in_flight
         if cap and state.in_flight >= cap:
@@ -94,6 +98,8 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         state.metrics.in_flight.inc()
         body = await _parse(request, ChatCompletionRequest, state.settings.limits.max_body_bytes)
         plan = state.service.plan(body, key_id, state.in_flight)
+        ticket = state.quotas.admit(key_id, plan.n_candidates, plan.max_tokens)
+        headers.update(state.quotas.headers(key_id))
         headers["x-policy-version"] = plan.policy_version
         if plan.degraded:
             headers["x-bon-degraded"] = plan.degraded
@@ -149,7 +155,7 @@ async def _until(relay: AsyncGenerator[bytes, None], limit_s: float) -> AsyncIte
 
 
 @router.post("/v1/feedback")
-async def feedback(request: Request, state: State, key_id: KeyId) -> dict[str, Any]:
+async def feedback(request: Request, state: State, key_id: FeedbackKeyId) -> dict[str, Any]:
     """A thumb on one of the caller's own completions; a repeat replaces the previous one."""
     body = await _parse(request, FeedbackRequest, state.settings.limits.max_body_bytes)
     if not state.service.ids.owned_by(body.completion_id, key_id):

@@ -60,6 +60,8 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
     degraded: str | None = None
     """Why N was lowered (``overload``: past ``limits.degrade_above`` requests in flight)."""
+    used_tokens: int | None = None
+    """Completion tokens generated, once known (every candidate's); what the key's token quota is charged."""
 
     @property
     def streaming(self) -> bool:
@@ -184,6 +186,7 @@ class ChatService:
         started = time.perf_counter()
         generation = await self.generator.generate(plan.body, plan.n_candidates, plan.models)
         generated.append(generation)
+        plan.used_tokens = generation.completion_tokens
         plan.timings["generate"] = time.perf_counter() - started
         self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
         self.metrics.candidates.observe(len(generation.candidates))
@@ -357,6 +360,7 @@ class ChatService:
             self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
             self.metrics.candidates.observe(1)
             answer.text = "".join(texts)
+            plan.used_tokens = int(usage["completion_tokens"]) if "completion_tokens" in usage else len(answer.token_ids)
             generation = Generation(
                 [answer], int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend=""
             )

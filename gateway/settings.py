@@ -115,11 +115,22 @@ class ScorerSettings(BaseModel):
     deadline_ms: float = Field(default=10_000, gt=0, description="longest wait for a request's rewards")
 
 
+Scope = Literal["chat", "feedback", "admin"]
+DEFAULT_SCOPES: tuple[Scope, ...] = ("chat", "feedback")
+
+
 class ApiKey(BaseModel):
     """A client key, stored as the SHA-256 hex digest of the bearer token, never in clear."""
 
     id: str
     sha256: str
+    scopes: list[Scope] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
+    """What the key may call: chat completions (and the model list), feedback, the admin endpoints."""
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0, description="completion tokens (n x max_tokens reserved)")
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_n_candidates: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("sha256")
     @classmethod
@@ -260,6 +271,8 @@ class GatewaySettings(YamlSettings):
     warmup: bool = True
     """Before ``/ready`` turns ready: one best-of-N request and one reward-model pass (``gateway.warmup``)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
+    quota_replicas: int = Field(default=1, ge=1)
+    """Replicas sharing the keys' quotas: each enforces 1/this of every rate and of the requests at once."""
     store: StoreSettings = Field(default_factory=StoreSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     log_prompts: bool = False

@@ -18,6 +18,7 @@ from gateway.auth import AdminGuard, KeyRing, local_caller
 from gateway.canary import CanaryGate
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.quotas import Quotas
 from gateway.service import ChatService
 from gateway.settings import GatewaySettings
 from gateway.store import RecordWriter
@@ -40,6 +41,7 @@ class GatewayState:
     """Why the gateway is shutting itself down (e.g. its managed vLLM died); the CLI exits non-zero."""
     warm: bool = False
     """The warm-up request went through (or ``warmup`` is off); ``/ready`` waits for it."""
+    quotas: Quotas = field(default_factory=lambda: Quotas([]))
     in_flight: int = 0
     """Chat requests admitted and not over (a stream: until its last byte); capped by ``limits.max_in_flight``."""
 
@@ -58,10 +60,17 @@ def _local(request: Request) -> bool:
 
 
 async def _key_id(request: Request, state: State) -> str:
-    return state.keys.identify(request.headers.get("authorization"), _local(request))
+    return state.keys.identify(request.headers.get("authorization"), _local(request), "chat")
+
+
+async def _feedback_key_id(request: Request, state: State) -> str:
+    return state.keys.identify(request.headers.get("authorization"), _local(request), "feedback")
 
 
 KeyId = Annotated[str, Depends(_key_id)]
+"""The caller's API key id, which must have the ``chat`` scope."""
+FeedbackKeyId = Annotated[str, Depends(_feedback_key_id)]
+"""The caller's API key id, which must have the ``feedback`` scope."""
 
 
 async def _admin(request: Request, state: State) -> None:
