@@ -54,7 +54,7 @@ def launcher(settings: ManagedVLLM, log_dir: Path, cpu_binds: Sequence[str] = ()
         env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_binds[next(started) % len(cpu_binds)]} if cpu_binds else {}
         process = VLLMProcess(
             model_dir, name, settings.host, port, max_model_len=settings.max_model_len, dtype=settings.dtype,
-            extra_args=settings.extra_args, log_path=log_dir / f"vllm-{version}-{port}.log", lora=False, env=env,
+            extra_args=settings.vllm_args(), log_path=log_dir / f"vllm-{version}-{port}.log", lora=False, env=env,
         )  # fmt: skip
         try:
             await asyncio.to_thread(process.start)

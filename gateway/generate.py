@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from gateway.breaker import Breakers
-from gateway.errors import BackendFailed, BackendRejected, BackendTimeout, BackendUnavailable
+from gateway.errors import BackendFailed, BackendRejected, BackendTimeout, BackendUnavailable, Overloaded
 from gateway.settings import Backend
 
 
@@ -125,8 +125,13 @@ class VLLMGenerator:
                     healthy, last_error = False, exc
                     continue
                 async with response:
+                    if response.status == 503:  # refused at once (vLLM's queue is full, or it is starting): try another
+                        last_error = Overloaded(f"the model backend is overloaded: {_error_message(await response.text())}")
+                        if retry_after := response.headers.get("retry-after"):
+                            last_error.headers["retry-after"] = retry_after
+                        continue
                     if response.status != 200:
-                        healthy = None if response.status in (429, 503) else response.status < 500
+                        healthy = None if response.status == 429 else response.status < 500
                         await _json_or_raise(response)
                     self.breakers.succeeded(url)  # it answers: a probe's verdict does not wait for the whole answer
                     yield url, response
@@ -154,6 +159,8 @@ class VLLMGenerator:
             error = BackendUnavailable(f"every model backend is failing (circuit open); retry in {retry:.0f} s")
             error.headers["retry-after"] = str(max(1, round(retry + 0.5)))
             raise error
+        if isinstance(last_error, Overloaded):
+            raise last_error
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__})")
 
     async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:

@@ -39,7 +39,15 @@ class ManagedVLLM(BaseModel):
     """vLLM's --dtype. float32: served log-probs match the trainer's to ~1e-5 (the swap probe's check), and on
     these CPUs LoRA requests ran 1.26x faster than in bfloat16 (base-model requests 1.23x slower)."""
     startup_s: float = 300.0
+    max_num_queued_reqs: int | None = Field(default=256, ge=1)
+    """vLLM's ``--max-num-queued-reqs``: past it vLLM refuses at once (503), which the gateway passes on as
+    ``overloaded`` after trying its other backends; None: vLLM queues without bound."""
     extra_args: list[str] = Field(default_factory=list)
+
+    def vllm_args(self) -> list[str]:
+        """vLLM's command-line arguments besides the model, name, address and the LoRA ones."""
+        queued = ["--max-num-queued-reqs", str(self.max_num_queued_reqs)] if self.max_num_queued_reqs is not None else []
+        return [*queued, *self.extra_args]
 
 
 class SwapSettings(BaseModel):

@@ -341,3 +341,55 @@ def test_a_keyless_gateway_serves_only_callers_on_its_host(make_client: Callable
     assert_error(remote.post("/v1/feedback", json={"completion_id": "x", "thumb": "up"}), 401)
     public = make_client(allow_keyless_public=True)
     assert public.post(CHAT, json=body, headers={"x-forwarded-for": "203.0.113.7"}).status_code == 200
+
+
+@pytest.fixture
+def overloaded_backend() -> Iterator[str]:
+    """An HTTP server that refuses every chat request as vLLM does when its queue is full (503)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port = _closed_port()
+    release = asyncio.Event()
+
+    async def refuse(request: web.Request) -> web.Response:
+        error = {"message": "The request queue is full. Please retry later.", "type": "ServiceUnavailable", "code": 503}
+        return web.json_response({"error": error}, status=503, headers={"retry-after": "3"})
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", refuse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await release.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(release.set)
+    thread.join(10)
+    loop.close()
+
+
+def test_vllm_with_a_full_queue_is_passed_on_as_overloaded_after_the_other_backends(
+    overloaded_backend: str, answering_backend: str
+) -> None:
+    full = [{"url": overloaded_backend, "model": "policy"}]
+    with _real_client(full, breaker={"failures": 1}) as client:
+        for _ in range(2):  # an overloaded backend is alive: its circuit stays closed
+            response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES})
+            error = assert_error(response, 503, code="overloaded")
+            assert "queue is full" in error["message"]
+            assert response.headers["retry-after"] == "3"  # vLLM's
+    with _real_client([*full, {"url": answering_backend, "model": "policy"}]) as client:
+        assert client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}).status_code == 200
+
+
+def test_the_managed_vllm_bounds_its_queue() -> None:
+    from gateway.settings import ManagedVLLM
+
+    assert ManagedVLLM().vllm_args()[:2] == ["--max-num-queued-reqs", "256"]
+    assert ManagedVLLM(max_num_queued_reqs=None, extra_args=["--seed", "1"]).vllm_args() == ["--seed", "1"]
