@@ -76,14 +76,18 @@ class CompletionNotFound(InvalidRequest):
     default_code = "completion_not_found"
 
 
-class RateLimited(GatewayError):
+class RetryLater(GatewayError):
+    """An error the client may retry after ``Retry-After`` seconds (sent as a whole number, at least 1)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.headers["retry-after"] = str(max(1, round(retry_after_s + 0.5)))
+
+
+class RateLimited(RetryLater):
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.headers["retry-after"] = str(max(1, round(retry_after_s + 0.5)))
 
 
 class BackendRejected(InvalidRequest):
@@ -94,7 +98,7 @@ class BackendRejected(InvalidRequest):
         self.status = status  # type: ignore[misc]  # the backend's own 4xx
 
 
-class BackendUnavailable(GatewayError):
+class BackendUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     default_code = "backend_unavailable"
@@ -126,16 +130,12 @@ class ScorerUnavailable(GatewayError):
     default_code = "reward_model_unavailable"
 
 
-class Overloaded(GatewayError):
+class Overloaded(RetryLater):
     """Too many requests in flight: refused at once (cheap for the SDKs' retries), with Retry-After."""
 
     status = 503
     type = "service_unavailable"
     default_code = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.headers["retry-after"] = str(max(1, round(retry_after_s + 0.5)))
 
 
 class StreamTooLong(GatewayError):

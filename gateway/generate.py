@@ -156,9 +156,7 @@ class VLLMGenerator:
                     self.breakers.failed(url)
         if last_error is None:  # every backend's circuit is open: fail fast
             retry = self.breakers.retry_in([url for url, _ in order])
-            error = BackendUnavailable(f"every model backend is failing (circuit open); retry in {retry:.0f} s")
-            error.headers["retry-after"] = str(max(1, round(retry + 0.5)))
-            raise error
+            raise BackendUnavailable(f"every model backend is failing (circuit open); retry in {retry:.0f} s", retry)
         if isinstance(last_error, Overloaded):
             raise last_error
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__})")

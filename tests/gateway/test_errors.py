@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -171,35 +172,49 @@ def _closed_port() -> int:
     return port
 
 
-@pytest.fixture
-def hanging_backend() -> Iterator[str]:
-    """An HTTP server that accepts chat requests and never answers them."""
+@contextmanager
+def _chat_backend(handler: Callable[[web.Request, asyncio.Event], Awaitable[web.StreamResponse]]) -> Iterator[str]:
+    """An HTTP server in a thread whose ``POST /v1/chat/completions`` is ``handler(request, stopping)``; yields its URL.
+    ``stopping`` is set when the block ends (a handler that waits on it lets the server stop at once)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     port = _closed_port()
-    release = asyncio.Event()
+    stopping = asyncio.Event()
 
-    async def hang(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({})
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await handler(request, stopping)
 
     async def serve() -> None:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", hang)
+        app.router.add_post("/v1/chat/completions", chat)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         ready.set()
-        await release.wait()
+        await stopping.wait()
         await runner.cleanup()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
-    ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(release.set)
-    thread.join(10)
-    loop.close()
+    assert ready.wait(10), "the scripted backend did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stopping.set)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def hanging_backend() -> Iterator[str]:
+    """An HTTP server that accepts chat requests and never answers them."""
+
+    async def hang(request: web.Request, stopping: asyncio.Event) -> web.Response:
+        await stopping.wait()
+        return web.json_response({})
+
+    with _chat_backend(hang) as url:
+        yield url
 
 
 def _real_client(backends: list[dict[str, str]], **overrides: Any) -> TestClient:
@@ -259,12 +274,8 @@ TOOL_CALL = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "
 def answering_backend() -> Iterator[str]:
     """An HTTP server answering every chat request with one fixed completion; a request with ``tools`` gets what vLLM
     answers when the model calls one (``content`` null, ``tool_calls``)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port = _closed_port()
-    release = asyncio.Event()
 
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: web.Request, stopping: asyncio.Event) -> web.Response:
         body = await request.json()
         message: dict[str, Any] = {"role": "assistant", "content": "7.", "reasoning_content": None, "tool_calls": []}
         if body.get("tools"):
@@ -274,23 +285,8 @@ def answering_backend() -> Iterator[str]:
         usage = {"prompt_tokens": 5, "completion_tokens": len(choices), "total_tokens": 5 + len(choices)}
         return web.json_response({"id": "x", "object": "chat.completion", "choices": choices, "usage": usage})
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await release.wait()
-        await runner.cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(release.set)
-    thread.join(10)
-    loop.close()
+    with _chat_backend(answer) as url:
+        yield url
 
 
 def test_a_backend_that_drops_connections_is_failed_over_within_the_connect_timeout(
@@ -346,32 +342,13 @@ def test_a_keyless_gateway_serves_only_callers_on_its_host(make_client: Callable
 @pytest.fixture
 def overloaded_backend() -> Iterator[str]:
     """An HTTP server that refuses every chat request as vLLM does when its queue is full (503)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port = _closed_port()
-    release = asyncio.Event()
 
-    async def refuse(request: web.Request) -> web.Response:
+    async def refuse(request: web.Request, stopping: asyncio.Event) -> web.Response:
         error = {"message": "The request queue is full. Please retry later.", "type": "ServiceUnavailable", "code": 503}
         return web.json_response({"error": error}, status=503, headers={"retry-after": "3"})
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", refuse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await release.wait()
-        await runner.cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    loop.call_soon_threadsafe(release.set)
-    thread.join(10)
-    loop.close()
+    with _chat_backend(refuse) as url:
+        yield url
 
 
 def test_vllm_with_a_full_queue_is_passed_on_as_overloaded_after_the_other_backends(
