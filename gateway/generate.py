@@ -96,6 +96,8 @@ class VLLMGenerator:
         self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s)
         self._request_timeout_s = request_timeout_s
         self.breakers = breakers or Breakers(failures=3, cooldown_s=10.0)
+        self.on_missing: Callable[[str, str], None] = lambda url, model: None
+        """Told (backend URL, model name) when a backend says it does not have the model it was asked for."""
 
     def _order(self, models: dict[str, str] | None) -> list[tuple[str, str]]:
         """(URL, model name) to try: the route's, else the configured backends; fewest requests in flight first."""
@@ -130,6 +132,11 @@ class VLLMGenerator:
                         if retry_after := response.headers.get("retry-after"):
                             last_error.headers["retry-after"] = retry_after
                         continue
+                    if response.status == 404 and models is not None:  # a routed version vLLM no longer has
+                        message = _error_message(await response.text())
+                        self.on_missing(url, model)
+                        last_error = BackendUnavailable(f"the model backend lost this version; it is being reloaded ({message})")
+                        continue
                     if response.status != 200:
                         healthy = None if response.status == 429 else response.status < 500
                         await _json_or_raise(response)
@@ -157,7 +164,7 @@ class VLLMGenerator:
         if last_error is None:  # every backend's circuit is open: fail fast
             retry = self.breakers.retry_in([url for url, _ in order])
             raise BackendUnavailable(f"every model backend is failing (circuit open); retry in {retry:.0f} s", retry)
-        if isinstance(last_error, Overloaded):
+        if isinstance(last_error, Overloaded | BackendUnavailable):
             raise last_error
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__})")
 

@@ -70,6 +70,8 @@ def lifespan(
                 writer.start()
             swapper = await _swapper(settings, session, metrics) if generator is None and settings.swap.enabled else None
             route = swapper.route_for if swapper is not None else None
+            if swapper is not None and isinstance(gen, VLLMGenerator):
+                gen.on_missing = swapper.lost  # a version vLLM lost is loaded again, not a lasting 502
             service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
             follower = None
             if scorer is None and score is not None and settings.swap.enabled:

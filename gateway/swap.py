@@ -30,6 +30,7 @@ started again. ``swap.full: refuse`` leaves full versions unserved (counted as `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ class Swapper:
         """A version whose swap waits for an adapter slot (logged and counted once)."""
         self._routes: dict[str, Route] = {}
         """Version → the route it was served with (the fallback when a routed full instance dies)."""
+        self._wake = asyncio.Event()
 
     # ---- the loop ----
     async def run(self) -> None:
@@ -92,7 +94,26 @@ class Swapper:
                 await self.sync()
             except Exception:  # the loop must outlive any one failure; the reason is logged and counted
                 log.exception("swap check failed")
-            await asyncio.sleep(self._settings.poll_s)
+            with contextlib.suppress(TimeoutError):  # ``lost`` wakes it early
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_s)
+            self._wake.clear()
+
+    def lost(self, url: str, model: str) -> None:
+        """vLLM at ``url`` answered that it does not have ``model`` (it restarted, or another replica unloaded the
+        adapter): take that backend out of the routes serving the name; the next check loads and verifies it again."""
+        for route in (self.route, self.canary):
+            if route is None or route is self._base or route.models.get(url) != model:
+                continue
+            fewer = Route(route.version, {u: m for u, m in route.models.items() if u != url})
+            self._routes[route.version] = fewer
+            if self.route is route:
+                self.route = fewer
+            if self.canary is route:
+                self.canary = fewer
+            self._failed.pop(route.version, None)  # due at once
+            self._metrics.swap_backend_failures.labels(url).inc()
+            log.error("backend %s lost %s (vLLM does not have it): taken out of the route, loading it again", url, model)
+            self._wake.set()
 
     async def sync(self) -> None:
         """One check of the pointers; swaps (or retries unverified backends) when needed."""

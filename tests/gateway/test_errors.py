@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from fastapi.testclient import TestClient
@@ -370,3 +371,29 @@ def test_the_managed_vllm_bounds_its_queue() -> None:
 
     assert ManagedVLLM().vllm_args()[:2] == ["--max-num-queued-reqs", "256"]
     assert ManagedVLLM(max_num_queued_reqs=None, extra_args=["--seed", "1"]).vllm_args() == ["--seed", "1"]
+
+
+def test_a_routed_version_the_backend_lost_is_reported_and_the_request_is_retryable() -> None:
+    from gateway.generate import VLLMGenerator
+    from gateway.settings import Backend
+
+    async def missing(request: web.Request, stopping: asyncio.Event) -> web.Response:
+        name = (await request.json())["model"]
+        return web.json_response({"error": {"message": f"The model `{name}` does not exist.", "code": 404}}, status=404)
+
+    async def ask(url: str) -> tuple[Exception, list[tuple[str, str]]]:
+        lost: list[tuple[str, str]] = []
+        async with aiohttp.ClientSession() as session:
+            generator = VLLMGenerator(session, [Backend(url=url, model="policy")], 10.0)
+            generator.on_missing = lambda backend, model: lost.append((backend, model))
+            try:
+                await generator.generate({"messages": MESSAGES}, 2, {url: "policy@v0007"})
+            except Exception as exc:
+                return exc, lost
+        raise AssertionError("expected an error")
+
+    with _chat_backend(missing) as url:
+        error, lost = asyncio.run(ask(url))
+    assert lost == [(url, "policy@v0007")]
+    assert isinstance(error, BackendUnavailable)  # 503 with Retry-After: the SDKs retry, by then it is reloaded
+    assert "being reloaded" in str(error)

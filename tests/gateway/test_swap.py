@@ -133,6 +133,32 @@ def test_a_verified_version_is_routed_and_a_wrong_one_is_not(tmp_path: Path) -> 
     run(test)
 
 
+def test_a_version_vllm_lost_is_taken_out_of_the_route_and_loaded_again(tmp_path: Path) -> None:
+    """vLLM restarted (or another replica unloaded the adapter): the generator's 404 reaches ``lost``; the next check
+    loads and verifies the version again, and the backend is routed to again."""
+
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(), tmp_path, Metrics())
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            name = f"policy@{v1}"
+            assert swapper.route.models == {backend.url: name}
+            fake.loaded.clear()  # vLLM restarted: the adapter is gone
+            swapper.lost(backend.url, "policy@some-other-version")  # not what is routed: nothing changes
+            assert swapper.route.models == {backend.url: name}
+            swapper.lost(backend.url, name)
+            assert swapper.route.version == v1
+            assert swapper.route.models == {}  # no request is sent where the adapter is missing
+            await swapper.sync()
+            assert swapper.route.models == {backend.url: name}
+            assert fake.loads == [name, name]
+
+    run(test)
+
+
 def test_a_damaged_version_is_never_loaded(tmp_path: Path) -> None:
     async def test() -> None:
         registry = Registry(tmp_path)
