@@ -20,6 +20,8 @@ Rules:
   ranks the side the thumb did not judge).
 - The same (prompt, chosen, rejected) from several completions is kept once; training may then
   repeat the thumb-decided ones (``weighted``).
+- ``max_thumbs_per_key``: past that many thumbed completions from one API key in the window, that
+  key's further thumbs are ignored (the completion counts as unthumbed): one key cannot steer a round.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class PairStats:
     """Pairs or unpaired examples already exported from another completion."""
     unthumbed: int = 0
     """Completions without a thumb, left out because ``from_reward_model`` is off."""
+    capped_thumbs: int = 0
+    """Thumbs ignored because their key had already decided ``max_thumbs_per_key`` completions."""
 
 
 @dataclass
@@ -59,10 +63,18 @@ class Exported:
 def build(labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]], settings: PairSettings) -> Exported:
     out = Exported()
     seen: set[str] = set()
+    thumbs_by_key: dict[str, int] = {}
     for record, thumb in labelled:
         out.stats.completions += 1
         if thumb is not None and not settings.thumbs_override:
             thumb = None
+        if thumb is not None and settings.max_thumbs_per_key is not None:
+            used = thumbs_by_key.get(thumb.key_id, 0)
+            if used >= settings.max_thumbs_per_key:
+                thumb = None
+                out.stats.capped_thumbs += 1
+            else:
+                thumbs_by_key[thumb.key_id] = used + 1
         rows, unpaired = _one(record, thumb, settings, out.stats)
         for row in rows:
             if _first(seen, "pair", row["prompt"], row["chosen"], row["rejected"]):

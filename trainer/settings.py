@@ -30,6 +30,10 @@ class PairSettings(BaseModel):
     from_reward_model: bool = True
     """Pairs from completions nobody thumbed, ordered by the reward model alone. Off: thumbed completions only
     (when the reward model no longer tells right from wrong on the policy's own answers)."""
+    max_thumbs_per_key: int | None = Field(default=None, ge=1)
+    """Feedback poisoning: at most this many thumbed completions of one API key decide pairs (or KTO rows) in a
+    round, the first in the window; the rest of that key's completions count as unthumbed. None: no cap (one key
+    is everyone, as in the toy world's loop)."""
     thumb_weight: int = Field(default=1, ge=1, le=16)
     """DPO trains on each thumb-decided pair this many times (TRL's DPO has no per-row weight; repeating a row
     is the same gradient). Thumbs are few but come from people; the reward model's own pairs are many but noisy."""

@@ -113,3 +113,16 @@ def test_the_same_pair_from_two_completions_is_kept_once() -> None:
     )
     assert [r["completion_id"] for r in out.pairs] == ["c1", "c3"]
     assert out.stats.duplicates == 1
+
+
+def test_one_key_cannot_decide_more_than_its_share_of_thumbs() -> None:
+    """Feedback poisoning: past ``max_thumbs_per_key`` a key's thumbs are ignored and its completions rank by reward."""
+    labelled = [(record(f"c{i}", *FOUR, prompt=f"What is {i} plus 2?"), thumb(f"c{i}", "down")) for i in range(5)]
+    other = record("c9", *FOUR, prompt="What is 9 plus 2?")
+    other.key_id = "someone-else"
+    labelled.append((other, FeedbackRecord("c9", "someone-else", "down", None, time.time())))
+    out = build(labelled, PairSettings(max_thumbs_per_key=2))
+    assert out.stats.capped_thumbs == 3
+    assert [p["completion_id"] for p in out.pairs if p["source"] == "thumb"] == ["c0", "c1", "c9"]
+    uncapped = build(labelled, PairSettings())
+    assert (uncapped.stats.capped_thumbs, uncapped.stats.from_thumbs) == (0, 6)
