@@ -96,8 +96,9 @@ class VLLMGenerator:
         self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s)
         self._request_timeout_s = request_timeout_s
         self.breakers = breakers or Breakers(failures=3, cooldown_s=10.0)
-        self.on_missing: Callable[[str, str], None] = lambda url, model: None
-        """Told (backend URL, model name) when a backend says it does not have the model it was asked for."""
+        self.on_missing: Callable[[str, str], bool] = lambda url, model: False
+        """Told (backend URL, model name) when a backend says it does not have the model it was asked for; True: it is
+        a routed version being loaded again (the request tries elsewhere, else a retryable 503), False: a 502."""
 
     def _order(self, models: dict[str, str] | None) -> list[tuple[str, str]]:
         """(URL, model name) to try: the route's, else the configured backends; fewest requests in flight first."""
@@ -132,9 +133,8 @@ class VLLMGenerator:
                         if retry_after := response.headers.get("retry-after"):
                             last_error.headers["retry-after"] = retry_after
                         continue
-                    if response.status == 404 and models is not None:  # a routed version vLLM no longer has
-                        message = _error_message(await response.text())
-                        self.on_missing(url, model)
+                    if response.status == 404 and models is not None and self.on_missing(url, model):
+                        message = _error_message(await response.text())  # a routed version vLLM no longer has
                         last_error = BackendUnavailable(f"the model backend lost this version; it is being reloaded ({message})")
                         continue
                     if response.status != 200:

@@ -124,8 +124,9 @@ class Quotas:
             return None
         bucket = buckets.get(key_id)
         if bucket is None:
-            capacity = per_minute * self._share
-            bucket = buckets[key_id] = _Bucket(capacity, capacity / 60.0, capacity, now)
+            rate = per_minute * self._share
+            capacity = max(1.0, rate)  # a replica's share below one request a minute still admits one now and then
+            bucket = buckets[key_id] = _Bucket(capacity, rate / 60.0, capacity, now)
         bucket.refill(now)
         return bucket
 

@@ -21,7 +21,9 @@ from typing import Any
 
 from gateway.store.records import CompletionRecord, FeedbackRecord, Record
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,24}")
+"""Starts only where a local part can start, with RFC 5321's lengths: linear time on hostile input (a long run of
+letters without ``@`` would otherwise be re-scanned from every position)."""
 CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
 PHONE = re.compile(r"(?:\+\d[\d ().-]{6,}\d|\b\d(?:[ ().-]?\d){8,}\b)")
 
@@ -64,7 +66,8 @@ class Redactor:
         for c in record.candidates:
             text = self.text(c.text)
             candidates.append(c if text == c.text else replace(c, text=text, token_ids=[]))
-        return replace(record, messages=[self._message(m) for m in record.messages], candidates=candidates)
+        params = {k: self.text(v) if k == "user" and isinstance(v, str) else v for k, v in record.params.items()}
+        return replace(record, messages=[self._message(m) for m in record.messages], candidates=candidates, params=params)
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
         content = message.get("content")

@@ -69,7 +69,9 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
             state.in_flight -= 1
             state.metrics.in_flight.dec()
         if ticket is not None:
-            state.quotas.settle(ticket, plan.used_tokens if plan is not None else None)
+            used = plan.used_tokens if plan is not None else None
+            # a request that failed before generating gets its tokens back; one whose client left is charged in full
+            state.quotas.settle(ticket, 0 if used is None and status not in (200, 499) else used)
         elapsed = time.perf_counter() - started
         state.metrics.requests.labels(str(status)).inc()
         stream = "true" if plan is not None and plan.streaming else "false"

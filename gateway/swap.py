@@ -98,12 +98,17 @@ class Swapper:
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_s)
             self._wake.clear()
 
-    def lost(self, url: str, model: str) -> None:
+    def lost(self, url: str, model: str) -> bool:
         """vLLM at ``url`` answered that it does not have ``model`` (it restarted, or another replica unloaded the
-        adapter): take that backend out of the routes serving the name; the next check loads and verifies it again."""
+        adapter): take that backend out of the routes serving the LoRA version of that name; the next check loads and
+        verifies it again. False: not a routed adapter (the base, a full version's instance: nothing to reload)."""
+        handled = False
         for route in (self.route, self.canary):
             if route is None or route is self._base or route.models.get(url) != model:
                 continue
+            if self.slots.formats.get(route.version) != "lora":
+                continue
+            handled = True
             fewer = Route(route.version, {u: m for u, m in route.models.items() if u != url})
             self._routes[route.version] = fewer
             if self.route is route:
@@ -114,6 +119,7 @@ class Swapper:
             self._metrics.swap_backend_failures.labels(url).inc()
             log.error("backend %s lost %s (vLLM does not have it): taken out of the route, loading it again", url, model)
             self._wake.set()
+        return handled
 
     async def sync(self) -> None:
         """One check of the pointers; swaps (or retries unverified backends) when needed."""

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.errors import GatewayError
 from gateway.score import Conversation
 from gateway.service import ChatService
 
@@ -39,8 +38,8 @@ async def until_warm(service: ChatService, on_warm: Callable[[], None], retry_s:
     while True:
         try:
             seconds = await warm_up(service)
-        except (GatewayError, OSError) as exc:
-            log.warning("warm-up failed (%s); retrying in %.0f s", exc, retry_s)
+        except Exception as exc:  # whatever it is (vLLM starting, a bad answer), /ready must not wait silently forever
+            log.warning("warm-up failed (%s: %s); retrying in %.0f s", exc.__class__.__name__, exc, retry_s)
             await asyncio.sleep(retry_s)
             continue
         log.info("warmed up in %.2f s", seconds)

@@ -385,7 +385,12 @@ def test_a_routed_version_the_backend_lost_is_reported_and_the_request_is_retrya
         lost: list[tuple[str, str]] = []
         async with aiohttp.ClientSession() as session:
             generator = VLLMGenerator(session, [Backend(url=url, model="policy")], 10.0)
-            generator.on_missing = lambda backend, model: lost.append((backend, model))
+
+            def missing_version(backend: str, model: str) -> bool:
+                lost.append((backend, model))
+                return True  # a routed version: the swapper reloads it
+
+            generator.on_missing = missing_version
             try:
                 await generator.generate({"messages": MESSAGES}, 2, {url: "policy@v0007"})
             except Exception as exc:

@@ -112,3 +112,13 @@ def test_quotas_and_scopes_over_http(make_client: Callable[..., TestClient], tmp
     assert_error(client.post("/v1/feedback", json=feedback, headers={"authorization": "Bearer sk-ops"}), 403)
     assert client.get("/admin/policy", headers={"authorization": "Bearer sk-ops"}).status_code == 200  # an admin key
     assert_error(client.get("/admin/policy", headers=limited), 403)
+
+
+def test_a_replica_share_under_one_request_a_minute_still_admits_one_now_and_then() -> None:
+    clock = Clock()
+    quotas = Quotas([key(requests_per_minute=2)], replicas=4, clock=clock)  # half a request a minute here
+    quotas.settle(quotas.admit("team", 1, 1), 1)
+    with pytest.raises(RateLimited):
+        quotas.admit("team", 1, 1)
+    clock.now += 120
+    quotas.admit("team", 1, 1)

@@ -147,9 +147,10 @@ def test_a_version_vllm_lost_is_taken_out_of_the_route_and_loaded_again(tmp_path
             name = f"policy@{v1}"
             assert swapper.route.models == {backend.url: name}
             fake.loaded.clear()  # vLLM restarted: the adapter is gone
-            swapper.lost(backend.url, "policy@some-other-version")  # not what is routed: nothing changes
+            assert not swapper.lost(backend.url, "policy@some-other-version")  # not what is routed: nothing changes
+            assert not swapper.lost(backend.url, "policy")  # the base model: nothing to reload (a 502)
             assert swapper.route.models == {backend.url: name}
-            swapper.lost(backend.url, name)
+            assert swapper.lost(backend.url, name)
             assert swapper.route.version == v1
             assert swapper.route.models == {}  # no request is sent where the adapter is missing
             await swapper.sync()
