@@ -81,9 +81,9 @@ def lifespan(
             state = GatewayState(
                 settings, service, keys, metrics, RateLimiter(settings.feedback.per_minute, settings.feedback.burst),
                 AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate,
+                quotas=Quotas(settings.api_keys, settings.quota_replicas),
             )  # fmt: skip
             app.state.gateway = state
-            state.quotas = Quotas(settings.api_keys, settings.quota_replicas)
             state.warm = not settings.warmup
 
             def warmed() -> None:

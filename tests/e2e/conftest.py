@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.vllm_process import VLLMProcess, free_port
-from tests.polling import wait_until
+from loadtest.servers import wait_http
 from tests.serving import serving
 
 
@@ -56,13 +55,5 @@ def policy_vllm(policy_vllm_process: VLLMProcess) -> str:
 def running_gateway(settings: GatewaySettings) -> Iterator[str]:
     """The real app under uvicorn in a thread, on a free port, warmed up (``/ready``); yields its base URL."""
     with serving(create_app(settings)) as url:
-        wait_until(lambda: _ready(url), 300, "the gateway did not become ready (warm-up)")
+        wait_http(f"{url}/ready", timeout_s=300)  # 503 while it warms up
         yield url
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=10) as response:
-            return bool(response.status == 200)
-    except OSError:  # 503 (HTTPError) while warming up, or not listening yet
-        return False

@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.metrics import sample
 from gateway.store.records import CompletionRecord
+from tests.gateway.backends import chat_backend
 from tests.gateway.conftest import REWARDS, settings
 from tests.gateway.fakes import FakeScorer, FakeStore
 from tests.polling import wait_until
@@ -52,11 +53,8 @@ class EndlessBackend:
 @pytest.fixture
 def endless_backend() -> Iterator[EndlessBackend]:
     seen = EndlessBackend()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    stop = asyncio.Event()
 
-    async def chat(request: web.Request) -> web.StreamResponse:
+    async def chat(request: web.Request, stopping: asyncio.Event) -> web.StreamResponse:
         body = await request.json()
         seen.received.release()
         try:
@@ -64,31 +62,15 @@ def endless_backend() -> Iterator[EndlessBackend]:
                 response = web.StreamResponse(headers={"content-type": "text/event-stream"})
                 await response.prepare(request)
                 await response.write(b"data: " + json.dumps(FIRST_CHUNK).encode() + b"\n\n")
-            await stop.wait()  # never finishes: only the client's leaving ends it
+            await stopping.wait()  # never finishes: only the client's leaving ends it
             raise AssertionError("unreachable while the test runs")
         except asyncio.CancelledError:  # handler_cancellation: the connection was closed
             seen.closed.release()
             raise
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        seen.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        started.set()
-        await stop.wait()
-        await runner.cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10), "the scripted backend did not start"
-    yield seen
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
-    loop.close()
+    with chat_backend(chat, handler_cancellation=True) as url:
+        seen.url = url
+        yield seen
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from gateway.auth import digest
 from gateway.errors import BackendTimeout, BackendUnavailable
+from tests.gateway.backends import chat_backend
 from tests.gateway.conftest import ANSWERS, LOCAL
 from tests.gateway.fakes import FakeGenerator, FakeScorer
 
@@ -173,39 +172,6 @@ def _closed_port() -> int:
     return port
 
 
-@contextmanager
-def _chat_backend(handler: Callable[[web.Request, asyncio.Event], Awaitable[web.StreamResponse]]) -> Iterator[str]:
-    """An HTTP server in a thread whose ``POST /v1/chat/completions`` is ``handler(request, stopping)``; yields its URL.
-    ``stopping`` is set when the block ends (a handler that waits on it lets the server stop at once)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port = _closed_port()
-    stopping = asyncio.Event()
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await handler(request, stopping)
-
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await stopping.wait()
-        await runner.cleanup()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10), "the scripted backend did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(stopping.set)
-        thread.join(10)
-        loop.close()
-
-
 @pytest.fixture
 def hanging_backend() -> Iterator[str]:
     """An HTTP server that accepts chat requests and never answers them."""
@@ -214,7 +180,7 @@ def hanging_backend() -> Iterator[str]:
         await stopping.wait()
         return web.json_response({})
 
-    with _chat_backend(hang) as url:
+    with chat_backend(hang) as url:
         yield url
 
 
@@ -286,7 +252,7 @@ def answering_backend() -> Iterator[str]:
         usage = {"prompt_tokens": 5, "completion_tokens": len(choices), "total_tokens": 5 + len(choices)}
         return web.json_response({"id": "x", "object": "chat.completion", "choices": choices, "usage": usage})
 
-    with _chat_backend(answer) as url:
+    with chat_backend(answer) as url:
         yield url
 
 
@@ -348,7 +314,7 @@ def overloaded_backend() -> Iterator[str]:
         error = {"message": "The request queue is full. Please retry later.", "type": "ServiceUnavailable", "code": 503}
         return web.json_response({"error": error}, status=503, headers={"retry-after": "3"})
 
-    with _chat_backend(refuse) as url:
+    with chat_backend(refuse) as url:
         yield url
 
 
@@ -397,7 +363,7 @@ def test_a_routed_version_the_backend_lost_is_reported_and_the_request_is_retrya
                 return exc, lost
         raise AssertionError("expected an error")
 
-    with _chat_backend(missing) as url:
+    with chat_backend(missing) as url:
         error, lost = asyncio.run(ask(url))
     assert lost == [(url, "policy@v0007")]
     assert isinstance(error, BackendUnavailable)  # 503 with Retry-After: the SDKs retry, by then it is reloaded
