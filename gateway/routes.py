@@ -167,7 +167,7 @@ async def feedback(request: Request, state: State, key_id: FeedbackKeyId) -> dic
     wait = state.feedback_limit.allow(key_id)
     if wait:
         raise RateLimited(f"too much feedback from this API key; retry in {wait:.0f} s", wait)
-    state.service.feedback(FeedbackRecord(body.completion_id, key_id, body.thumb, body.comment, time.time()))
+    await state.service.feedback(FeedbackRecord(body.completion_id, key_id, body.thumb, body.comment, time.time()))
     return {"object": "feedback", "completion_id": body.completion_id, "thumb": body.thumb, "status": "accepted"}
 
 

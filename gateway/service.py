@@ -37,7 +37,13 @@ RECENT_IDS = 100_000
 
 
 class RecordSink(Protocol):
-    def submit(self, record: Record) -> None: ...
+    def submit(self, record: Record) -> None:
+        """Queue a record for the log; never blocks."""
+        ...
+
+    def persist(self, record: Record) -> None:
+        """Keep a record durably before returning (blocking: called from a worker thread)."""
+        ...
 
 
 @dataclass
@@ -298,7 +304,10 @@ class ChatService:
     def _submit(self, record: Record) -> None:
         """To the log, redacted first when the config asks (``store.redact``): the database never sees the original."""
         assert self.sink is not None
-        self.sink.submit(self._redactor.record(record) if self._redactor is not None else record)
+        self.sink.submit(self._redacted(record))
+
+    def _redacted(self, record: Record) -> Record:
+        return self._redactor.record(record) if self._redactor is not None else record
 
     def _remember(self, completion_id: str, version: str) -> None:
         self._recent[completion_id] = version
@@ -306,12 +315,13 @@ class ChatService:
             self._recent.popitem(last=False)
 
     # ---- feedback ----
-    def feedback(self, record: FeedbackRecord) -> None:
-        """Queue a thumb (ownership was checked by the caller) and count it."""
+    async def feedback(self, record: FeedbackRecord) -> None:
+        """Keep a thumb (ownership was checked by the caller) durably, then count it: once this returns, the
+        thumb is in the database or fsync'd in the spool, so the 200 that follows survives a crash."""
+        if self.sink is not None:
+            await asyncio.to_thread(self.sink.persist, self._redacted(record))
         version = self._recent.get(record.completion_id, "unknown")
         self.metrics.feedback.labels(record.thumb, version).inc()
-        if self.sink is not None:
-            self._submit(record)
 
     async def relay(self, plan: Plan) -> AsyncGenerator[bytes, None]:
         """N=1 streaming: vLLM's chunks as they come, with this gateway's id, model and fingerprint.

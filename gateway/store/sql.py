@@ -4,7 +4,8 @@ Knows how to open the database (SQLite in WAL mode; PostgreSQL through psycopg 3
 connection pool), bring its schema to the newest migration, write a batch of records in
 one transaction, idempotently (a record replayed from the spool, or written twice, is kept
 once; a repeated thumb replaces the previous one), read what the trainer exports, and
-purge old records. Synchronous: the writer thread calls it, never the event loop.
+purge old records. Synchronous: the writer's threads call it (and a worker thread for a thumb), never
+the event loop.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ class Counts:
 
 
 class SqlStore:
-    def __init__(self, url: str, *, connect_timeout_s: float = 3.0, echo: bool = False) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 3.0, busy_timeout_s: float = 10.0, echo: bool = False) -> None:
+        """``busy_timeout_s`` (SQLite): how long a write waits for another process's write lock (gateway workers,
+        a purge, a second gateway on one file) before "database is locked" sends its batch to the spool."""
         self.url = url
-        self.engine = _engine(url, connect_timeout_s, echo)
+        self.engine = _engine(url, connect_timeout_s, busy_timeout_s, echo)
         self._dialect = self.engine.dialect.name
         if self._dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {self._dialect!r}: use sqlite:/// or postgresql+psycopg://")
@@ -215,12 +218,12 @@ class SqlStore:
         self.engine.dispose()
 
 
-def _engine(url: str, connect_timeout_s: float, echo: bool) -> Engine:
+def _engine(url: str, connect_timeout_s: float, busy_timeout_s: float, echo: bool) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": connect_timeout_s})
+        engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout_s})  # sqlite3's busy timeout
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:

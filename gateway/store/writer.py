@@ -7,6 +7,10 @@ the queue is full, records overflow to a spool thread that appends them to the s
 spool and the database is left alone for ``retry_s``; then the spool is replayed into it,
 oldest first. ``close`` drains the queue and the overflow (into the database, or the
 spool when the database is down); a spool left on disk is replayed at the next start.
+``persist`` is the durable path for a record whose 200 must mean it is kept (a thumb): it
+is in the database or fsync'd in the spool before the call returns. A SIGKILL loses only
+the queued completions not yet written (at most ``flush_interval_s`` of traffic plus the
+batch in flight).
 A batch the database refuses for its content while it still answers holds a record it
 cannot take (a NUL character, a lone surrogate, a violated constraint): the batch is written
 record by record and the refused ones are quarantined (``Spool.quarantine``), so one bad
@@ -77,6 +81,16 @@ class RecordWriter:
             self._queue.put_nowait(record)
         except queue.Full:
             self._overflow.put(record)
+
+    def persist(self, record: Record) -> None:
+        """Write one record before returning: into the database, else (down, or refusing it) to disk.
+
+        Blocking (call it from a worker thread). For what a client's 200 promises is already
+        kept, whatever happens to this process next: a thumb. Not for the completions, which
+        ride the queue so that responses never wait for the database."""
+        if self.db_up and not self._store([record]):
+            return  # written, or quarantined (durably) for its content
+        self._to_spool([record])
 
     @property
     def queue_depth(self) -> int:
