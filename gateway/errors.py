@@ -116,6 +116,14 @@ class BackendTimeout(GatewayError):
     default_code = "backend_timeout"
 
 
+class DeadlineExceeded(GatewayError):
+    """The request's deadline (``deadline_ms``, else ``timeouts.deadline_s``) passed before it had an answer."""
+
+    status = 504
+    type = "timeout"
+    default_code = "deadline_exceeded"
+
+
 class ScorerFailed(GatewayError):
     status = 500
     type = "server_error"

@@ -83,6 +83,10 @@ class ChatCompletionRequest(BaseModel):
     # --- Extensions of this gateway (not OpenAI fields) ---
     n_candidates: int | None = Field(default=None, ge=1, description="candidates to generate and rank (best-of-N)")
     return_candidates: bool = Field(default=False, description="add a `candidates` list: every candidate's text and reward")
+    deadline_ms: int | None = Field(
+        default=None, ge=1, description="the most this request may take, generation and scoring together (at most the "
+        "gateway's timeouts.deadline_s): 504 `deadline_exceeded` past it while generating; scoring gets what is left",
+    )  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -110,7 +114,9 @@ class AdminAction(BaseModel):
     reason: str | None = Field(default=None, max_length=500)
 
 
-GATEWAY_FIELDS = frozenset({"model", "n", "stream", "stream_options", "store", "metadata", "n_candidates", "return_candidates"})
+GATEWAY_FIELDS = frozenset(
+    {"model", "n", "stream", "stream_options", "store", "metadata", "n_candidates", "return_candidates", "deadline_ms"}
+)
 """Handled by the gateway itself; never forwarded as they are."""
 
 TOOL_FIELDS = ("tools", "functions", "tool_choice", "function_call", "parallel_tool_calls")

@@ -29,6 +29,7 @@ from gateway.canary import GateBusy, NoCanary
 from gateway.errors import (
     CompletionNotFound,
     Conflict,
+    DeadlineExceeded,
     GatewayError,
     InvalidRequest,
     NotReady,
@@ -107,7 +108,7 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
             headers["x-bon-degraded"] = plan.degraded
         if plan.streaming and plan.n_candidates == 1:
             relay = state.service.relay(plan)
-            first = await _unless_disconnected(request, anext(relay))  # errors before the first byte keep their status
+            first = await _unless_disconnected(request, _first(relay, plan))  # errors before the first byte keep their status
             status = 200
             tail = _until(relay, state.settings.limits.max_stream_s)
             streaming = responses.sse([first], tail)
@@ -140,6 +141,15 @@ async def _then(body: AsyncIterator[bytes], finish: Callable[[], None]) -> Async
             yield chunk
     finally:
         finish()
+
+
+async def _first(relay: AsyncGenerator[bytes, None], plan: Plan) -> bytes:
+    """A relayed stream's first payload, within the request's deadline (504 ``deadline_exceeded`` past it)."""
+    try:
+        return await asyncio.wait_for(anext(relay), plan.left_s())
+    except TimeoutError:
+        await relay.aclose()
+        raise DeadlineExceeded(f"no first token within the request's deadline of {plan.deadline_s * 1000:.0f} ms") from None
 
 
 async def _until(relay: AsyncGenerator[bytes, None], limit_s: float) -> AsyncIterator[bytes]:

@@ -19,7 +19,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.errors import InvalidRequest, ModelNotFound, ScorerFailed, ScorerUnavailable
+from gateway.degrade import ScorerPace, under_load, within_pace
+from gateway.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ScorerFailed, ScorerUnavailable
 from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
@@ -65,9 +66,18 @@ class Plan:
     created: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     degraded: str | None = None
-    """Why N was lowered (``overload``: past ``limits.degrade_above`` requests in flight)."""
+    """Why N was lowered (``overload``: past ``limits.degrade_above`` requests in flight; ``scorer_slow``: the reward
+    model's pace past ``scorer.degrade_above_ms``; both: comma-separated)."""
     used_tokens: int | None = None
     """Completion tokens generated, once known (every candidate's); what the key's token quota is charged."""
+    deadline_s: float = float("inf")
+    """The request's whole time (``deadline_ms``, else ``timeouts.deadline_s``)."""
+    deadline: float = float("inf")
+    """``time.monotonic()`` by which the answer must be ready."""
+
+    def left_s(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
 
     @property
     def streaming(self) -> bool:
@@ -121,11 +131,13 @@ class ChatService:
         """The hot-swap's route for a sticky key (``gateway.swap``: current or canary); None: the configured backends."""
         self._background: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[str, str] = OrderedDict()
+        self.scorer_pace = ScorerPace()
+        """The reward model's recent seconds per candidate (``scorer.degrade_above_ms`` lowers N by it)."""
 
     # ---- protocol: validate and plan ----
     def plan(self, request: ChatCompletionRequest, key_id: str, in_flight: int = 0) -> Plan:
         """What to do for ``request``; ``in_flight``: requests running now (this one included), which may lower N
-        (``limits.degrade_above``)."""
+        (``limits.degrade_above``), as a slow reward model may (``scorer.degrade_above_ms``): ``gateway.degrade``."""
         s = self.settings
         if request.model != s.model_alias:
             raise ModelNotFound(
@@ -162,10 +174,16 @@ class ChatService:
             raise InvalidRequest(
                 f"'{tool_field}' cannot be used with best-of-N: set n_candidates to 1 to call tools", param=tool_field
             )
-        degraded = None
-        if s.limits.degrade_above and in_flight > s.limits.degrade_above and n_candidates > n_return:
-            n_candidates, degraded = max(n_return, n_candidates // 2), "overload"  # half the work, still ranked
-            self.metrics.degraded.labels(degraded).inc()
+        reasons = []
+        if (lowered := under_load(n_candidates, n_return, in_flight, s.limits.degrade_above)) < n_candidates:
+            n_candidates = lowered
+            reasons.append("overload")
+        pace = self.scorer_pace.per_candidate_s()
+        if (lowered := within_pace(n_candidates, n_return, pace, s.scorer.degrade_above_ms)) < n_candidates:
+            n_candidates = lowered
+            reasons.append("scorer_slow")
+        for reason in reasons:
+            self.metrics.degraded.labels(reason).inc()
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
@@ -173,7 +191,10 @@ class ChatService:
         version = route.version if route is not None else s.policy_version
         models = route.models if route is not None else None
         plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
-        plan.degraded = degraded
+        plan.degraded = ",".join(reasons) or None
+        asked = request.deadline_ms / 1000 if request.deadline_ms is not None else s.timeouts.deadline_s
+        plan.deadline_s = min(s.timeouts.deadline_s, asked)
+        plan.deadline = time.monotonic() + plan.deadline_s
         return plan
 
     # ---- generate → score → select → log ----
@@ -190,7 +211,10 @@ class ChatService:
 
     async def _run(self, plan: Plan, generated: list[Generation]) -> Outcome:
         started = time.perf_counter()
-        generation = await self.generator.generate(plan.body, plan.n_candidates, plan.models)
+        try:
+            generation = await asyncio.wait_for(self.generator.generate(plan.body, plan.n_candidates, plan.models), plan.left_s())
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within the request's deadline of {plan.deadline_s * 1000:.0f} ms") from None
         generated.append(generation)
         plan.used_tokens = generation.completion_tokens
         plan.timings["generate"] = time.perf_counter() - started
@@ -223,14 +247,18 @@ class ChatService:
         (None, why) and the answer goes out unranked."""
         s = self.settings.scorer
         messages = _messages(plan)
+        started, limit_s = time.perf_counter(), min(s.deadline_ms / 1000, plan.left_s())
         try:
             rewards = await asyncio.wait_for(
-                scorer.score([Conversation(messages, c.text) for c in generation.candidates]), s.deadline_ms / 1000
+                scorer.score([Conversation(messages, c.text) for c in generation.candidates]), limit_s
             )
+            self.scorer_pace.observe(time.perf_counter() - started, len(generation.candidates))
             return rewards, None
         except (ScorerFailed, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                self.scorer_pace.observe(time.perf_counter() - started, len(generation.candidates))
             reason = "scorer_timeout" if isinstance(exc, TimeoutError) else "scorer_failed"
-            what = f"missed its {s.deadline_ms:.0f} ms deadline" if reason == "scorer_timeout" else f"failed ({exc})"
+            what = f"missed its {limit_s * 1000:.0f} ms deadline" if reason == "scorer_timeout" else f"failed ({exc})"
             if s.on_failure == "fail_closed":
                 raise ScorerUnavailable(f"the reward model {what}; retry shortly") from None
             self.metrics.degraded.labels(reason).inc()
@@ -266,19 +294,29 @@ class ChatService:
         assert self.sink is not None
         scorer = self.scorer
         assert scorer is not None
+        conversations = [Conversation(_messages(plan), c.text) for c in record.candidates]
         try:
-            rewards = await scorer.score([Conversation(_messages(plan), c.text) for c in record.candidates], background=True)
+            rewards = await asyncio.wait_for(
+                scorer.score(conversations, background=True), self.settings.scorer.deadline_ms / 1000
+            )
             for c, reward in zip(record.candidates, rewards, strict=True):
                 c.reward = reward
             record.rm_version = scorer.version
-        except Exception as exc:
-            log.warning("scoring %s for the log failed: %s", record.id, exc)
+        except asyncio.CancelledError:  # shutting down before the reward model answered: the record is kept unscored
+            self._submit(record)
+            raise
+        except Exception as exc:  # failed or past scorer.deadline_ms: kept unscored
+            log.warning("scoring %s for the log failed: %s", record.id, exc.__class__.__name__)
         self._submit(record)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
-        """Wait for background scoring (at shutdown), so its records reach the log."""
+        """Wait for background scoring (at shutdown), so its records reach the log; past ``timeout_s`` the rest
+        are logged unscored."""
         if self._background:
-            await asyncio.wait(set(self._background), timeout=timeout_s)
+            _, late = await asyncio.wait(set(self._background), timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     def _record(self, plan: Plan, outcome: Outcome) -> CompletionRecord:
         rewards = outcome.rewards

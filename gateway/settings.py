@@ -121,6 +121,9 @@ class ScorerSettings(BaseModel):
     """The reward model failed or missed ``deadline_ms``: 503 (closed), or the first candidates unranked, tagged
     ``x-bon-degraded`` and counted (open)."""
     deadline_ms: float = Field(default=10_000, gt=0, description="longest wait for a request's rewards")
+    degrade_above_ms: float | None = Field(default=None, gt=0)
+    """When the reward model's recent pace would take longer than this for a request's N, N is lowered to fit (not
+    below n), tagged ``x-bon-degraded: scorer_slow`` and counted (``gateway.degrade``). None: never."""
 
 
 Scope = Literal["chat", "feedback", "admin"]
@@ -153,6 +156,10 @@ class Timeouts(BaseModel):
     connect_s: float = 5.0
     request_s: float = 120.0
     """Whole generation request to vLLM; past it the client gets 504."""
+    deadline_s: float = Field(default=130.0, gt=0)
+    """A request's whole time, generation and scoring together, unless it asks for less (``deadline_ms``): generation
+    gets what is left of it (504 ``deadline_exceeded`` past it), scoring the rest (within ``scorer.deadline_ms``),
+    a relayed stream its first token."""
     keepalive_s: float = Field(default=4.0, gt=0)
     """How long an idle connection to vLLM is kept for reuse. Below vLLM's own idle timeout
     (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s): a connection reused just as the server closes it fails
@@ -178,7 +185,7 @@ class LimitSettings(BaseModel):
     max_candidate_tokens: int = Field(default=2048, ge=1, description="n_candidates x max_tokens: what one request may cost")
     max_stream_s: float = Field(default=300.0, gt=0, description="a relayed stream is ended (with an error event) after this")
     max_in_flight: int = Field(default=256, ge=0, description="chat requests at once; beyond: 503 at once. 0: no cap")
-    degrade_above: int = Field(default=0, ge=0, description="past this many in flight, N is halved (not below n); 0: never")
+    degrade_above: int = Field(default=0, ge=0, description="past this many in flight, N x it / in flight (>= n); 0: never")
 
 
 class BreakerSettings(BaseModel):

@@ -43,6 +43,7 @@ class FakeGenerator:
 
     async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         self.calls.append((body, 1))
+        await asyncio.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
         base = {"id": "chatcmpl-vllm", "object": "chat.completion.chunk", "created": 1, "model": "policy"}

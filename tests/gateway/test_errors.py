@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -368,3 +369,37 @@ def test_a_routed_version_the_backend_lost_is_reported_and_the_request_is_retrya
     assert lost == [(url, "policy@v0007")]
     assert isinstance(error, BackendUnavailable)  # 503 with Retry-After: the SDKs retry, by then it is reloaded
     assert "being reloaded" in str(error)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_deadline_gets_504_at_once_and_vllm_is_let_go(
+    make_client: Callable[..., TestClient], stream: bool
+) -> None:
+    generator = FakeGenerator(ANSWERS, delay_s=30)
+    client = make_client(generator=generator, timeouts={"deadline_s": 60})
+    body = {"model": "toy-bon", "messages": MESSAGES, "deadline_ms": 200, "stream": stream, "n_candidates": 1}
+    started = time.monotonic()
+    error = assert_error(client.post(CHAT, json=body), 504, code="deadline_exceeded")
+    assert time.monotonic() - started < 15  # the deadline, not the generator's 30 s
+    assert "200 ms" in error["message"]
+    if not stream:
+        assert generator.cancelled == 1  # the request to vLLM was closed (vLLM aborts it)
+
+
+def test_the_config_bounds_the_deadline_a_client_may_ask(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(generator=FakeGenerator(ANSWERS, delay_s=30), timeouts={"deadline_s": 0.2})
+    body = {"model": "toy-bon", "messages": MESSAGES, "deadline_ms": 600_000}
+    error = assert_error(client.post(CHAT, json=body), 504, code="deadline_exceeded")
+    assert "200 ms" in error["message"]
+
+
+def test_scoring_gets_what_is_left_of_the_deadline(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(
+        generator=FakeGenerator(ANSWERS, delay_s=0.1), scorer=FakeScorer({}, delay_s=30),
+        scorer_settings={"on_failure": "fail_open", "deadline_ms": 60_000}, store={"score_unscored": False},
+    )  # fmt: skip
+    started = time.monotonic()
+    response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "deadline_ms": 500})
+    assert time.monotonic() - started < 15  # not the scorer's 30 s, nor its own 60 s deadline
+    assert response.status_code == 200
+    assert response.headers["x-bon-degraded"] == "scorer_timeout"

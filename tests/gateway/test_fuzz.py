@@ -40,7 +40,7 @@ schema.config.generation.update(
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
     yield
-    total, errors = sum(STATUSES.values()), sum(n for status, n in STATUSES.items() if status >= 500)
+    total, errors = sum(STATUSES.values()), sum(n for status, n in STATUSES.items() if status >= 500 and status != 504)
     print(f"\nfuzzing: {total} generated cases, {errors} 5xx; statuses {dict(sorted(STATUSES.items()))}")
     assert total >= 1000, f"only {total} cases ran"
 
@@ -50,6 +50,9 @@ def report() -> Iterator[None]:
 def test_no_5xx_and_every_error_in_openai_shape(case: Any) -> None:
     response = case.call(headers={"authorization": f"Bearer {ADMIN}"})
     STATUSES[response.status_code] += 1
+    if response.status_code == 504 and isinstance(case.body, dict) and "deadline_ms" in case.body:
+        assert response.json()["error"]["code"] == "deadline_exceeded"  # what a client asking for 1 ms may get
+        return
     assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:500]}"
     if response.status_code >= 400 and response.status_code != 499:
         error = response.json()["error"]

@@ -164,7 +164,7 @@ def test_a_relayed_stream_holds_its_place_until_its_last_byte() -> None:
         assert client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES}).status_code == 200
 
 
-def test_under_load_n_is_halved_and_the_answer_says_so() -> None:
+def test_under_load_n_is_lowered_and_the_answer_says_so() -> None:
     generator = HeldGenerator()
     app = create_app(
         settings(limits={"max_in_flight": 8, "degrade_above": 1}),

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from gateway.store.records import CompletionRecord
 from tests.gateway.conftest import ANSWERS, REWARDS
-from tests.gateway.fakes import FakeStore
+from tests.gateway.fakes import FakeScorer, FakeStore
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "What is 3 plus 4?"}]
@@ -54,6 +54,16 @@ def test_one_candidate_is_scored_for_the_log_after_the_response(client: TestClie
     assert record.candidates[0].reward == REWARDS[ANSWERS[0]]
     assert record.rm_version == "rm-fake"
     assert record.candidates[0].chosen
+
+
+def test_an_answer_the_reward_model_cannot_score_in_time_is_logged_unscored(
+    make_client: Callable[..., TestClient], store: FakeStore
+) -> None:
+    client = make_client(scorer=FakeScorer(REWARDS, delay_s=60), scorer_settings={"deadline_ms": 100})
+    body = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "n_candidates": 1}).json()
+    [record] = completions(store.wait_for(lambda rs: len(completions(rs)) == 1))  # not after the scorer's 60 s
+    assert record.id == body["id"]
+    assert (record.candidates[0].reward, record.rm_version) == (None, None)
 
 
 def test_streamed_answer_is_logged_and_token_ids_are_not_shown_to_the_client(client: TestClient, store: FakeStore) -> None:
