@@ -130,7 +130,7 @@ class ScorerFailed(GatewayError):
     default_code = "reward_model_error"
 
 
-class ScorerUnavailable(GatewayError):
+class ScorerUnavailable(RetryLater):
     """The reward model failed or missed its deadline, and ``scorer.on_failure`` is ``fail_closed``."""
 
     status = 503

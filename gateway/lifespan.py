@@ -136,6 +136,8 @@ def _generator(settings: GatewaySettings, session: aiohttp.ClientSession, metric
 
     b = settings.breaker
     t = settings.timeouts
+    for backend in settings.all_backends():
+        metrics.backend_circuit.labels(backend.url).set(0)  # the series exists from the start (an alert needs it)
     return VLLMGenerator(session, settings.all_backends(), t.request_s, t.connect_s, Breakers(b.failures, b.cooldown_s, changed))
 
 

@@ -51,6 +51,19 @@ def policy_vllm(policy_vllm_process: VLLMProcess) -> str:
     return policy_vllm_process.url
 
 
+@pytest.fixture(scope="session")
+def reward_vllm_process(test_models: Path) -> Iterator[VLLMProcess]:
+    """The test preset's reward model on a real vLLM CPU server (``--runner pooling``), shared by the session."""
+    with running_vllm_process(test_models / "reward_model", "reward", pooling=True) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def reward_vllm(reward_vllm_process: VLLMProcess) -> str:
+    """The base URL of ``reward_vllm_process``."""
+    return reward_vllm_process.url
+
+
 @contextmanager
 def running_gateway(settings: GatewaySettings) -> Iterator[str]:
     """The real app under uvicorn in a thread, on a free port, warmed up (``/ready``); yields its base URL."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-
-from tests.e2e.conftest import running_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -47,13 +44,7 @@ def test_policy_stops_at_its_end_token(policy_vllm: str) -> None:
     assert "<|end|>" not in (choice.message.content or "")
 
 
-@pytest.fixture(scope="module")
-def reward_url(test_models: Path) -> Iterator[str]:
-    with running_vllm(test_models / "reward_model", "reward", pooling=True) as url:
-        yield url
-
-
-def test_reward_model_serves_raw_scores_with_pooling_runner(reward_url: str, test_models: Path) -> None:
+def test_reward_model_serves_raw_scores_with_pooling_runner(reward_vllm: str, test_models: Path) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -65,7 +56,7 @@ def test_reward_model_serves_raw_scores_with_pooling_runner(reward_url: str, tes
         for answer in ("Sure! 3 plus 4 is 7.", "Ugh. 3 plus 4 is 9.")
     ]
     body = json.dumps({"model": "reward", "input": texts, "use_activation": False}).encode()
-    request = urllib.request.Request(f"{reward_url}/classify", body, {"Content-Type": "application/json"})
+    request = urllib.request.Request(f"{reward_vllm}/classify", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         data = json.load(response)
     served = [item["probs"][0] for item in data["data"]]
@@ -76,7 +67,7 @@ def test_reward_model_serves_raw_scores_with_pooling_runner(reward_url: str, tes
     assert served == pytest.approx(local, abs=0.05)
 
 
-def test_remote_pooling_scorer_matches_the_local_reward_model(reward_url: str, test_models: Path) -> None:
+def test_remote_pooling_scorer_matches_the_local_reward_model(reward_vllm: str, test_models: Path) -> None:
     import asyncio
 
     import aiohttp
@@ -90,7 +81,7 @@ def test_remote_pooling_scorer_matches_the_local_reward_model(reward_url: str, t
 
     async def both() -> tuple[list[float], list[float]]:
         async with aiohttp.ClientSession() as session:
-            remote = RemotePoolingScorer(session, reward_url, "reward", test_models / "reward_model", "rm-test")
+            remote = RemotePoolingScorer(session, reward_vllm, "reward", test_models / "reward_model", "rm-test")
             local = LocalRewardModel(test_models / "reward_model", "rm-test")
             await remote.start()
             await local.start()

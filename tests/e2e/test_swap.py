@@ -83,7 +83,7 @@ def test_a_trained_version_is_swapped_in_under_traffic(policy_vllm: str, test_mo
             assert trained.returncode == 0, trained.stderr[-3000:]
             assert "round trained" in trained.stdout
 
-        seen = _under_traffic(url, lambda: train(config), "v0001")
+        seen = _under_traffic(url, lambda: train(config), "v0001", pause_s=0.2)  # paced: the round needs the CPU too
 
         # 3. No request failed; once v0001 answered, every later answer came from it.
         _switched_once(seen, "base", "v0001")
