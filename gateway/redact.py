@@ -65,7 +65,7 @@ class Redactor:
         candidates = []
         for c in record.candidates:
             text = self.text(c.text)
-            candidates.append(c if text == c.text else replace(c, text=text, token_ids=[]))
+            candidates.append(c if text == c.text else replace(c, text=text, token_ids=[], tokens=c.token_count))
         params = {k: self.text(v) if k == "user" and isinstance(v, str) else v for k, v in record.params.items()}
         return replace(record, messages=[self._message(m) for m in record.messages], candidates=candidates, params=params)
 

@@ -23,10 +23,12 @@ class CandidateRecord:
     logprob_sum: float | None = None
     logprob_mean: float | None = None
     chosen: bool = False
+    tokens: int | None = None
+    """Tokens generated when ``token_ids`` no longer holds them (dropped with text redaction); None: len(token_ids)."""
 
     @property
     def token_count(self) -> int:
-        return len(self.token_ids)
+        return self.tokens if self.tokens is not None else len(self.token_ids)
 
 
 @dataclass

@@ -286,5 +286,5 @@ def _candidate_record(row: Any) -> CandidateRecord:
     return CandidateRecord(
         index=row["idx"], text=row["text"], token_ids=row["token_ids"], finish_reason=row["finish_reason"],
         reward=row["reward"], scores=row["scores"], logprob_sum=row["logprob_sum"], logprob_mean=row["logprob_mean"],
-        chosen=bool(row["chosen"]),
+        chosen=bool(row["chosen"]), tokens=row["token_count"] if row["token_count"] != len(row["token_ids"]) else None,
     )  # fmt: skip

@@ -47,6 +47,7 @@ def test_the_log_never_holds_the_original_and_the_answer_is_unchanged(
     assert done.messages[0]["content"] == "I am [EMAIL], what is 3 plus 4?"
     assert done.candidates[0].text == "Write to [EMAIL]."
     assert done.candidates[0].token_ids == []  # they would spell the original
+    assert done.candidates[0].token_count == 2  # the length the canary's guardrail compares stays (FakeGenerator: 2)
     assert thumb.comment == "reach me at [PHONE]"
     assert Redactor().text("x" * 100_000 + " a@b.io") == "x" * 100_000 + " [EMAIL]"  # linear: no re-scan per position
     assert "example" not in repr(records)
