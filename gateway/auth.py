@@ -54,6 +54,10 @@ class KeyRing:
         self._keys = [(key.sha256, key) for key in keys]
         self._keyless_public = keyless_public
 
+    def replace(self, keys: Sequence[ApiKey]) -> None:
+        """The keys from now on (``gateway.keyfile``: the file changed); one assignment, so a request sees old or new."""
+        self._keys = [(key.sha256, key) for key in keys]
+
     @property
     def keyless(self) -> bool:
         return not self._keys
@@ -71,6 +75,8 @@ class KeyRing:
         found = self._find(authorization)
         if found is None:
             raise AuthenticationFailed("incorrect API key provided")
+        if found.revoked:
+            raise AuthenticationFailed("this API key has been revoked", code="revoked_api_key")
         if scope not in found.scopes:
             raise PermissionDenied(f"this API key has no '{scope}' scope (it has: {', '.join(found.scopes) or 'none'})")
         return found.id
@@ -91,7 +97,7 @@ class KeyRing:
             key = self._find(authorization)
         except AuthenticationFailed:
             return False
-        return key is not None and "admin" in key.scopes
+        return key is not None and not key.revoked and "admin" in key.scopes
 
 
 class AdminGuard:

@@ -28,13 +28,14 @@ from gateway.breaker import Breakers, State
 from gateway.canary import CanaryGate, Totals
 from gateway.generate import Generator, VLLMGenerator
 from gateway.ids import CompletionIds, load_or_create_secret
+from gateway.keyfile import KeyFile
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService
-from gateway.settings import GatewaySettings
+from gateway.settings import ApiKey, GatewaySettings
 from gateway.state import GatewayState
 from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
 from gateway.swap import Swapper
@@ -77,11 +78,18 @@ def lifespan(
             if scorer is None and score is not None and settings.swap.enabled:
                 follower = await _reward_follower(settings, session, service, metrics)
             gate = _gate(settings, service, writer, metrics) if settings.swap.enabled else None
-            keys = KeyRing(settings.api_keys, keyless_public=settings.allow_keyless_public)
+
+            def rekeyed(new: list[ApiKey]) -> None:  # the key file changed
+                keys.replace(new)
+                quotas.replace(new)
+
+            key_file = KeyFile(settings.api_keys_file, settings.api_keys, rekeyed) if settings.api_keys_file else None
+            api_keys = key_file.keys() if key_file is not None else settings.api_keys
+            keys = KeyRing(api_keys, keyless_public=settings.allow_keyless_public)
+            quotas = Quotas(api_keys, settings.quota_replicas)
             state = GatewayState(
                 settings, service, keys, metrics, RateLimiter(settings.feedback.per_minute, settings.feedback.burst),
-                AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate,
-                quotas=Quotas(settings.api_keys, settings.quota_replicas),
+                AdminGuard(settings.admin_token, settings.host, keys), writer, swapper, gate, quotas=quotas,
             )  # fmt: skip
             app.state.gateway = state
             state.warm = not settings.warmup
@@ -98,6 +106,7 @@ def lifespan(
                     follower.run() if follower is not None else None,
                     gate.run() if gate is not None and gate.automatic else None,
                     until_warm(service, warmed) if settings.warmup else None,
+                    key_file.run(settings.keys_reload_s) if key_file is not None else None,
                     _purge_every(settings, writer.store) if writer is not None and isinstance(writer.store, SqlStore) else None,
                 )
                 if work is not None

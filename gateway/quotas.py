@@ -63,6 +63,14 @@ class Quotas:
         self._tokens: dict[str, _Bucket] = {}
         self._running: dict[str, int] = {}
 
+    def replace(self, keys: Sequence[ApiKey]) -> None:
+        """The keys' limits from now on (``gateway.keyfile``); a key whose rates changed starts a full bucket at them."""
+        changed = {k.id for k in keys if (old := self._keys.get(k.id)) is None or old.model_dump() != k.model_dump()}
+        for buckets in (self._requests, self._tokens):
+            for key_id in changed & buckets.keys():
+                del buckets[key_id]
+        self._keys = {k.id: k for k in keys}
+
     def admit(self, key_id: str, n_candidates: int, max_tokens: int) -> Ticket:
         """Hold the key's quotas for one request, or raise (400 over a per-request limit, 429 over a rate)."""
         key = self._keys.get(key_id)

@@ -142,6 +142,8 @@ class ApiKey(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1)
     max_n_candidates: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
+    revoked: bool = False
+    """Refused (401 ``revoked_api_key``); kept listed so that what the key did stays attributed to its id."""
 
     @field_validator("sha256")
     @classmethod
@@ -286,6 +288,10 @@ class GatewaySettings(YamlSettings):
     warmup: bool = True
     """Before ``/ready`` turns ready: one best-of-N request and one reward-model pass (``gateway.warmup``)."""
     api_keys: list[ApiKey] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    """More keys in a YAML file (a list of ``api_keys`` entries), re-read when it changes (``gateway.keyfile``): keys
+    are added, rotated and revoked without a restart."""
+    keys_reload_s: float = Field(default=5.0, gt=0, description="how often api_keys_file is checked for changes")
     quota_replicas: int = Field(default=1, ge=1)
     """Replicas sharing the keys' quotas: each enforces 1/this of every rate and of the requests at once."""
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -306,7 +312,7 @@ class GatewaySettings(YamlSettings):
             raise ValueError("no backends configured and managed_vllm is disabled: nothing to generate with")
         if self.scorer.kind == "remote" and not self.scorer.remote_url:
             raise ValueError("scorer.kind is remote but scorer.remote_url is not set")
-        if not self.api_keys and not self.allow_keyless_public and not is_loopback(self.host):
+        if not self.api_keys and self.api_keys_file is None and not self.allow_keyless_public and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to listen on {self.host} without API keys; configure api_keys or set allow_keyless_public: true"
             )
