@@ -11,7 +11,7 @@ PRESET ?= default
 MODELS ?= models/$(PRESET)
 TOY_MODELS ?= 1
 
-.PHONY: install models serve test lint typecheck pytest postgres clean
+.PHONY: install models serve test lint typecheck pytest postgres kubectl clean
 
 install: $(STAMP)
 
@@ -50,7 +50,14 @@ postgres:
 	   $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq postgresql >/dev/null)
 
-pytest: install postgres
+# the Kubernetes manifests' tests render k8s/ with `kubectl kustomize` (offline): install it if missing
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || \
+	  (echo "installing kubectl (Debian package kubectl) for the manifest tests" && \
+	   $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq kubectl >/dev/null)
+
+pytest: install postgres kubectl
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

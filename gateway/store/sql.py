@@ -221,7 +221,7 @@ class SqlStore:
 def _engine(url: str, connect_timeout_s: float, busy_timeout_s: float, echo: bool) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
+        if path and path != ":memory:" and not path.startswith("file:"):  # a URI filename (uri=true) names its own
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout_s})  # sqlite3's busy timeout
 
