@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import re
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from gateway.keyfile import load_keys
 from gateway.settings import load as load_gateway
 from tests.k8s.exposition import METRIC, exposition
+from tests.k8s.kustomize import K8S, containers, of_kind, pod_specs, render
 
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "gpu")
 VERSIONS = ("1.29.0", "1.34.0")
 CUSTOM = {
@@ -41,32 +36,6 @@ CUSTOM = {
 }
 EXTERNAL_SECRETS = {"gpu": {"bon-store", "bon-api-keys"}, "dev": set()}
 """Secrets the operator creates before applying (README, "Deploy on Kubernetes"); dev generates its own."""
-
-
-@functools.cache
-def render(overlay: str, root: Path = K8S) -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is missing: `make test` installs it (Debian package kubectl)"
-    out = subprocess.run([kubectl, "kustomize", str(root / "overlays" / overlay)], capture_output=True, text=True, check=True)
-    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
-
-
-def of_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
-
-
-def pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(workload name, pod spec) of every Deployment, StatefulSet, Job and CronJob."""
-    for d in docs:
-        spec = d.get("spec", {})
-        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
-            yield d["metadata"]["name"], spec["template"]["spec"]
-        elif d["kind"] == "CronJob":
-            yield d["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]
-
-
-def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*pod.get("initContainers", []), *pod["containers"]]
 
 
 def workload(docs: tuple[dict[str, Any], ...], name: str) -> dict[str, Any]:
