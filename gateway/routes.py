@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -176,7 +177,7 @@ async def feedback(request: Request, state: State, key_id: FeedbackKeyId) -> dic
         raise InvalidRequest(f"comment is longer than {state.settings.feedback.max_comment_chars} characters", param="comment")
     wait = state.feedback_limit.allow(key_id)
     if wait:
-        raise RateLimited(f"too much feedback from this API key; retry in {wait:.0f} s", wait)
+        raise RateLimited(f"too much feedback from this API key; retry in {math.ceil(wait)} s", wait)
     await state.service.feedback(FeedbackRecord(body.completion_id, key_id, body.thumb, body.comment, time.time()))
     return {"object": "feedback", "completion_id": body.completion_id, "thumb": body.thumb, "status": "accepted"}
 
