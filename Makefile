@@ -11,7 +11,7 @@ PRESET ?= default
 MODELS ?= models/$(PRESET)
 TOY_MODELS ?= 1
 
-.PHONY: install models serve test lint typecheck pytest postgres kubectl clean
+.PHONY: install models serve test lint typecheck pytest postgres kubectl chromium clean
 
 install: $(STAMP)
 
@@ -57,7 +57,14 @@ kubectl:
 	   $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq kubectl >/dev/null)
 
-pytest: install postgres kubectl
+# the inspector page's test drives Debian's chromium with Playwright (no browser download): install it if missing
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (echo "installing chromium (Debian package chromium) for the inspector's browser test" && \
+	   $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends chromium >/dev/null)
+
+pytest: install postgres kubectl chromium
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest

@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import openapi
+from gateway import inspector, openapi
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.generate import Generator
 from gateway.lifespan import lifespan
@@ -47,6 +48,7 @@ def create_app(
     )  # fmt: skip
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(inspector.router)
     openapi.install(app)
     return app
 
@@ -69,6 +71,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{request.method} {request.url.path}: {exc.detail}", code="not_found" if exc.status_code == 404 else None
         )
         return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = str(first.get("loc", ["", ""])[-1]) or None
+        error = InvalidRequest(f"{param}: {first.get('msg', 'invalid')}", param=param)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -197,6 +197,13 @@ class BreakerSettings(BaseModel):
     cooldown_s: float = Field(default=10.0, gt=0)
 
 
+class UiSettings(BaseModel):
+    """The inspector page at ``/ui`` (``gateway.inspector``)."""
+
+    loop_plot: Path | None = None
+    """An evaluate-loop run's ``loop.png`` to show (``python -m toyworld evaluate-loop --out DIR``); None: none."""
+
+
 class RedactSettings(BaseModel):
     """Personal data replaced by a tag before text is stored (``gateway.redact``); the served answer is unchanged."""
 
@@ -300,6 +307,7 @@ class GatewaySettings(YamlSettings):
     swap: SwapSettings = Field(default_factory=SwapSettings)
     canary: CanarySettings = Field(default_factory=CanarySettings)
     admin_token: SecretStr | None = None
+    ui: UiSettings = Field(default_factory=UiSettings)
     """Bearer token of the admin endpoints (``/admin/...``). None: they answer only on a loopback ``host``."""
     trainer: dict[str, Any] = Field(default_factory=dict)
     """The trainer's section of the same file (``trainer.settings``); the gateway does not read it."""

@@ -46,6 +46,17 @@ class Store(Protocol):
 
 
 @dataclass
+class VersionFigures:
+    """What the inspector shows per policy version (``SqlStore.version_figures``)."""
+
+    answers: int
+    mean_reward: float | None
+    mean_length: float | None
+    thumbs_up: int
+    thumbs_down: int
+
+
+@dataclass
 class Counts:
     completions: int
     candidates: int
@@ -154,6 +165,57 @@ class SqlStore:
                     found[c["completion_id"]].append(_candidate_record(c))
             yield [_completion_record(row, found[row["id"]]) for row in rows]
             after = (rows[-1]["created"], rows[-1]["id"])
+
+    def recent(
+        self, limit: int = 50, *, policy_version: str | None = None, status: str | None = None, before: float | None = None
+    ) -> list[CompletionRecord]:
+        """The newest completions (created before ``before``, when given), with their candidates, newest first."""
+        query = select(completions)
+        if policy_version is not None:
+            query = query.where(completions.c.policy_version == policy_version)
+        if status is not None:
+            query = query.where(completions.c.status == status)
+        if before is not None:
+            query = query.where(completions.c.created < before)
+        query = query.order_by(completions.c.created.desc(), completions.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+            found: dict[str, list[CandidateRecord]] = {row["id"]: [] for row in rows}
+            cands = select(candidates).where(candidates.c.completion_id.in_(list(found)))
+            for c in conn.execute(cands.order_by(candidates.c.completion_id, candidates.c.idx)).mappings():
+                found[c["completion_id"]].append(_candidate_record(c))
+        return [_completion_record(row, found[row["id"]]) for row in rows]
+
+    def version_figures(self) -> dict[str, VersionFigures]:
+        """Per policy version over everything logged: answers, the chosen answers' mean reward (scored ones) and
+        length, and the thumbs. Two aggregate queries."""
+        chosen = (
+            select(
+                completions.c.policy_version, func.count(), func.count(candidates.c.reward), func.sum(candidates.c.reward),
+                func.sum(candidates.c.token_count),
+            )
+            .join(candidates, candidates.c.completion_id == completions.c.id)
+            .where(candidates.c.chosen, completions.c.status == "ok")
+            .group_by(completions.c.policy_version)
+        )  # fmt: skip
+        thumbs = (
+            select(completions.c.policy_version, feedback.c.thumb, func.count())
+            .join(feedback, feedback.c.completion_id == completions.c.id)
+            .group_by(completions.c.policy_version, feedback.c.thumb)
+        )
+        with self.engine.connect() as conn:
+            sums = {row[0]: row[1:] for row in conn.execute(chosen)}
+            votes: dict[tuple[str, str], int] = {(row[0], row[1]): int(row[2]) for row in conn.execute(thumbs)}
+        versions = sorted({*sums, *(v for v, _ in votes)})
+        figures = {}
+        for version in versions:
+            n, scored, total, length = sums.get(version, (0, 0, 0.0, 0))
+            figures[version] = VersionFigures(
+                answers=int(n), mean_reward=float(total) / scored if scored else None,
+                mean_length=float(length or 0) / n if n else None,
+                thumbs_up=votes.get((version, "up"), 0), thumbs_down=votes.get((version, "down"), 0),
+            )  # fmt: skip
+        return figures
 
     def read_feedback(self, completion_ids: Sequence[str] | None = None) -> dict[str, FeedbackRecord]:
         """The latest thumb per completion: all of them, or those of ``completion_ids``."""

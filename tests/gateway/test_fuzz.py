@@ -1,4 +1,5 @@
-"""Property-based fuzzing of every endpoint from the gateway's own OpenAPI document (schemathesis), on fakes.
+"""Property-based fuzzing of every endpoint from the gateway's own OpenAPI document (schemathesis), on fakes (and a
+real SQLite log, which the inspector's reads query).
 
 Valid and invalid bodies, parameters and headers, generated from ``/openapi.json`` (which describes the real bodies,
 extensions included): no answer is a 5xx, and every error is OpenAI's error shape. Deterministic (fixed seed,
@@ -7,8 +8,10 @@ derandomized), so a failure here is reproducible, not luck. Prints the number of
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,19 +21,23 @@ from hypothesis import HealthCheck, settings
 from gateway.app import create_app
 from tests.gateway.conftest import ANSWERS, REWARDS
 from tests.gateway.conftest import settings as gateway_settings
-from tests.gateway.fakes import FakeGenerator, FakeScorer, FakeStore
+from tests.gateway.fakes import FakeGenerator, FakeScorer
 
 ADMIN = "fuzz-admin-token"
 EXAMPLES = 150
 """Per operation and generation mode (valid, invalid): 9 operations x 2 x 150, over 1,000 cases in all."""
 STATUSES: Counter[int] = Counter()
 
+DATA = Path(tempfile.mkdtemp(prefix="fuzz-"))
 app = create_app(
-    gateway_settings(allow_keyless_public=True, admin_token=ADMIN, limits={"max_body_bytes": 65536}),
+    gateway_settings(
+        allow_keyless_public=True, admin_token=ADMIN, limits={"max_body_bytes": 65536},
+        store={"url": f"sqlite:///{DATA / 'log.db'}", "data_dir": str(DATA)},  # a real log: the inspector's reads query it
+        swap={"registry_dir": str(DATA / "registry")},
+    ),
     generator=FakeGenerator(ANSWERS),
     scorer=FakeScorer(REWARDS),
-    store=FakeStore(),
-)
+)  # fmt: skip
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 schema.config.generation.update(
     modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE], deterministic=True
