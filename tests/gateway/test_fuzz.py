@@ -25,7 +25,7 @@ from tests.gateway.fakes import FakeGenerator, FakeScorer
 
 ADMIN = "fuzz-admin-token"
 EXAMPLES = 150
-"""Per operation and generation mode (valid, invalid): 9 operations x 2 x 150, over 1,000 cases in all."""
+"""Per operation and generation mode (valid, invalid): 11 operations x 2 x 150, over 1,000 cases in all."""
 STATUSES: Counter[int] = Counter()
 
 DATA = Path(tempfile.mkdtemp(prefix="fuzz-"))
