@@ -181,12 +181,13 @@ def _registry(args: argparse.Namespace) -> int:
 
     from gateway.settings import ConfigError
     from trainer.settings import load
-    from versioning.registry import PointerState, Registry, RegistryError
+    from versioning.registry import KINDS, PointerState, Registry, RegistryError
 
     try:
         root = args.registry or load(args.config).trainer.registry_dir
-        if args.action == "init":
-            root.mkdir(parents=True, exist_ok=True)
+        if args.action == "init":  # the layout, so that vLLM's LoRA resolver can start on policy/versions before any round
+            for kind in KINDS:
+                Registry(root).versions_dir(kind).mkdir(parents=True, exist_ok=True)
             print(f"registry at {root}")
             return 0
         if not root.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from tests.cli import assert_one_line_error, run_module
 
@@ -19,3 +20,10 @@ def test_the_toy_worlds_commands_are_not_the_trainers() -> None:
     """The trainer does not know the toy world: its bootstrap and evaluate-loop are ``python -m toyworld``'s."""
     assert_one_line_error(run_cli("bootstrap"), "invalid choice", "bootstrap")
     assert_one_line_error(run_cli("evaluate-loop"), "invalid choice", "evaluate-loop")
+
+
+def test_registry_init_lays_out_what_vllm_s_resolver_needs_before_any_round(tmp_path: Path) -> None:
+    done = run_cli("registry", "init", "--registry", str(tmp_path / "registry"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "registry" / "policy" / "versions").is_dir()  # VLLM_LORA_RESOLVER_CACHE_DIR: vLLM needs it to start
+    assert (tmp_path / "registry" / "reward_model" / "versions").is_dir()
