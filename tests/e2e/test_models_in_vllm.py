@@ -95,3 +95,34 @@ def test_remote_pooling_scorer_matches_the_local_reward_model(reward_vllm: str, 
     remote_scores, local_scores = asyncio.run(both())
     assert remote_scores == pytest.approx(local_scores, abs=0.05)
     assert len(set(remote_scores)) > 1
+
+
+def test_the_dashboard_and_the_vllm_autoscaler_name_metrics_vllm_exposes(policy_vllm: str) -> None:
+    """vLLM's own panels on our dashboard and KEDA's query are checked against this vLLM's /metrics: every vllm: name
+    exists, rates are of counters, quantiles of histogram buckets."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.k8s.exposition import VLLM_METRIC
+    from tests.k8s.kustomize import of_kind, render
+    from tests.k8s.test_dashboard import DASHBOARD, all_panels
+
+    client = openai.OpenAI(base_url=f"{policy_vllm}/v1", api_key="unused")
+    client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    with urllib.request.urlopen(f"{policy_vllm}/metrics", timeout=30) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    kinds = {s.name: f.type for f in families for s in f.samples}
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in all_panels(dashboard) for t in p.get("targets", []) if VLLM_METRIC.search(t["expr"])]
+    (scaler,) = of_kind(render("gpu"), "ScaledObject").values()
+    exprs += [t["metadata"]["query"] for t in scaler["spec"]["triggers"]]
+    assert len(exprs) >= 6
+    for expr in exprs:
+        for name in VLLM_METRIC.findall(expr):
+            assert name in kinds, f"vLLM exposes no {name} (in {expr!r})"
+        for name in re.findall(r"rate\((vllm:[a-z_]+)", expr):  # a histogram's buckets, else a counter
+            assert kinds[name] == ("histogram" if name.endswith("_bucket") else "counter"), f"rate of a gauge: {expr!r}"
+            assert name.endswith(("_bucket", "_total")), f"rate of {name}: {expr!r}"
+        for name in re.findall(r"histogram_quantile\([0-9.]+, sum by \(le\) \(rate\((vllm:[a-z_]+)", expr):
+            assert name.endswith("_bucket"), f"quantile of a non-histogram: {expr!r}"

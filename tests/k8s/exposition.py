@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import Metrics
 
 METRIC = re.compile(r"(?<![A-Za-z0-9_:])bon_[a-z_]+")
+VLLM_METRIC = re.compile(r"(?<![A-Za-z0-9_:])vllm:[a-z_]+")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.exposition import METRIC, Sample, exposition
+from tests.k8s.exposition import METRIC, VLLM_METRIC, Sample, exposition
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "base" / "monitoring" / "bon-gateway.json"
 SELECTOR = re.compile(r"(bon_[a-z_]+)\{([^}]*)\}")
@@ -75,7 +75,19 @@ def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def panel_exprs(dashboard: dict[str, Any]) -> list[str]:
+    """The queries on the gateway's metrics; vLLM's own (``vllm:``) are checked against a real vLLM in
+    tests/e2e/test_models_in_vllm.py."""
+    return [e for e in all_exprs(dashboard) if not VLLM_METRIC.search(e)]
+
+
+def all_exprs(dashboard: dict[str, Any]) -> list[str]:
     return [t["expr"] for p in all_panels(dashboard) for t in p.get("targets", [])]
+
+
+def test_every_query_is_on_the_gateway_s_metrics_or_vllm_s(dashboard: dict[str, Any]) -> None:
+    for expr in all_exprs(dashboard):
+        assert bool(metrics_in(expr)) != bool(VLLM_METRIC.search(expr)), f"one source per query: {expr!r}"
+    assert len(panel_exprs(dashboard)) < len(all_exprs(dashboard)), "vLLM's own panels are missing"
 
 
 def variable_query(variable: dict[str, Any]) -> str:
