@@ -247,7 +247,8 @@ class ChatService:
         (None, why) and the answer goes out unranked."""
         s = self.settings.scorer
         messages = _messages(plan)
-        started, limit_s = time.perf_counter(), min(s.deadline_ms / 1000, plan.left_s())
+        left_s = plan.left_s()
+        started, limit_s = time.perf_counter(), min(s.deadline_ms / 1000, left_s)
         try:
             rewards = await asyncio.wait_for(
                 scorer.score([Conversation(messages, c.text) for c in generation.candidates]), limit_s
@@ -260,6 +261,9 @@ class ChatService:
             reason = "scorer_timeout" if isinstance(exc, TimeoutError) else "scorer_failed"
             what = f"missed its {limit_s * 1000:.0f} ms deadline" if reason == "scorer_timeout" else f"failed ({exc})"
             if s.on_failure == "fail_closed":
+                if reason == "scorer_timeout" and left_s < s.deadline_ms / 1000:  # the request's own deadline cut it short
+                    deadline_ms = plan.deadline_s * 1000
+                    raise DeadlineExceeded(f"no ranked answer within the request's deadline of {deadline_ms:.0f} ms") from None
                 raise ScorerUnavailable(f"the reward model {what}; retry shortly") from None
             self.metrics.degraded.labels(reason).inc()
             log.warning("reward model %s: %s answered unranked (scorer.on_failure fail_open)", what, plan.completion_id)

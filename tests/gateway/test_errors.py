@@ -403,3 +403,12 @@ def test_scoring_gets_what_is_left_of_the_deadline(make_client: Callable[..., Te
     assert time.monotonic() - started < 15  # not the scorer's 30 s, nor its own 60 s deadline
     assert response.status_code == 200
     assert response.headers["x-bon-degraded"] == "scorer_timeout"
+
+
+def test_fail_closed_scoring_cut_by_the_request_s_deadline_is_a_504(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(
+        generator=FakeGenerator(ANSWERS, delay_s=0.1), scorer=FakeScorer({}, delay_s=30),
+        scorer_settings={"deadline_ms": 60_000}, store={"score_unscored": False},
+    )  # fmt: skip
+    response = client.post(CHAT, json={"model": "toy-bon", "messages": MESSAGES, "deadline_ms": 500})
+    assert_error(response, 504, code="deadline_exceeded")  # the client's deadline, not the reward model's failure
