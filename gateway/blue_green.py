@@ -70,8 +70,10 @@ def launcher(settings: ManagedVLLM, log_dir: Path, cpu_binds: Sequence[str] = ()
 class Instances:
     """The running instances of full versions (routed or draining), one per version, started by ``launch``."""
 
-    def __init__(self, launch: Launcher) -> None:
+    def __init__(self, launch: Launcher, on_stopped: Callable[[str], None] = lambda url: None) -> None:
+        """``on_stopped``: told each stopped instance's URL (its circuit breaker and metric series go with it)."""
         self._launch = launch
+        self._on_stopped = on_stopped
         self._running: dict[str, Instance] = {}
 
     def __contains__(self, version: str) -> bool:
@@ -95,6 +97,7 @@ class Instances:
         if instance is not None:
             log.warning("stopping the vLLM instance of full version %s at %s", version, instance.url)
             await asyncio.to_thread(instance.stop)  # also when it exited: its engine-core child may still be alive
+            self._on_stopped(instance.url)
 
     async def stop_all(self) -> None:
         for version in list(self._running):

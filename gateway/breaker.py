@@ -75,6 +75,10 @@ class Breakers:
             b.opened_at = time.monotonic()  # opened, or a failed probe: another cool-down
             self._on_change(url, "open")
 
+    def forget(self, url: str) -> None:
+        """``url`` is gone for good (a stopped blue-green instance): its state goes too."""
+        self._backends.pop(url, None)
+
     def released(self, url: str) -> None:
         """A claimed request ended without saying anything about the backend (the client left, an overload 503)."""
         b = self._backends.get(url)

@@ -69,7 +69,13 @@ def lifespan(
             writer = await asyncio.to_thread(_writer, settings, metrics, store) if settings.store.enabled else None
             if writer is not None:
                 writer.start()
-            swapper = await _swapper(settings, session, metrics) if generator is None and settings.swap.enabled else None
+
+            def gone(url: str) -> None:  # a stopped blue-green instance: no breaker state or metric series left behind
+                if isinstance(gen, VLLMGenerator):
+                    gen.breakers.forget(url)
+                metrics.forget_backend(url)
+
+            swapper = await _swapper(settings, session, metrics, gone) if generator is None and settings.swap.enabled else None
             route = swapper.route_for if swapper is not None else None
             if swapper is not None and isinstance(gen, VLLMGenerator):
                 gen.on_missing = swapper.lost  # a version vLLM lost is loaded again, not a lasting 502
@@ -158,13 +164,15 @@ def _session(settings: GatewaySettings) -> aiohttp.ClientSession:
     )
 
 
-async def _swapper(settings: GatewaySettings, session: aiohttp.ClientSession, metrics: Metrics) -> Swapper:
+async def _swapper(
+    settings: GatewaySettings, session: aiohttp.ClientSession, metrics: Metrics, gone: Callable[[str], None]
+) -> Swapper:
     registry_dir = settings.registry_dir()
     await asyncio.to_thread(registry_dir.mkdir, parents=True, exist_ok=True)
     swap = settings.swap
     launch = launcher(settings.managed_vllm, Path("logs"), swap.full_cpu_binds) if swap.full == "blue_green" else None
     swapper = Swapper(session, settings.all_backends(), settings.policy_version, swap, registry_dir, metrics, launch,
-                      settings.canary.fraction)  # fmt: skip
+                      settings.canary.fraction, gone)  # fmt: skip
     await swapper.sync()  # serve the registry's current version from the first request on
     return swapper
 

@@ -12,6 +12,7 @@ read any Prometheus endpoint back (the loop, the benchmarks and the tests use th
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -158,6 +159,12 @@ class Metrics:
         self._versions = (policy or self._versions[0], reward_model or self._versions[1])
         self.policy_info.clear()
         self.policy_info.labels(*self._versions).set(1)
+
+    def forget_backend(self, url: str) -> None:
+        """Drop the per-backend series of a backend that is gone for good (a stopped blue-green instance)."""
+        for metric in (self.backend_circuit, self.swap_probe_diff, self.swap_backend_failures):
+            with contextlib.suppress(KeyError):
+                metric.remove(url)
 
     def watch_log(self, queue_depth: Callable[[], float], spool_pending: Callable[[], float]) -> None:
         self.log_queue_depth.set_function(queue_depth)

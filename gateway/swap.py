@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -62,9 +62,11 @@ class Swapper:
         metrics: Metrics,
         launch: Launcher | None = None,
         canary_fraction: float = 0.0,
+        on_backend_gone: Callable[[str], None] = lambda url: None,
     ) -> None:
         """``launch`` starts a vLLM instance for a full version (None: full versions are refused);
-        ``canary_fraction``: the share of sticky keys the canary version answers."""
+        ``canary_fraction``: the share of sticky keys the canary version answers; ``on_backend_gone``: told the URL of
+        each blue-green instance stopped."""
         self._backends = list(backends)
         self._base = Route(base_version, {b.url: b.model for b in self._backends})
         self.route = self._base
@@ -76,7 +78,7 @@ class Swapper:
         self._metrics = metrics
         self._placement = Placement(
             VLLMAdmin(session, settings.admin_timeout_s), self._registry, settings, metrics,
-            Instances(launch) if launch is not None else None,
+            Instances(launch, on_backend_gone) if launch is not None else None,
         )  # fmt: skip
         self.slots = Slots(settings.drain_s)
         self._failed: dict[str, float] = {}

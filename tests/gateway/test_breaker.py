@@ -65,3 +65,40 @@ def test_after_the_cooldown_one_probe_at_a_time(clock: Clock) -> None:
     assert b.claim(URL)
     assert b.claim(URL)
     assert changes == ["open", "open", "closed"]
+
+
+def test_a_stopped_blue_green_instance_leaves_no_breaker_state_or_metric_series(clock: Clock) -> None:
+    import asyncio
+
+    from gateway.blue_green import Instances
+    from gateway.metrics import Metrics
+
+    b = Breakers(failures=1, cooldown_s=10)
+    metrics = Metrics()
+    b.failed(URL)
+    metrics.backend_circuit.labels(URL).set(1)
+    metrics.swap_probe_diff.labels(URL).set(1e-5)
+
+    class Instance:
+        url = URL
+
+        def stop(self) -> None: ...
+
+        def returncode(self) -> int | None:
+            return None
+
+    async def launch(model_dir: object, version: str) -> Instance:
+        return Instance()
+
+    def gone(url: str) -> None:
+        b.forget(url)
+        metrics.forget_backend(url)
+
+    async def run() -> None:
+        instances = Instances(launch, gone)  # type: ignore[arg-type]
+        await instances.ensure("v0002", None)  # type: ignore[arg-type]
+        await instances.stop("v0002")
+
+    asyncio.run(run())
+    assert b.state(URL) == "closed"
+    assert URL not in metrics.exposition()[0].decode()
