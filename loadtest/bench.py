@@ -1,7 +1,8 @@
 """The project's benchmarks; each prints one JSON object as its last line.
 
-  overhead   what the gateway adds in front of a mock backend (0 ms and 50 ms), N=1, scoring off,
-             at 1 and 32 concurrent requests; baseline = the same requests sent to the backend
+  overhead   what the gateway adds in front of a mock backend (0 ms and 50 ms), N=1, scoring off, beside a
+             minimal aiohttp proxy (loadtest/proxy.py) and with each one's CPU per request,
+             at 1, 8, 32 and 128 concurrent requests; baseline = the same requests sent to the backend
   logging    the log's cost: the same gateway (mock backend, N=1) with the log on and off
   bon        best-of-N through the gateway (real vLLM + the real reward model) for N = 1, 2, 4, 8;
              baseline = the same requests sent straight to that vLLM (one request with n=N, no scoring)

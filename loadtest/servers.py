@@ -6,6 +6,7 @@ Knows nothing about what is measured.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,11 @@ def wait_http(url: str, timeout_s: float = 120) -> None:
 
 
 @contextmanager
-def process(args: list[str], health: str) -> Iterator[None]:
+def process(args: list[str], health: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(health)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(30)
@@ -57,14 +58,37 @@ def mock_backend(delay_ms: float) -> Iterator[str]:
         yield url
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``; what ``bench overhead`` divides by requests)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def gateway(settings: dict[str, Any]) -> Iterator[str]:
+def proxy(backend: str) -> Iterator[tuple[str, int]]:
+    """``loadtest.proxy`` in front of ``backend``: its URL and process id."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "loadtest.proxy", "--port", str(port), "--backend", backend]
+    with process(args, f"{url}/health") as proc:
+        yield url, proc.pid
+
+
+@contextmanager
+def gateway_process(settings: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    """Like ``gateway``, with the process id (for its CPU time)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
         store = {"data_dir": str(Path(tmp) / "data"), **settings.get("store", {})}  # the log stays in the temporary dir
-        data = {**settings, "store": store, "port": port}
-        config.write_text(yaml.safe_dump(data))
+        config.write_text(yaml.safe_dump({**settings, "store": store, "port": port}))
         url = f"http://127.0.0.1:{port}"
-        with process([sys.executable, "-m", "gateway", "serve", "--config", str(config)], f"{url}/ready"):  # warmed up
-            yield url
+        with process([sys.executable, "-m", "gateway", "serve", "--config", str(config)], f"{url}/ready") as proc:
+            yield url, proc.pid
+
+
+@contextmanager
+def gateway(settings: dict[str, Any]) -> Iterator[str]:
+    """``python -m gateway serve`` on ``settings`` (the log in a temporary directory), warmed up; its URL."""
+    with gateway_process(settings) as (url, _):
+        yield url

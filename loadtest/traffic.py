@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -43,9 +44,14 @@ async def load(url: str, body: dict[str, Any], requests: int, concurrency: int) 
 
 
 def compare(
-    targets: dict[str, tuple[str, dict[str, Any]]], rounds: int, requests: int, concurrency: int
+    targets: dict[str, tuple[str, dict[str, Any]]],
+    rounds: int,
+    requests: int,
+    concurrency: int,
+    cpu: dict[str, Callable[[], float]] | None = None,
 ) -> dict[str, list[dict[str, float]]]:
-    """p50, p99 and throughput per round of each target (a name → (url, body)); the order alternates per round."""
+    """p50, p99 and throughput per round of each target (a name → (url, body)); the order alternates per round.
+    ``cpu``: per target, its server's CPU seconds so far; each round then also has ``cpu_us`` per request."""
     for url, body in targets.values():  # warm-up: connections, caches
         asyncio.run(load(url, body, concurrency * 5, concurrency))
     out: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -53,8 +59,12 @@ def compare(
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             url, body = targets[name]
+            clock = (cpu or {}).get(name)
+            before = clock() if clock is not None else 0.0
             latencies, wall = asyncio.run(load(url, body, requests, concurrency))
             stats = {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "rps": len(latencies) / wall}
+            if clock is not None:
+                stats["cpu_us"] = (clock() - before) / len(latencies) * 1e6
             out[name].append(stats)
     return out
 
