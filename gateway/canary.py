@@ -71,9 +71,16 @@ class Look:
 
 
 def recorded(registry_dir: Path) -> list[dict[str, Any]]:
-    """Every look in ``<registry>/policy/gate.jsonl``, oldest first ([] before the first)."""
+    """Every look in ``<registry>/policy/gate.jsonl``, oldest first ([] before the first). A reader outside the gate
+    lock (the inspector) may meet a line still being appended: only whole lines (ending in a newline) are read."""
     path = Path(registry_dir) / "policy" / DECISIONS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines if line]
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (from a manifest or a total), else None."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def rules(settings: CanarySettings) -> GateRules:
@@ -225,12 +232,7 @@ class CanaryGate:
             evaluation = self._registry.manifest("policy", version).evaluation
         except RegistryError:
             return None, None
-
-        def finite(key: str) -> float | None:
-            value = evaluation.get(key)
-            return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-        return finite("kl_to_reference"), finite("kl_to_reference_stderr")
+        return finite(evaluation.get("kl_to_reference")), finite(evaluation.get("kl_to_reference_stderr"))
 
     def _export_kl(self) -> None:
         self._metrics.policy_kl.clear()
@@ -261,9 +263,6 @@ def _look(
 
 
 def _summary(totals: ArmTotals) -> dict[str, float | None]:
-    def finite(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
     return {
         "answers": totals.n, "reward_mean": finite(totals.reward_mean), "length_mean": finite(totals.length_mean),
         "thumbs_up": totals.thumbs_up, "thumbs_down": totals.thumbs_down,

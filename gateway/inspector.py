@@ -16,16 +16,13 @@ thumbs send through the public API.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, HTMLResponse
 
-from gateway.canary import DECISIONS
+from gateway.canary import finite, recorded
 from gateway.errors import InvalidRequest
 from gateway.state import Admin, GatewayState, State
 from gateway.store.records import CompletionRecord, FeedbackRecord
@@ -85,7 +82,7 @@ async def versions(state: State) -> dict[str, Any]:
                 "answers": f.answers if f else 0, "mean_reward": f.mean_reward if f else None,
                 "mean_length": f.mean_length if f else None, "thumbs_up": f.thumbs_up if f else 0,
                 "thumbs_down": f.thumbs_down if f else 0, "up_rate": f.thumbs_up / thumbs if f and thumbs else None,
-                "kl": _finite(manifest.get("kl_to_reference")), "kl_stderr": _finite(manifest.get("kl_to_reference_stderr")),
+                "kl": finite(manifest.get("kl_to_reference")), "kl_stderr": finite(manifest.get("kl_to_reference_stderr")),
                 "algorithm": manifest.get("algorithm"), "created": manifest.get("created"),
             }
         )  # fmt: skip
@@ -114,14 +111,7 @@ def _registry_reads(registry: Registry) -> tuple[dict[str, dict[str, Any]], list
     if registry.versions_dir("policy").is_dir():
         for m in registry.versions("policy"):
             manifests[m.version] = {**m.evaluation, "algorithm": m.algorithm, "created": m.created}
-    looks: list[dict[str, Any]] = []
-    path: Path = registry.versions_dir("policy").parent / DECISIONS
-    if path.is_file():
-        for line in path.read_text().splitlines()[-LOOKS_SHOWN:]:
-            try:
-                looks.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line while the gate writes: the next read has it whole
+    looks = recorded(registry.root)[-LOOKS_SHOWN:]
     names: tuple[Pointer, ...] = ("current", "canary")
     pointers: dict[str, str | None] = {name: registry.version_at("policy", name) for name in names}
     return manifests, looks[::-1], pointers
@@ -138,7 +128,3 @@ def _completion(record: CompletionRecord, thumb: FeedbackRecord | None) -> dict[
             for c in record.candidates
         ],
     }  # fmt: skip
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

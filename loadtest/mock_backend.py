@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -68,6 +69,12 @@ def app(delay_s: float) -> web.Application:
         key = (int(body.get("n") or 1), bool(body.get("logprobs")), bool(body.get("return_token_ids")))
         return web.Response(body=cached[key], content_type="application/json")
 
+    return chat_server(chat)
+
+
+def chat_server(chat: Callable[[web.Request], Awaitable[web.Response]]) -> web.Application:
+    """An app answering ``POST /v1/chat/completions`` with ``chat`` and ``GET /health`` with ok (the proxy's too)."""
+
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -77,12 +84,17 @@ def app(delay_s: float) -> web.Application:
     return application
 
 
+def serve(application: web.Application, port: int) -> None:
+    """Run ``application`` on loopback, quietly (no banner, no access log: a benchmark measures it)."""
+    web.run_app(application, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     args = parser.parse_args()
-    web.run_app(app(args.delay_ms / 1000), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(app(args.delay_ms / 1000), args.port)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import argparse
 import aiohttp
 from aiohttp import web
 
+from loadtest.mock_backend import chat_server, serve
+
 
 def app(backend: str) -> web.Application:
-    application = web.Application()
-
     async def session_ctx(application: web.Application):  # type: ignore[no-untyped-def]
         application["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         yield
@@ -28,12 +28,8 @@ def app(backend: str) -> web.Application:
         async with request.app["session"].post(f"{backend}/v1/chat/completions", data=body, headers=headers) as upstream:
             return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
 
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
+    application = chat_server(chat)
     application.cleanup_ctx.append(session_ctx)
-    application.router.add_post("/v1/chat/completions", chat)
-    application.router.add_get("/health", health)
     return application
 
 
@@ -42,7 +38,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--backend", required=True)
     args = parser.parse_args()
-    web.run_app(app(args.backend), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(app(args.backend), args.port)
 
 
 if __name__ == "__main__":

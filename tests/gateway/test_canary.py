@@ -306,3 +306,11 @@ def test_without_a_token_admin_refuses_callers_through_a_proxy_or_from_elsewhere
     refused = remote.post("/admin/policy/rollback")
     assert refused.status_code == 403
     assert "not on this gateway's host" in refused.json()["error"]["message"]
+
+
+def test_a_look_still_being_appended_is_not_read(tmp_path: Path) -> None:
+    from gateway.canary import recorded
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "gate.jsonl").write_text('{"look": 1}\n{"look": 2}\n{"look": ')  # a reader outside the lock
+    assert recorded(tmp_path) == [{"look": 1}, {"look": 2}]
