@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     import traceback
 
     from gateway.settings import ConfigError
+    from trainer import distributed
     from trainer.metrics import report
     from trainer.round import RoundError, RoundResult, refit_reward_model, run
     from versioning.lock import LockHeld
@@ -109,12 +110,24 @@ def _run(args: argparse.Namespace) -> int:
     s = settings.trainer
     refit = bool(getattr(args, "refit_reward_model", False))
     kind = "reward" if refit else (args.algo or s.algorithm)  # which metrics a failure is reported under
+    team = distributed.team()
+    if not team.main:  # rank 0 reports and prints; this rank trains with it, and exits 0 when rank 0 ends the round
+        try:
+            run(settings, args.algo, progress=False, team=team)
+        except distributed.Stopped:
+            return 0
+        finally:
+            distributed.close(team)
+        return 0
     result = RoundResult("failed", "did not start", algorithm=kind)
     try:
+        if refit and team.distributed:
+            team.finish("failed", "refit")
+            raise RoundError("--refit-reward-model runs in one process; launch it without accelerate")
         if refit:
             result = refit_reward_model(settings, progress=not args.quiet)
         else:
-            result = run(settings, args.algo, progress=not args.quiet)
+            result = run(settings, args.algo, progress=not args.quiet, team=team)
     except LockHeld as exc:
         result = RoundResult("skipped", f"{exc}; this round is not needed", algorithm=kind)
     except (RoundError, RegistryError) as exc:
@@ -125,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
     finally:
+        team.finish(result.outcome, result.reason)  # releases the other ranks whatever happened (once)
+        distributed.close(team)
         registry = Registry(s.registry_dir) if s.registry_dir.is_dir() else None
         report(result, registry, s.metrics_file or s.registry_dir / "metrics" / "trainer.prom", s.pushgateway_url)
     if result.outcome == "failed":

@@ -13,6 +13,7 @@ manifest records; the training itself is in ``trainer.dpo``, ``trainer.kto`` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,16 @@ def fit_dpo(settings: TrainerSettings, registry: Registry, rm_version: str, init
     made = dpo.rows(weighted(data.pairs, s.pairs.thumb_weight), tokenizer, s.adapter.max_length)
     reference = f"{dpo.reference_id(s.base_policy)}-{'bf16' if s.adapter.bf16 else 'fp32'}"
     cache = dpo.RefCache(s.registry_dir / "cache" / "ref_logps.sqlite", reference)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
     result, model = dpo.train(init, tokenizer, made.rows, s.dpo, s.adapter, work, cache if s.dpo.cache_reference else None,
-                              progress=progress)  # fmt: skip
+                              progress=progress, processes=processes)  # fmt: skip
     figures = {
         "reward_margin": result.reward_margin, "reward_accuracy": result.reward_accuracy, "ref_cached": result.ref_cached,
         "ref_computed": result.ref_computed, "retokenized": made.retokenized, "truncated": made.truncated,
     }  # fmt: skip
     trained = Trained(result.steps, result.seconds, result.loss, figures, result.history)
-    return Fitted(trained, model, len(made.rows), {**s.dpo.model_dump(), **s.adapter.model_dump()})
+    hyperparameters = {**s.dpo.model_dump(), **s.adapter.model_dump(), "processes": processes}
+    return Fitted(trained, model, len(made.rows), hyperparameters)
 
 
 def fit_kto(settings: TrainerSettings, registry: Registry, rm_version: str, init: Any, tokenizer: Any, data: RoundData,
@@ -117,3 +120,5 @@ TABLE: dict[str, Algorithm] = {
     "ppo": Algorithm(PpoSettings, fit_ppo),
 }
 ALGORITHMS = tuple(TABLE)
+DISTRIBUTED = ("dpo",)
+"""The algorithms a round may run on several processes (``accelerate launch``, data parallel): tested with two."""

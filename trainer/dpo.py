@@ -125,9 +125,12 @@ def train(
     *,
     progress: bool = True,
     max_steps: int | None = None,
+    processes: int = 1,
 ) -> tuple[DpoResult, Any]:
     """Train an adapter on the rows; returns the figures and the peft model. The reference is the base
     (adapter disabled). ``cache`` None: TRL recomputes the reference every step (the benchmark's baseline).
+    ``settings.batch_size`` is the global batch: each of ``processes`` data-parallel processes takes its share,
+    so a version trained on two GPUs took the same optimizer steps as one trained on one.
 
     The base model and a ``peft_config`` go to TRL, and the parent's weights are loaded into the adapter
     afterwards: given a ready ``PeftModel``, TRL would make a frozen copy of the parent adapter the
@@ -136,12 +139,15 @@ def train(
     import datasets
     from trl import DPOConfig  # type: ignore[attr-defined]
 
+    per_process, rest = divmod(settings.batch_size, processes)
+    if rest or not per_process:
+        raise ValueError(f"trainer.dpo.batch_size {settings.batch_size} does not split evenly over {processes} processes")
     steps_per_epoch = math.ceil(len(dpo_rows) / settings.batch_size)
     total = max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     config = DPOConfig(
         beta=settings.beta, learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
-        max_steps=max_steps or -1, per_device_train_batch_size=settings.batch_size,
-        precompute_ref_log_probs=cache is not None, precompute_ref_batch_size=settings.batch_size, max_length=None,
+        max_steps=max_steps or -1, per_device_train_batch_size=per_process,
+        precompute_ref_log_probs=cache is not None, precompute_ref_batch_size=per_process, max_length=None,
         **trainer_args(work_dir, total, shared.seed, shared.bf16, progress),
     )  # fmt: skip
     trainer = _CachedReferenceDPO(
@@ -177,23 +183,29 @@ class _CachedReferenceDPO(DPOTrainer):
         assert cache is not None  # precompute is on only with a cache
         keys = [(cache.key(r["prompt_ids"], r["chosen_ids"]), cache.key(r["prompt_ids"], r["rejected_ids"])) for r in dataset]
         known = cache.get_many(k for pair in keys for k in pair)
+        self.accelerator.wait_for_everyone()  # every process read the same cache before any writes to it
         missing = [i for i, (c, r) in enumerate(keys) if c not in known or r not in known]
         self.ref_cached = 2 * (len(keys) - len(missing))
         if missing:
+            # Under data parallelism each process computes its share of the batches; gathering puts them back in the
+            # loader's order on every process (as TRL's own precompute does).
             loader = self.accelerator.prepare(
                 DataLoader(dataset.select(missing), batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
             )
-            computed: dict[str, float] = {}
-            position = 0
+            chosen_all: list[float] = []
+            rejected_all: list[float] = []
             with torch.no_grad():
                 for batch in loader:
                     reference = self.ref_model if self.ref_model is not None else self.model  # LoRA: adapter off
-                    chosen, rejected = self.compute_ref_log_probs(reference, batch)
-                    for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
-                        key_c, key_r = keys[missing[position]]
-                        computed[key_c], computed[key_r] = c, r
-                        position += 1
-            cache.put_many(computed)
+                    chosen, rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(reference, batch))
+                    chosen_all += chosen.tolist()
+                    rejected_all += rejected.tolist()
+            computed: dict[str, float] = {}
+            for position, c, r in zip(missing, chosen_all, rejected_all, strict=True):
+                key_c, key_r = keys[position]
+                computed[key_c], computed[key_r] = c, r
+            if self.accelerator.is_main_process:
+                cache.put_many(computed)
             known.update(computed)
             self.ref_computed = 2 * len(missing)
         dataset = dataset.add_column("ref_chosen_logps", [known[c] for c, _ in keys])

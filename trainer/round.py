@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.algorithms import ALGORITHMS, TABLE, RoundData
+from trainer.algorithms import ALGORITHMS, DISTRIBUTED, TABLE, RoundData
+from trainer.distributed import Team
 from trainer.export import parse_time, window
 from trainer.pairs import build, thumbed
 from trainer.settings import TrainerSettings
@@ -37,6 +38,7 @@ from versioning.registry import Kind, Manifest, Registry, RegistryError
 
 log = logging.getLogger("trainer.round")
 Outcome = Literal["trained", "skipped", "failed"]
+DATA_PARALLEL = ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU")
 
 
 class RoundError(Exception):
@@ -91,12 +93,26 @@ def rm_label(settings: TrainerSettings, registry: Registry) -> str:
     return registry.version_at("reward_model", default=settings.trainer.base_rm_version)
 
 
-def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bool = True) -> RoundResult:
-    """One round under the round lock. Raises RoundError for bad input; LockHeld when another round runs."""
+def run(
+    settings: TrainerSettings, algorithm: str | None = None, *, progress: bool = True, team: Team | None = None
+) -> RoundResult:
+    """One round under the round lock. Raises RoundError for bad input; LockHeld when another round runs.
+
+    Under ``accelerate launch`` with several processes (``team``), rank 0 holds the lock, reads the window and
+    publishes; the other ranks train with it (``trainer.distributed``) and end with ``Stopped``."""
     s = settings.trainer
     algorithm = algorithm or s.algorithm
+    team = team or Team()
+    if not team.main:  # rank 0 checks, locks and reads; a failure there finishes the round for this rank too
+        return _follow(settings, algorithm, progress, team)
     if algorithm not in ALGORITHMS:
         raise RoundError(f"unknown algorithm {algorithm!r} (choose from {', '.join(ALGORITHMS)})")
+    if team.distributed and team.kind not in DATA_PARALLEL:
+        raise RoundError(f"accelerate's {team.kind} is not supported: a round trains a LoRA adapter (or a model) that fits "
+                         "one device on each process; use data parallelism (distributed_type: MULTI_GPU)")  # fmt: skip
+    if team.distributed and algorithm not in DISTRIBUTED:
+        raise RoundError(f"--algo {algorithm} runs in one process; launch it without accelerate or with --num_processes 1 "
+                         f"(several processes run {', '.join(DISTRIBUTED)})")  # fmt: skip
     if not s.registry_dir.is_dir():
         raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
     if not (s.base_policy / "config.json").is_file():
@@ -105,13 +121,28 @@ def run(settings: TrainerSettings, algorithm: str | None = None, *, progress: bo
         raise RoundError(f"no reward model at {s.base_reward_model} for --algo ppo (set trainer.base_reward_model)")
     url = settings.store.database_url()
     started = time.perf_counter()
-    with round_lock(s.registry_dir, url):
-        result = _run_locked(settings, algorithm, url, progress)
+    try:
+        with round_lock(s.registry_dir, url):
+            result = _run_locked(settings, algorithm, url, progress, team)
+    except BaseException as exc:
+        team.finish("failed", f"{exc.__class__.__name__} on rank 0")
+        raise
+    team.finish(result.outcome, result.reason)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: bool) -> RoundResult:
+def _follow(settings: TrainerSettings, algorithm: str, progress: bool, team: Team) -> RoundResult:
+    """A rank other than 0: train on rank 0's plan, with rank 0's decisions, until rank 0 finishes (``Stopped``)."""
+    plan: tuple[str | None, str, RoundData, dict[str, Any]] = team.share()
+    parent, rm_version, data, data_window = plan
+    _train(settings, Registry(settings.trainer.registry_dir), algorithm, parent, rm_version, data, data_window, progress,
+           team)  # fmt: skip
+    team.share()  # rank 0 publishes, then finishes the round
+    raise AssertionError("rank 0 shared a decision after the round's last one")
+
+
+def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: bool, team: Team) -> RoundResult:
     s = settings.trainer
     registry = Registry(s.registry_dir)
     trial = registry.pointer("policy", "canary")
@@ -137,7 +168,8 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
             f"{rm_version} in the last {s.max_age}; trainer.min_pairs is {s.min_pairs}"
         )
         return RoundResult("skipped", reason, parent=parent, pairs=stats.pairs, completions=stats.completions)
-    return _train(settings, registry, algorithm, parent, rm_version, data, data_window, progress)
+    team.share((parent, rm_version, data, data_window))
+    return _train(settings, registry, algorithm, parent, rm_version, data, data_window, progress, team)
 
 
 def _train(
@@ -149,7 +181,10 @@ def _train(
     data: RoundData,
     data_window: dict[str, Any],
     progress: bool,
+    team: Team,
 ) -> RoundResult:
+    """Train, evaluate and publish a version. Every rank trains; rank 0 alone saves, measures, decides whether the
+    KL budget needs another try (shared with the others) and publishes."""
     import torch
     from transformers import AutoTokenizer
 
@@ -184,20 +219,24 @@ def _train(
             # Everything below measures the version as saved (what vLLM will load), not the trainer's in-memory model:
             # after a bf16 round the two gave probe log-probs 0.014 nats per token apart (cause not pinned down).
             saved = attempt_dir / "version"
-            model.save_pretrained(saved)
-            if s.format == "full":
-                tokenizer.save_pretrained(saved)  # vLLM serves the directory as a model of its own
-                served = adapter.load_full(saved)
-            else:
-                served = adapter.load_adapter(s.base_policy, saved)
-            eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
-            drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
-                               s.evaluation.max_new_tokens, seed=s.adapter.seed, reference=init.reference)  # fmt: skip
-            tries.append({"step_scale": factor, "kl_to_reference": drift.kl, "kl_to_reference_stderr": drift.kl_stderr})
-            if budget.max_nats is None or drift.kl <= budget.max_nats:
+            within = False
+            if team.main:
+                model.save_pretrained(saved)
+                if s.format == "full":
+                    tokenizer.save_pretrained(saved)  # vLLM serves the directory as a model of its own
+                    served = adapter.load_full(saved)
+                else:
+                    served = adapter.load_adapter(s.base_policy, saved)
+                eval_prompts = _distinct_prompts(tokenizer, data.prompts, s.evaluation.prompts)
+                drift = kl.measure(served, tokenizer.eos_token_id, tokenizer.pad_token_id, eval_prompts,
+                                   s.evaluation.max_new_tokens, seed=s.adapter.seed, reference=init.reference)  # fmt: skip
+                tries.append({"step_scale": factor, "kl_to_reference": drift.kl, "kl_to_reference_stderr": drift.kl_stderr})
+                within = budget.max_nats is None or drift.kl <= budget.max_nats
+                if not within:
+                    log.warning("round %s: KL to the reference %s is over trainer.kl_budget.max_nats %.3g at %.3gx the "
+                                "learning rate", algorithm, drift, budget.max_nats, factor)  # fmt: skip
+            if team.share(within):
                 break
-            log.warning("round %s: KL to the reference %s is over trainer.kl_budget.max_nats %.3g at %.3gx the "
-                        "learning rate", algorithm, drift, budget.max_nats, factor)  # fmt: skip
         else:
             listed = ", ".join(f"{t['kl_to_reference']:.3g} ± {t['kl_to_reference_stderr']:.2g} at {t['step_scale']:.3g}x"
                                for t in tries)  # fmt: skip
@@ -206,6 +245,9 @@ def _train(
                 f"(nats at the learning-rate scale: {listed}); nothing registered", parent=parent, pairs=used,
                 completions=data_window["completions"], algorithm=algorithm,
             )  # fmt: skip
+        if not team.main:
+            return RoundResult("trained", f"rank {team.rank} of {team.size}: trained; rank 0 publishes", parent=parent,
+                               pairs=used, completions=data_window["completions"], algorithm=algorithm)  # fmt: skip
         probe.compute(served, probe.sequences(tokenizer)).save(saved)
         figures: dict[str, Any] = {
             "loss": trained.loss, **trained.figures, "kl_to_reference": drift.kl,

@@ -21,6 +21,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from gateway.keyfile import load_keys
 from gateway.settings import load as load_gateway
@@ -205,7 +206,7 @@ def test_vllm_serves_the_registry_the_gateway_and_trainer_write(overlay: str, tm
     assert "--max-num-queued-reqs=256" in args
     env = {e["name"]: e.get("value") for e in vllm["env"]}
     trainer = container(docs, "bon-trainer", "trainer")
-    run = trainer_parser().parse_args(trainer["command"][3:])
+    run = trainer_parser().parse_args(trainer_argv(trainer["command"]))
     assert run.command == "run"
     settings = load(configmap_file(docs, "bon-trainer-config", Path(run.config).name, tmp_path)).trainer
     assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == str(settings.registry_dir / "policy" / "versions")
@@ -251,6 +252,42 @@ def test_the_gpu_overlay_sizes_vllm_from_one_tensor_parallel_value(tmp_path: Pat
         if name in ("bon-vllm", "bon-reward", "bon-trainer"):
             assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
             assert all(c["image"].endswith("-cuda") for c in containers(pod))
+
+
+def trainer_argv(command: list[str]) -> list[str]:
+    """The trainer's own arguments in a container command: ``python -m trainer ...`` or, in the gpu overlay,
+    ``accelerate launch ... -m trainer ...``."""
+    start = next(i for i in range(len(command) - 1) if command[i : i + 2] == ["-m", "trainer"])
+    return command[start + 2 :]
+
+
+def test_the_gpu_overlay_trains_under_accelerate_on_as_many_gpus_as_one_value_says(tmp_path: Path) -> None:
+    from accelerate.commands.launch import launch_command_parser
+
+    from trainer.__main__ import _parser as trainer_parser
+
+    gpu = render("gpu")
+    trainer = container(gpu, "bon-trainer", "trainer")
+    assert trainer["command"][:2] == ["accelerate", "launch"]
+    assert "$(TRAINER_GPUS)" in trainer["command"]
+    (source,) = [e["valueFrom"]["configMapKeyRef"] for e in trainer["env"] if e["name"] == "TRAINER_GPUS"]
+    gpus = of_kind(gpu, "ConfigMap")[source["name"]]["data"][source["key"]]
+    assert gpus == trainer["resources"]["requests"]["nvidia.com/gpu"] == trainer["resources"]["limits"]["nvidia.com/gpu"]
+    expanded = [gpus if a == "$(TRAINER_GPUS)" else a for a in trainer["command"]]  # as Kubernetes expands it
+    launch = launch_command_parser().parse_args(expanded[2:])
+    assert launch.module
+    assert (launch.training_script, launch.training_script_args) == ("trainer", trainer_argv(trainer["command"]))
+    assert trainer_parser().parse_args(launch.training_script_args).command == "run"
+    assert launch.num_processes == int(gpus)
+    accelerate = yaml.safe_load(configmap_file(gpu, "bon-trainer-config", Path(launch.config_file).name, tmp_path).read_text())
+    assert accelerate["distributed_type"] == "MULTI_GPU"  # what the round accepts (trainer.round.DATA_PARALLEL)
+    assert any(m["mountPath"] == "/dev/shm" for m in trainer["volumeMounts"])
+
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    (copy_root / "overlays" / "gpu" / "trainer-settings.env").write_text("TRAINER_GPUS=4\n")
+    four = container(render("gpu", copy_root), "bon-trainer", "trainer")
+    assert (four["resources"]["requests"]["nvidia.com/gpu"], four["resources"]["limits"]["nvidia.com/gpu"]) == ("4", "4")
 
 
 def test_the_alerts_name_metrics_the_gateway_exposes() -> None:
