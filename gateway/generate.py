@@ -1,7 +1,8 @@
 """Generation: N candidates from a vLLM OpenAI server in one request.
 
 Knows how to ask vLLM for ``n`` samples with log-probs and token ids (vLLM shares the
-prompt's prefix across them), how to pick a backend among several (fewest requests in
+prompt's prefix across them), whole or streamed (each candidate handed on as soon as it
+is finished, so scoring can overlap the others' decoding), how to pick a backend among several (fewest requests in
 flight; skipping those whose circuit is open, ``gateway.breaker``; failing over when one
 refuses the connection or does not accept it within ``timeouts.connect_s``, since then the
 request never reached it), how to relay a token stream, and how vLLM's failures map to typed
@@ -27,6 +28,9 @@ import aiohttp
 from gateway.breaker import Breakers
 from gateway.errors import BackendFailed, BackendRejected, BackendTimeout, BackendUnavailable, Overloaded
 from gateway.settings import Backend
+
+Finished = Callable[["Candidate"], None]
+"""Told each candidate of a streamed best-of-N as soon as vLLM has finished it."""
 
 
 @dataclass
@@ -64,7 +68,12 @@ class Generator(Protocol):
     (possibly a vLLM the config does not list: a blue-green instance serving a full
     version); None: every configured backend, under its configured model name."""
 
-    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation: ...
+    async def generate(
+        self, body: dict[str, Any], n: int, models: dict[str, str] | None = None, on_finished: Finished | None = None
+    ) -> Generation:
+        """``n`` candidates. ``on_finished``: called with each candidate as soon as it is complete (vLLM streams the
+        ``n`` samples), while the others are still being decoded; the Generation returned is the same either way."""
+        ...
 
     def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         """Relay a streaming (N=1) request: yields each SSE ``data:`` payload as raw bytes (close it to let go)."""
@@ -168,12 +177,50 @@ class VLLMGenerator:
             raise last_error
         raise BackendUnavailable(f"no model backend is reachable ({last_error.__class__.__name__})")
 
-    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
+    async def generate(
+        self, body: dict[str, Any], n: int, models: dict[str, str] | None = None, on_finished: Finished | None = None
+    ) -> Generation:
+        if on_finished is not None:
+            return await self._generate_streamed(body, n, models, on_finished)
+
         def payload(model: str) -> dict[str, Any]:
             return {**body, "model": model, "n": n, "stream": False, "logprobs": True, "return_token_ids": True}
 
         async with self._post(payload, models, self._timeout) as (url, response):
             return _generation(await _json_or_raise(response), url)
+        raise AssertionError("unreachable: _post yields or raises")
+
+    async def _generate_streamed(
+        self, body: dict[str, Any], n: int, models: dict[str, str] | None, on_finished: Finished
+    ) -> Generation:
+        """The same request as ``generate``'s, streamed: the ``n`` samples' chunks are put together as they come, and
+        each candidate is handed to ``on_finished`` when its ``finish_reason`` arrives."""
+
+        def payload(model: str) -> dict[str, Any]:
+            return {**body, "model": model, "n": n, "stream": True, "logprobs": True, "return_token_ids": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+
+        assembly = _Assembly()
+        async with self._post(payload, models, self._timeout) as (url, response):
+            if response.content_type != "text/event-stream":  # a server that ignores ``stream``: all of them at once
+                whole = _generation(await _json_or_raise(response), url)
+                for candidate in whole.candidates:
+                    on_finished(candidate)
+                return whole
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].rstrip(b"\r\n")
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:  # vLLM failed mid-stream (its status was already 200)
+                    raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
+                for candidate in assembly.add(chunk):
+                    on_finished(candidate)
+            if len(assembly.parts) < n:
+                raise BackendFailed(f"the model backend's stream ended with {len(assembly.parts)} of {n} answers")
+            return assembly.generation(url)
         raise AssertionError("unreachable: _post yields or raises")
 
     async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
@@ -242,3 +289,49 @@ def _generation(data: dict[str, Any], backend: str) -> Generation:
     candidates.sort(key=lambda c: c.index)
     usage = data.get("usage") or {}
     return Generation(candidates, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend)
+
+
+@dataclass
+class _Assembly:
+    """A streamed best-of-N put back together: per sample its text, token ids, log-probs and finish reason, the
+    message's other text fields (``reasoning_content``...), and the usage of the last chunk."""
+
+    parts: dict[int, Candidate] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, chunk: dict[str, Any]) -> list[Candidate]:
+        """Take one chunk; returns the candidates it finished."""
+        finished = []
+        for choice in chunk.get("choices") or ():
+            index = int(choice["index"])
+            candidate = self.parts.get(index)
+            if candidate is None:
+                candidate = self.parts[index] = Candidate(index=index, text="", finish_reason=None)
+                self.texts[index] = []
+            delta = choice.get("delta") or {}
+            for name, value in delta.items():
+                if name == "content":
+                    self.texts[index].append(value or "")
+                elif isinstance(value, str) and name != "role":
+                    candidate.message[name] = candidate.message.get(name, "") + value
+            candidate.token_ids.extend(choice.get("token_ids") or ())
+            if (logprobs := choice.get("logprobs")) is not None:
+                if candidate.logprobs is None:
+                    candidate.logprobs = {"content": []}
+                candidate.logprobs["content"].extend(logprobs.get("content") or ())
+            if choice.get("finish_reason") is not None:
+                candidate.finish_reason = choice["finish_reason"]
+                candidate.text = "".join(self.texts[index])
+                finished.append(candidate)
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        return finished
+
+    def generation(self, backend: str) -> Generation:
+        for index, candidate in self.parts.items():
+            candidate.text = "".join(self.texts[index])
+        candidates = sorted(self.parts.values(), key=lambda c: c.index)
+        return Generation(
+            candidates, int(self.usage.get("prompt_tokens", 0)), int(self.usage.get("completion_tokens", 0)), backend
+        )

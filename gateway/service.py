@@ -210,11 +210,19 @@ class ChatService:
             raise
 
     async def _run(self, plan: Plan, generated: list[Generation]) -> Outcome:
+        scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
+        overlap = scorer is not None and self.settings.scorer.overlap and plan.n_candidates > 1
+        early = _EarlyScores(scorer, _messages(plan)) if scorer is not None and overlap else None
         started = time.perf_counter()
         try:
-            generation = await asyncio.wait_for(self.generator.generate(plan.body, plan.n_candidates, plan.models), plan.left_s())
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer within the request's deadline of {plan.deadline_s * 1000:.0f} ms") from None
+            work = self.generator.generate(plan.body, plan.n_candidates, plan.models, early.submit if early else None)
+            generation = await asyncio.wait_for(work, plan.left_s())
+        except BaseException as exc:
+            if early is not None:  # generation failed or was cancelled: its scoring is not needed
+                early.cancel()
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(f"no answer within the request's deadline of {plan.deadline_s * 1000:.0f} ms") from None
+            raise
         generated.append(generation)
         plan.used_tokens = generation.completion_tokens
         plan.timings["generate"] = time.perf_counter() - started
@@ -223,11 +231,10 @@ class ChatService:
 
         rewards: list[float] | None = None
         degraded: str | None = None
-        scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
         if scorer is not None and (len(generation.candidates) > 1 or plan.request.return_candidates):
             started = time.perf_counter()
-            rewards, degraded = await self._score(scorer, plan, generation)
-            plan.timings["score"] = time.perf_counter() - started
+            rewards, degraded = await self._score(scorer, plan, generation, early)
+            plan.timings["score"] = time.perf_counter() - started  # with overlap: only what decoding did not hide
             self.metrics.stage_latency.labels("score").observe(plan.timings["score"])
 
         started = time.perf_counter()
@@ -242,20 +249,27 @@ class ChatService:
         self.log(plan, outcome)
         return outcome
 
-    async def _score(self, scorer: Scorer, plan: Plan, generation: Generation) -> tuple[list[float] | None, str | None]:
-        """The candidates' rewards within ``scorer.deadline_ms``; on failure, per ``scorer.on_failure``: 503, or
-        (None, why) and the answer goes out unranked."""
+    async def _score(
+        self, scorer: Scorer, plan: Plan, generation: Generation, early: _EarlyScores | None = None
+    ) -> tuple[list[float] | None, str | None]:
+        """The candidates' rewards within ``scorer.deadline_ms`` (those scored while others decoded, ``early``, are
+        awaited, the rest scored now); on failure, per ``scorer.on_failure``: 503, or (None, why) and the answer goes
+        out unranked."""
         s = self.settings.scorer
         messages = _messages(plan)
         left_s = plan.left_s()
         started, limit_s = time.perf_counter(), min(s.deadline_ms / 1000, left_s)
+        if early is not None:
+            work = early.all(generation.candidates)
+        else:
+            work = scorer.score([Conversation(messages, c.text) for c in generation.candidates])
         try:
-            rewards = await asyncio.wait_for(
-                scorer.score([Conversation(messages, c.text) for c in generation.candidates]), limit_s
-            )
+            rewards = await asyncio.wait_for(work, limit_s)
             self.scorer_pace.observe(time.perf_counter() - started, len(generation.candidates))
             return rewards, None
         except (ScorerFailed, TimeoutError) as exc:
+            if early is not None:
+                early.cancel()
             if isinstance(exc, TimeoutError):
                 self.scorer_pace.observe(time.perf_counter() - started, len(generation.candidates))
             reason = "scorer_timeout" if isinstance(exc, TimeoutError) else "scorer_failed"
@@ -421,6 +435,40 @@ class ChatService:
                 self.log(plan, Outcome(generation, None, [0]))
             elif left or not first:  # cut short (a backend failure before the first byte was no answer at all)
                 self.log(plan, Outcome(generation, None, [], cancelled=True))
+
+
+class _EarlyScores:
+    """Scoring that overlaps generation: each candidate goes to the reward model as soon as vLLM finishes it (the
+    scorer batches it with whatever else is waiting), while the others are still decoding."""
+
+    def __init__(self, scorer: Scorer, messages: list[dict[str, Any]]) -> None:
+        self.scorer, self.messages = scorer, messages
+        self.tasks: dict[int, asyncio.Task[list[float]]] = {}
+
+    def submit(self, candidate: Candidate) -> None:
+        self.tasks[candidate.index] = asyncio.ensure_future(self.scorer.score([Conversation(self.messages, candidate.text)]))
+
+    async def all(self, candidates: list[Candidate]) -> list[float]:
+        """Every candidate's reward, in order; one that was never handed over (no finish reason) is scored now."""
+        rewards: dict[int, float] = {}
+        scored = [c for c in candidates if c.index in self.tasks]
+        for c, reward in zip(scored, await asyncio.gather(*(self.tasks[c.index] for c in scored)), strict=True):
+            rewards[c.index] = reward[0]
+        late = [c for c in candidates if c.index not in self.tasks]
+        if late:
+            scores = await self.scorer.score([Conversation(self.messages, c.text) for c in late])
+            rewards.update((c.index, reward) for c, reward in zip(late, scores, strict=True))
+        return [rewards[c.index] for c in candidates]
+
+    def cancel(self) -> None:
+        """Drop scoring still under way; a finished one's failure is collected (not reported as never retrieved)."""
+        for task in self.tasks.values():
+            if task.done():
+                if not task.cancelled():
+                    task.exception()
+            else:
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _messages(plan: Plan) -> list[dict[str, Any]]:

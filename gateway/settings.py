@@ -121,6 +121,9 @@ class ScorerSettings(BaseModel):
     """The reward model failed or missed ``deadline_ms``: 503 (closed), or the first candidates unranked, tagged
     ``x-bon-degraded`` and counted (open)."""
     deadline_ms: float = Field(default=10_000, gt=0, description="longest wait for a request's rewards")
+    overlap: bool = True
+    """Score each candidate as soon as vLLM finishes it (the N samples are streamed), so the reward model works while
+    the slower candidates are still decoding; the choice is the same as scoring all of them at the end."""
     degrade_above_ms: float | None = Field(default=None, gt=0)
     """When the reward model's recent pace would take longer than this for a request's N, N is lowered to fit (not
     below n), tagged ``x-bon-degraded: scorer_slow`` and counted (``gateway.degrade``). None: never."""

@@ -139,13 +139,15 @@ class AnswerIds:
 
 def trainer_args(work_dir: Path, steps: int, seed: int, bf16: bool, progress: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` every round's TRL trainer shares: no checkpoints or trackers, ten log lines,
-    the CPU unless torch sees a GPU, progress bars on request."""
+    the CPU unless torch sees a GPU, progress bars on request. Under data parallelism (``accelerate launch``) DDP
+    is told the adapter has no unused parameters (transformers assumes there may be, for any peft model, and
+    walks the autograd graph an extra time every step)."""
     import torch
 
     return {
         "output_dir": str(work_dir), "logging_steps": max(1, steps // 10), "report_to": [], "save_strategy": "no",
         "seed": seed, "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, "disable_tqdm": not progress,
-        "bf16": bf16,
+        "bf16": bf16, "ddp_find_unused_parameters": False,
     }  # fmt: skip
 
 

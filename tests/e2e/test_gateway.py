@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import openai
@@ -270,3 +271,37 @@ def test_log_keeps_the_sampled_token_ids_of_every_candidate(client: openai.OpenA
     assert relayed.candidates[0].text == text
     assert relayed.candidates[0].token_ids  # streamed with return_token_ids, hidden from the client
     assert relayed.candidates[0].reward is not None  # scored for the log after the response
+
+
+def test_a_streamed_best_of_n_is_the_same_generation_as_a_whole_one(policy_vllm: str) -> None:
+    """What scoring overlapped with generation relies on: vLLM's n samples, streamed and put back together, are the
+    answers it gives in one body (the same seed; the requests run one after the other, so the engine's batch is the
+    same), with the same token ids, log-probs and usage; and each is handed over once, when it is finished."""
+    import asyncio
+
+    import aiohttp
+
+    from gateway.generate import Candidate, VLLMGenerator
+    from gateway.settings import Backend
+
+    async def both() -> tuple[Any, Any, list[int]]:
+        finished: list[int] = []
+        async with aiohttp.ClientSession() as session:
+            generator = VLLMGenerator(session, [Backend(url=policy_vllm, model="policy")], request_timeout_s=120)
+            body = {"messages": MESSAGES, "max_tokens": 24, "temperature": 1.0, "seed": 11}
+            whole = await generator.generate(body, 4)
+            streamed = await generator.generate(body, 4, None, lambda c: finished.append(c.index))
+        return whole, streamed, finished
+
+    whole, streamed, finished = asyncio.run(both())
+
+    def fields(c: Candidate) -> tuple[Any, ...]:
+        logprobs = [(t["token"], t["logprob"]) for t in (c.logprobs or {}).get("content") or ()]
+        return c.index, c.text, c.finish_reason, c.token_ids, [t for t, _ in logprobs], c.message
+
+    assert [fields(c) for c in streamed.candidates] == [fields(c) for c in whole.candidates]
+    for s, w in zip(streamed.candidates, whole.candidates, strict=True):
+        assert [t["logprob"] for t in s.logprobs["content"]] == pytest.approx([t["logprob"] for t in w.logprobs["content"]])
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (whole.prompt_tokens, whole.completion_tokens)
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert len({c.text for c in whole.candidates}) > 1  # four different samples, not one repeated

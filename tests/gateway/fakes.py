@@ -6,11 +6,12 @@ import asyncio
 import json
 import re
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.generate import Candidate, Generation
+from gateway.generate import Candidate, Finished, Generation
 from gateway.score import Conversation
 from gateway.store.records import Record
 from tests.polling import wait_until
@@ -19,26 +20,40 @@ from tests.polling import wait_until
 class FakeGenerator:
     """Returns ``texts`` as candidates (cycled to N); records what it was asked."""
 
-    def __init__(self, texts: Sequence[str], *, error: GatewayError | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, texts: Sequence[str], *, error: GatewayError | None = None, delay_s: float = 0.0, finish_gap_s: float = 0.0
+    ) -> None:
+        """``finish_gap_s``: with ``on_finished``, the candidates finish one by one (last index first), this far apart,
+        after ``delay_s``."""
         self.texts = list(texts)
         self.error = error
         self.delay_s = delay_s
+        self.finish_gap_s = finish_gap_s
         self.calls: list[tuple[dict[str, Any], int]] = []
         self.cancelled = 0
+        self.finished_at: list[float] = []
+        """When each candidate was handed to ``on_finished`` (``time.monotonic()``)."""
 
-    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
+    async def generate(
+        self, body: dict[str, Any], n: int, models: dict[str, str] | None = None, on_finished: Finished | None = None
+    ) -> Generation:
         self.calls.append((body, n))
-        try:
-            await asyncio.sleep(self.delay_s)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        if self.error is not None:
-            raise self.error
         candidates = [
             Candidate(i, self.texts[i % len(self.texts)], "stop", token_ids=[7] * (i + 2), logprobs={"content": []})
             for i in range(n)
         ]
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.error is not None:
+                raise self.error
+            if on_finished is not None:
+                for candidate in reversed(candidates):
+                    on_finished(candidate)
+                    self.finished_at.append(time.monotonic())
+                    await asyncio.sleep(self.finish_gap_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return Generation(candidates, prompt_tokens=5, completion_tokens=sum(c.token_count for c in candidates), backend="fake")
 
     async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.generate import Generation
+from gateway.generate import Finished, Generation
 from gateway.metrics import sample
 from tests.gateway.conftest import ANSWERS, REWARDS, settings
 from tests.gateway.fakes import FakeGenerator, FakeScorer, FakeStore
@@ -105,10 +105,12 @@ class HeldGenerator(FakeGenerator):
         self.waiting = 0
         """Requests that reached the generator (planned) and wait for ``release``."""
 
-    async def generate(self, body: dict[str, Any], n: int, models: dict[str, str] | None = None) -> Generation:
+    async def generate(
+        self, body: dict[str, Any], n: int, models: dict[str, str] | None = None, on_finished: Finished | None = None
+    ) -> Generation:
         self.waiting += 1
         await asyncio.to_thread(self.release.wait, 60)
-        return await super().generate(body, n, models)
+        return await super().generate(body, n, models, on_finished)
 
     async def stream(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[bytes, None]:
         first = True
