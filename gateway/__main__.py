@@ -96,6 +96,7 @@ def _missing_models(settings: GatewaySettings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import orjson
     import structlog
     import uvicorn
 
@@ -114,8 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),  # bytes, written as they are
         ],
+        logger_factory=structlog.BytesLoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=True,
     )

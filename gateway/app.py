@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import inspector, openapi
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.fastpath import ChatFastPath
 from gateway.generate import Generator
 from gateway.lifespan import lifespan
 from gateway.routes import router
@@ -47,6 +48,7 @@ def create_app(
         docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
     )  # fmt: skip
     _install_error_handlers(app)
+    app.add_middleware(ChatFastPath, on_error=gateway_error)
     app.include_router(router)
     app.include_router(inspector.router)
     openapi.install(app)
@@ -57,13 +59,16 @@ def _error_response(exc: GatewayError, headers: dict[str, str] | None = None) ->
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+    """A ``GatewayError`` as OpenAI error JSON, counted (the handler of every route, the fast path's too)."""
+    state: GatewayState | None = getattr(request.app.state, "gateway", None)
+    if state is not None:
+        state.metrics.errors.labels(exc.type, exc.code or "none").inc()
+    return _error_response(exc, exc.headers)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        state: GatewayState | None = getattr(request.app.state, "gateway", None)
-        if state is not None:
-            state.metrics.errors.labels(exc.type, exc.code or "none").inc()
-        return _error_response(exc, exc.headers)
+    app.add_exception_handler(GatewayError, gateway_error)  # type: ignore[arg-type]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

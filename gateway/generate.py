@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from gateway.breaker import Breakers
 from gateway.errors import BackendFailed, BackendRejected, BackendTimeout, BackendUnavailable, Overloaded
 from gateway.settings import Backend
 
+JSON = {"content-type": "application/json"}
 Finished = Callable[["Candidate"], None]
 """Told each candidate of a streamed best-of-N as soon as vLLM has finished it."""
 
@@ -132,7 +134,9 @@ class VLLMGenerator:
             healthy: bool | None = None  # what the outcome says about the backend (None: nothing)
             try:
                 try:
-                    response = await self._session.post(f"{url}/v1/chat/completions", json=payload(model), timeout=timeout)
+                    response = await self._session.post(
+                        f"{url}/v1/chat/completions", data=orjson.dumps(payload(model)), headers=JSON, timeout=timeout
+                    )
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     healthy, last_error = False, exc
                     continue
@@ -213,7 +217,7 @@ class VLLMGenerator:
                 data = line[6:].rstrip(b"\r\n")
                 if data == b"[DONE]":
                     break
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if "error" in chunk:  # vLLM failed mid-stream (its status was already 200)
                     raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
                 for candidate in assembly.add(chunk):
@@ -242,11 +246,11 @@ class VLLMGenerator:
 
 
 async def _json_or_raise(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    text = await response.text()
+    raw = await response.read()
     if response.status == 200:
-        data: dict[str, Any] = json.loads(text)
+        data: dict[str, Any] = orjson.loads(raw)
         return data
-    message = _error_message(text) or f"HTTP {response.status}"
+    message = _error_message(raw.decode(errors="replace")) or f"HTTP {response.status}"
     if 400 <= response.status < 500 and response.status not in (404, 408, 429):
         raise BackendRejected(message, response.status)
     if response.status in (503, 429):

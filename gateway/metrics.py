@@ -49,6 +49,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # the children the hot path observes, bound once (``labels()`` takes a lock and builds a key on every call)
+        self.stage = {name: self.stage_latency.labels(name) for name in ("generate", "score", "select", "log")}
+        self.chat_latency = {
+            stream: self.request_latency.labels("chat_completions", stream) for stream in ("true", "false")
+        }  # fmt: skip
         self.chosen_reward = Histogram(
             f"{p}chosen_reward", "Reward of the chosen candidate", ["policy_version"], buckets=REWARD_BUCKETS, registry=r
         )

@@ -7,12 +7,21 @@ official ``openai`` types in the tests), the usage of every generated candidate,
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import orjson
+from starlette.responses import JSONResponse
+
 from gateway.generate import Generation
 from gateway.service import Outcome, Plan
+
+
+class JsonResponse(JSONResponse):
+    """JSON rendered by orjson (measured: the standard library's encoder was a few % of the CPU per request)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def envelope(plan: Plan, obj: str, model_alias: str) -> dict[str, Any]:
@@ -90,7 +99,7 @@ def chunks(plan: Plan, outcome: Outcome, model_alias: str) -> list[bytes]:
         events[-1]["candidates"] = candidates(outcome)
     if plan.include_usage:
         events.append({**envelope(plan, "chat.completion.chunk", model_alias), "choices": [], "usage": usage(outcome.generation)})
-    return [json.dumps(e, separators=(",", ":")).encode() for e in events] + [b"[DONE]"]
+    return [orjson.dumps(e) for e in events] + [b"[DONE]"]
 
 
 async def sse(head: Iterable[bytes], tail: AsyncIterator[bytes] | None = None) -> AsyncIterator[bytes]:

@@ -11,13 +11,14 @@ call it; it never sees HTTP.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import orjson
 
 from gateway.degrade import ScorerPace, under_load, within_pace
 from gateway.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ScorerFailed, ScorerUnavailable
@@ -215,8 +216,10 @@ class ChatService:
         early = _EarlyScores(scorer, _messages(plan)) if scorer is not None and overlap else None
         started = time.perf_counter()
         try:
-            work = self.generator.generate(plan.body, plan.n_candidates, plan.models, early.submit if early else None)
-            generation = await asyncio.wait_for(work, plan.left_s())
+            async with asyncio.timeout(plan.left_s()):  # not wait_for: that would be one more task per request
+                generation = await self.generator.generate(
+                    plan.body, plan.n_candidates, plan.models, early.submit if early else None
+                )
         except BaseException as exc:
             if early is not None:  # generation failed or was cancelled: its scoring is not needed
                 early.cancel()
@@ -226,7 +229,7 @@ class ChatService:
         generated.append(generation)
         plan.used_tokens = generation.completion_tokens
         plan.timings["generate"] = time.perf_counter() - started
-        self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
+        self.metrics.stage["generate"].observe(plan.timings["generate"])
         self.metrics.candidates.observe(len(generation.candidates))
 
         rewards: list[float] | None = None
@@ -235,12 +238,12 @@ class ChatService:
             started = time.perf_counter()
             rewards, degraded = await self._score(scorer, plan, generation, early)
             plan.timings["score"] = time.perf_counter() - started  # with overlap: only what decoding did not hide
-            self.metrics.stage_latency.labels("score").observe(plan.timings["score"])
+            self.metrics.stage["score"].observe(plan.timings["score"])
 
         started = time.perf_counter()
         chosen = select(rewards, plan.n_return) if rewards is not None else list(range(plan.n_return))
         plan.timings["select"] = time.perf_counter() - started
-        self.metrics.stage_latency.labels("select").observe(plan.timings["select"])
+        self.metrics.stage["select"].observe(plan.timings["select"])
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
@@ -264,7 +267,8 @@ class ChatService:
         else:
             work = scorer.score([Conversation(messages, c.text) for c in generation.candidates])
         try:
-            rewards = await asyncio.wait_for(work, limit_s)
+            async with asyncio.timeout(limit_s):
+                rewards = await work
             self.scorer_pace.observe(time.perf_counter() - started, len(generation.candidates))
             return rewards, None
         except (ScorerFailed, TimeoutError) as exc:
@@ -306,7 +310,7 @@ class ChatService:
             task.add_done_callback(self._background.discard)
         else:
             self._submit(record)
-        self.metrics.stage_latency.labels("log").observe(time.perf_counter() - started)
+        self.metrics.stage["log"].observe(time.perf_counter() - started)
 
     async def _score_then_submit(self, plan: Plan, record: CompletionRecord) -> None:
         assert self.sink is not None
@@ -402,7 +406,7 @@ class ChatService:
                     complete = True
                     yield payload
                     continue
-                chunk = json.loads(payload)
+                chunk = orjson.loads(payload)
                 if "error" not in chunk:
                     chunk.pop("prompt_token_ids", None)
                     for choice in chunk.get("choices") or ():
@@ -416,14 +420,14 @@ class ChatService:
                                 continue  # the final usage-only chunk the client did not ask for
                             chunk["usage"] = None
                     chunk.update(id=plan.completion_id, model=self.settings.model_alias, system_fingerprint=plan.policy_version)
-                yield json.dumps(chunk, separators=(",", ":")).encode()
+                yield orjson.dumps(chunk)
         except (asyncio.CancelledError, GeneratorExit):
             left = True  # the client left (or the stream was cut at its time limit)
             raise
         finally:
             await stream.aclose()  # now, not when collected: closing it closes vLLM's request
             plan.timings["generate"] = time.perf_counter() - started
-            self.metrics.stage_latency.labels("generate").observe(plan.timings["generate"])
+            self.metrics.stage["generate"].observe(plan.timings["generate"])
             self.metrics.candidates.observe(1)
             answer.text = "".join(texts)
             plan.used_tokens = int(usage["completion_tokens"]) if "completion_tokens" in usage else len(answer.token_ids)

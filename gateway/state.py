@@ -59,8 +59,13 @@ def _local(request: Request) -> bool:
     return local_caller(request.client.host if request.client else None, request.headers)
 
 
-async def _key_id(request: Request, state: State) -> str:
+def chat_key_id(request: Request, state: GatewayState) -> str:
+    """The caller's API key id for a chat request (raises ``AuthenticationFailed``/``PermissionDenied``)."""
     return state.keys.identify(request.headers.get("authorization"), _local(request), "chat")
+
+
+async def _key_id(request: Request, state: State) -> str:
+    return chat_key_id(request, state)
 
 
 async def _feedback_key_id(request: Request, state: State) -> str:
