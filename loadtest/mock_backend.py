@@ -3,7 +3,7 @@
 Run as ``python -m loadtest.mock_backend --port P --delay-ms D``. It returns one fixed,
 schema-valid completion per request (``n`` choices when asked, with per-token logprobs
 and vLLM's ``token_ids`` when asked, as the gateway does; with ``stream: true`` the same
-answer as server-sent chunks, one per token, with vLLM's ``token_ids`` and a usage chunk),
+answers as server-sent chunks, one per token and sample, with vLLM's ``token_ids`` and a usage chunk),
 so a benchmark measures what sits in front of it, not a model.
 """
 
@@ -44,28 +44,34 @@ def _completion(n: int, logprobs: bool, token_ids: bool) -> bytes:
     return json.dumps(body).encode()
 
 
-def _stream() -> bytes:
+def _stream(n: int) -> bytes:
+    """The answer as vLLM streams ``n`` samples: each chunk carries one choice, the samples' chunks interleaved."""
     base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": int(time.time()), "model": "policy"}
     deltas = [{"role": "assistant", "content": ""}, *({"content": t} for t in TOKENS[:-1])]
     events = []
     for k, delta in enumerate(deltas):
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, "token_ids": [100 + k - 1] if k else []}
-        events.append({**base, "choices": [choice], **({"prompt_token_ids": [1, 2, 3]} if k == 0 else {})})
-    events.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop", "token_ids": [108]}]})
-    events.append({**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}})
+        for i in range(n):
+            ids = [100 + k - 1] if k else []
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, "token_ids": ids}
+            events.append({**base, "choices": [choice], **({"prompt_token_ids": [1, 2, 3]} if k == 0 else {})})
+    for i in range(n):
+        last = {"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop", "token_ids": [108]}
+        events.append({**base, "choices": [last]})
+    usage = {"prompt_tokens": 12, "completion_tokens": 9 * n, "total_tokens": 12 + 9 * n}
+    events.append({**base, "choices": [], "usage": usage})
     return "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
 
 
 def app(delay_s: float) -> web.Application:
     cached = {(n, lp, ids): _completion(n, lp, ids) for n in range(1, 17) for lp in (False, True) for ids in (False, True)}
-    stream = _stream()
+    streams = {n: _stream(n) for n in range(1, 17)}
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
         if delay_s:
             await asyncio.sleep(delay_s)
         if body.get("stream"):
-            return web.Response(body=stream, content_type="text/event-stream")
+            return web.Response(body=streams[int(body.get("n") or 1)], content_type="text/event-stream")
         key = (int(body.get("n") or 1), bool(body.get("logprobs")), bool(body.get("return_token_ids")))
         return web.Response(body=cached[key], content_type="application/json")
 

@@ -205,7 +205,7 @@ def test_client_disconnect_aborts_the_vllm_request(
             f"content-length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        wait_until(lambda: _logged(log, ADDED) >= added + n, 60, "vLLM did not add the request")
+        _wait_added(sock, log, added + n, engine)
         sock.close()  # walk away
         wait_until(lambda: _disconnected(gateway_url) > disconnected, 30, "the gateway did not give the request up")
         wait_until(lambda: _logged(log, ABORTED) > aborted, 30, "vLLM did not abort the request the gateway let go of")
@@ -226,12 +226,32 @@ def _disconnected(gateway_url: str) -> float:
     return sample(gateway_url, "bon_requests_total", {"status": "499"}) or 0.0
 
 
+def _wait_added(sock: socket.socket, log: Path, want: int, frozen: list[psutil.Process], timeout_s: float = 60) -> None:
+    """Wait until vLLM's log has added ``want`` requests in all; on timeout, fail with what the gateway answered,
+    what was frozen and the log's end (the CI failure this test once had left none of them)."""
+    deadline = time.monotonic() + timeout_s
+    while _logged(log, ADDED) < want:
+        if time.monotonic() > deadline:
+            sock.setblocking(False)
+            try:
+                answered = sock.recv(4096)
+            except BlockingIOError:
+                answered = b"(nothing yet)"
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            names = [f"{p.pid} {p.name()}" for p in frozen]
+            said = f"the gateway answered {answered!r}; frozen {names}"
+            pytest.fail(f"vLLM did not add the request; {said}; vLLM's log ends:\n" + "\n".join(tail))
+        time.sleep(0.01)
+
+
 def _engine_processes(vllm: VLLMProcess) -> list[psutil.Process]:
-    """vLLM's engine core: the API server's child processes (where the model runs)."""
+    """vLLM's engine core and its workers (where the model runs): the API server's child processes named as vLLM
+    names them, not its other children (multiprocessing's resource tracker, which the API server may write to)."""
     assert vllm.pid is not None
     children: list[psutil.Process] = psutil.Process(vllm.pid).children(recursive=True)
-    assert children, "vLLM runs no engine core process"
-    return children
+    engine = [c for c in children if c.name().startswith(("VLLM::EngineCore", "VLLM::Worker"))]
+    assert engine, f"vLLM runs no engine core process: its children are {[c.name() for c in children]}"
+    return engine
 
 
 @contextmanager
