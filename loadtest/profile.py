@@ -2,10 +2,10 @@
 
 The gateway runs as ``bench overhead`` runs it (mock backend at 0 ms, N=1, scoring and the
 log off); closed-loop load at ``--concurrency`` while ``py-spy record`` samples the process
-(native frames off, idle off: CPU only). Writes the flame graph (SVG) and the collapsed
-stacks, and reports the share of samples per package or module (the frame nearest the leaf
-that belongs to a named package; the rest is ``other``), so a change's effect can be read
-in the same terms before and after. py-spy needs ptrace on the gateway's process (root, or
+(native frames off, idle off: CPU only). Writes the flame graph (SVG) and reports the share
+of samples per package or module (the frame nearest the leaf that belongs to a named
+package; the rest is ``other``), so a change's effect can be read in the same terms before
+and after. py-spy needs ptrace on the gateway's process (root, or
 ``kernel.yama.ptrace_scope`` 0). Does not judge a goal: ``bench overhead`` does.
 """
 
@@ -17,6 +17,7 @@ import collections
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    parser.add_argument("--out", type=Path, default=Path("docs/profile-n1"), help="writes OUT.svg and OUT.txt")
+    parser.add_argument("--out", type=Path, default=Path("docs/profile-n1.svg"), help="the flame graph (SVG)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,11 +48,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings["backends"] = [{"url": backend, "model": "policy"}]
         with gateway_process(settings) as (url, pid):
             asyncio.run(load(url, BODY, 2_000, args.concurrency))  # warm-up
-            collapsed = args.out.with_suffix(".txt")
+            collapsed = Path(tempfile.mkdtemp(prefix="profile-")) / "stacks.txt"  # the shares are read from it
             commands = [
                 [spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--format", fmt, "--output", str(path),
                  "--nonblocking"]
-                for fmt, path in (("raw", collapsed), ("flamegraph", args.out.with_suffix(".svg")))
+                for fmt, path in (("raw", collapsed), ("flamegraph", args.out))
             ]  # fmt: skip
             # One sampler at a time: the two formats come from two halves of the load.
             shares: collections.Counter[str] = collections.Counter()
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "profile", "concurrency": args.concurrency, "requests": served, "rps": round(served / wall, 1),
         "cpu_us_per_request": round(cpu_us, 1), "samples": total,
         "share_by_package": {k: round(v / total, 4) for k, v in shares.most_common()} if total else {},
-        "flame_graph": str(args.out.with_suffix(".svg")),
+        "flame_graph": str(args.out),
     }  # fmt: skip
 
 
