@@ -60,7 +60,11 @@ class VLLMProcess:
         pooling: bool = False,
         lora: bool = True,
         env: dict[str, str] | None = None,
+        log_level: str = "INFO",
     ) -> None:
+        """``log_level``: vLLM's own (``VLLM_LOGGING_LEVEL``), set rather than inherited: importing TRL sets ERROR in
+        its process's environment (``trl._compat``), which would silence every vLLM that process starts afterwards,
+        its request log too. ``env`` overrides it."""
         self.model = model
         self.served_name = served_name
         self.host = host
@@ -79,6 +83,7 @@ class VLLMProcess:
         self.args = args + list(extra_args or [])
         self.env = dict(env or {})
         """Extra environment (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
+        self.log_level = log_level
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -100,16 +105,25 @@ class VLLMProcess:
             raise VLLMStartError(
                 f"port {self.port} on {self.host} is already in use; stop what holds it or set managed_vllm.port"
             )
-        env = {
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:  # started again after its process died (killed from outside)
+            self._log.close()
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            self.args, env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this process's, offline, runtime LoRA updates on, a small KV cache on a CPU,
+        vLLM's log level, then ``env``."""
+        return {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_LOGGING_LEVEL": self.log_level,
             **self.env,
         }
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(self.args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @staticmethod
     def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

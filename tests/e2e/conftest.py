@@ -25,9 +25,10 @@ def running_vllm(model: Path, name: str, *, pooling: bool = False, env: dict[str
 def running_vllm_process(
     model: Path, name: str, *, pooling: bool = False, env: dict[str, str] | None = None
 ) -> Iterator[VLLMProcess]:
+    port = free_port()  # in the log's name too: two servers of one model (the resolver test's) keep their own logs
     process = VLLMProcess(
-        model, name, port=free_port(), max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
-        log_path=model.parent / f"vllm-{name}.log", env=env,
+        model, name, port=port, max_lora_rank=8, max_loras=2, pooling=pooling, dtype="float32",
+        log_path=model.parent / f"vllm-{name}-{port}.log", env=env,
         extra_args=["--enable-log-requests"],  # tests read when vLLM added and aborted a request
     )  # fmt: skip
     process.start()

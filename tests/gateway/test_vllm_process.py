@@ -1,0 +1,21 @@
+"""The managed vLLM's environment (no server is started here; the e2e tests start real ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.vllm_process import VLLMProcess
+
+
+def test_vllm_logs_at_info_even_after_trl_was_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing TRL sets VLLM_LOGGING_LEVEL=ERROR in this process (trl._compat); a vLLM started afterwards must
+    still log at INFO (its request log is how operators, and the disconnect e2e test, see requests added and aborted)."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # what that import does, whichever test module imported it first
+    vllm = VLLMProcess(Path("model"), "policy")
+    assert vllm.environment()["VLLM_LOGGING_LEVEL"] == "INFO"
+    assert vllm.environment()["HF_HUB_OFFLINE"] == "1"
+    quiet = VLLMProcess(Path("model"), "policy", env={"VLLM_LOGGING_LEVEL": "WARNING"})
+    assert quiet.environment()["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert VLLMProcess(Path("model"), "policy", log_level="DEBUG").environment()["VLLM_LOGGING_LEVEL"] == "DEBUG"
