@@ -13,10 +13,13 @@
              blue-green): request latency at N=4 (same requests, same token counts), base = the base model on
              the LoRA-enabled vLLM; and the swap itself: adapter load + first request vs vLLM start + first request
 
+  scoring    the reward model (the gateway's scorer, on GPU when there is one) scoring N candidates in one batch;
+             baseline = the same N scored one at a time (N passes)
+
   profile    where the gateway's CPU goes on the N=1 path under load: a py-spy flame graph (docs/) and the
              share of samples by package (not a comparison: the figures ``overhead`` judges come from there)
 
-One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``profile``: ``HELP``,
+One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``scoring``, ``profile``: ``HELP``,
 ``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and the intervals,
 ``servers``: the mock backend and gateway processes, ``traffic``: interleaved HTTP load).
 Baseline and gateway run in the same process tree and are interleaved over several rounds
@@ -31,10 +34,11 @@ import json
 import sys
 from types import ModuleType
 
-from loadtest import bon, formats, log_cost, overhead, profile, train
+from loadtest import bon, formats, log_cost, overhead, profile, scoring, train
 
 BENCHMARKS: dict[str, ModuleType] = {
-    "overhead": overhead, "logging": log_cost, "bon": bon, "train": train, "formats": formats, "profile": profile,
+    "overhead": overhead, "logging": log_cost, "bon": bon, "train": train, "formats": formats, "scoring": scoring,
+    "profile": profile,
 }  # fmt: skip
 """Each benchmark's module: ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict`` (the report)."""
 
