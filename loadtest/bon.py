@@ -165,10 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bon_overhead_ratio_n4_sequential": ratio(("sequential", 4), ("direct", 4)),
             "gateway_overhead_ratio": ratio(("gateway", 1), ("direct", 1)),
         }
+        report["goals"] = [{"goal": "bon_overhead_ratio_n4 <= 1.05", "met": report["bon_overhead_ratio_n4"]["mean"] <= 1.05}]
         if 8 in args.n:
             report["bon_overhead_ratio_n8"] = ratio(("gateway", 8), ("direct", 8))
-        report["goals"] = [
-            {"goal": "bon_overhead_ratio_n4 <= 1.1", "met": report["bon_overhead_ratio_n4"]["mean"] <= 1.1},
+            report["goals"].append(
+                {"goal": "bon_overhead_ratio_n8 <= 1.10", "met": report["bon_overhead_ratio_n8"]["mean"] <= 1.10}
+            )
+        report["goals"] += [
             {"goal": "gateway_overhead_ratio <= 1.05", "met": report["gateway_overhead_ratio"]["mean"] <= 1.05},
             {
                 "goal": "wall_ratio_n4 <= 1.3 (on a GPU; on 2 CPU cores vLLM's own n=4 costs ~1.5x)",

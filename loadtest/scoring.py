@@ -78,7 +78,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                                                  for n in args.n), file=sys.stderr, flush=True)  # fmt: skip
         import torch
 
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         return {"device": device, "seconds": seconds}
     finally:
         await scorer.close()
