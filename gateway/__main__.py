@@ -13,7 +13,6 @@ line or a short log excerpt and exit non-zero, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -96,11 +95,10 @@ def _missing_models(settings: GatewaySettings) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import orjson
-    import structlog
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.logconfig import configure_logging
     from gateway.settings import ConfigError, load
     from gateway.vllm_process import VLLMProcess, VLLMStartError, port_free
 
@@ -111,16 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
     problem = _missing_models(settings)
     if problem:
         return _fail(problem)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),  # bytes, written as they are
-        ],
-        logger_factory=structlog.BytesLoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        cache_logger_on_first_use=True,
-    )
+    configure_logging()
     if not port_free(settings.host, settings.port):
         return _fail(f"port {settings.port} on {settings.host} is already in use")
     # SIGTERM (Kubernetes, systemd, `kill`): uvicorn drains requests and runs the lifespan's
@@ -144,6 +133,16 @@ def _serve(args: argparse.Namespace) -> int:
                 vllm.wait_healthy(managed.startup_s)
             except VLLMStartError as exc:
                 return _fail(str(exc))
+        if settings.workers > 1:
+            from gateway import workers
+
+            print(f"[gateway] serving '{settings.model_alias}' on http://{settings.host}:{settings.port} "
+                  f"with {settings.workers} workers", flush=True)  # fmt: skip
+            stopped = workers.serve(settings, args.config, vllm)
+            if stopped is not None:
+                return _fail(stopped)
+            print("[gateway] stopped", flush=True)
+            return 0
         server: uvicorn.Server | None = None
 
         def on_fatal(message: str) -> None:

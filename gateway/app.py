@@ -26,6 +26,7 @@ from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
 from gateway.store import Store
 from gateway.vllm_process import VLLMProcess
+from gateway.workers import Slot
 
 log = structlog.get_logger("gateway")
 
@@ -38,12 +39,14 @@ def create_app(
     store: Store | None = None,
     vllm: VLLMProcess | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    slot: Slot | None = None,
 ) -> FastAPI:
     """The app. ``generator``, ``scorer`` and ``store`` replace the real ones (unit tests pass
     fakes); ``vllm`` is a managed server already started by the caller, watched while
-    serving; ``on_fatal`` is called when it dies (the CLI stops its server then)."""
+    serving; ``on_fatal`` is called when it dies (the CLI stops its server then); ``slot``: this worker's, one of
+    several (``gateway.workers``)."""
     app = FastAPI(
-        title="bon-gateway", lifespan=lifespan(settings, generator, scorer, store, vllm, on_fatal),
+        title="bon-gateway", lifespan=lifespan(settings, generator, scorer, store, vllm, on_fatal, slot),
         description="OpenAI-compatible chat completions, best-of-N reranked by a reward model; thumbs feedback.",
         docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
     )  # fmt: skip

@@ -235,8 +235,8 @@ class CanaryGate:
         return finite(evaluation.get("kl_to_reference")), finite(evaluation.get("kl_to_reference_stderr"))
 
     def _export_kl(self) -> None:
-        self._metrics.policy_kl.clear()
-        self._metrics.policy_kl_stderr.clear()
+        self._metrics.reset(self._metrics.policy_kl, math.nan)
+        self._metrics.reset(self._metrics.policy_kl_stderr, math.nan)
         roles: tuple[Pointer, ...] = ("current", "canary")
         for role in roles:
             version = self._registry.version_at("policy", role)

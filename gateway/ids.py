@@ -42,15 +42,23 @@ class CompletionIds:
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """The data dir's secret (created once, mode 0600): ids stay valid across restarts of one gateway.
-    Replicas behind one load balancer must share a configured secret instead."""
+    """The data dir's secret (created once, mode 0600): ids stay valid across restarts of one gateway, and one
+    gateway's workers starting together agree on it (the first link wins; the others read it). Replicas behind one
+    load balancer must share a configured secret instead."""
     if path.exists():
         return bytes.fromhex(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret.hex())
-    tmp.rename(path)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # atomic and exclusive: fails when another process created it first
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    finally:
+        tmp.unlink()
     return secret

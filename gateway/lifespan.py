@@ -41,6 +41,7 @@ from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
 from gateway.swap import Swapper
 from gateway.vllm_process import VLLMProcess
 from gateway.warmup import until_warm
+from gateway.workers import Slot, adopt_spools
 
 log = structlog.get_logger("gateway")
 Lifespan = Callable[[FastAPI], Any]
@@ -53,9 +54,11 @@ def lifespan(
     store: Store | None,
     vllm: VLLMProcess | None,
     on_fatal: Callable[[str], None] | None,
+    slot: Slot | None = None,
 ) -> Lifespan:
     """The app's lifespan; ``generator``, ``scorer`` and ``store`` replace the real ones (fakes in unit tests, which
-    also leaves out the swapper and the reward-model follower), ``vllm`` is watched while serving."""
+    also leaves out the swapper and the reward-model follower), ``vllm`` is watched while serving; ``slot``: this
+    worker's, one of several (its own spool; slot 0 purges and replays orphaned spools)."""
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
@@ -66,7 +69,7 @@ def lifespan(
             if score is not None:
                 await score.start()
             metrics.set_versions(settings.policy_version, score.version if score else "none")
-            writer = await asyncio.to_thread(_writer, settings, metrics, store) if settings.store.enabled else None
+            writer = await asyncio.to_thread(_writer, settings, metrics, store, slot) if settings.store.enabled else None
             if writer is not None:
                 writer.start()
 
@@ -113,7 +116,10 @@ def lifespan(
                     gate.run() if gate is not None and gate.automatic else None,
                     until_warm(service, warmed) if settings.warmup else None,
                     key_file.run(settings.keys_reload_s) if key_file is not None else None,
-                    _purge_every(settings, writer.store) if writer is not None and isinstance(writer.store, SqlStore) else None,
+                    _purge_every(settings, writer.store)
+                    if writer is not None and isinstance(writer.store, SqlStore) and (slot is None or slot.owner)
+                    else None,
+                    _refresh_every(metrics) if metrics.multiprocess is not None else None,
                 )
                 if work is not None
             ]
@@ -126,6 +132,13 @@ def lifespan(
                 await _shut_down(service, swapper, follower, writer, owns_store=store is None)
 
     return run
+
+
+async def _refresh_every(metrics: Metrics) -> None:
+    """Several workers: the log's queue and spool written to this worker's metric files every second."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(1.0)
 
 
 async def _purge_every(settings: GatewaySettings, store: SqlStore) -> None:
@@ -241,8 +254,11 @@ def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) ->
     return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
 
 
-def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) -> RecordWriter:
+def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None, slot: Slot | None) -> RecordWriter:
     s = settings.store
+    spool = s.data_dir / "spool" if slot is None else slot.spool_dir(s.data_dir)
+    if slot is not None and slot.owner and (moved := adopt_spools(s.data_dir, s.data_dir / "workers", spool)):
+        log.info("spools_adopted", files=moved)  # from slots no worker holds now (fewer workers than before)
     if store is None:
         sql = SqlStore(s.database_url(), connect_timeout_s=s.connect_timeout_s)
         sql.migrate()
@@ -254,7 +270,7 @@ def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None) ->
         quarantined=metrics.records_quarantined.inc,
     )
     writer = RecordWriter(
-        store, Spool(s.data_dir / "spool"), queue_size=s.queue_size, batch_size=s.batch_size,
+        store, Spool(spool), queue_size=s.queue_size, batch_size=s.batch_size,
         flush_interval_s=s.flush_interval_ms / 1000, retry_s=s.retry_s, stats=stats,
     )  # fmt: skip
     metrics.watch_log(lambda: writer.queue_depth, lambda: writer.spool.pending)

@@ -8,17 +8,27 @@ spool depth and write errors, errors returned by type, the versions served and h
 canary trial (its version, answers per arm, the gate's decisions and reward interval) and
 each served version's KL to the starting policy. Does not serve them. ``scrape``/``sample``
 read any Prometheus endpoint back (the loop, the benchmarks and the tests use them).
+
+Several worker processes (``workers: N``): prometheus-client's multiprocess mode, chosen by
+``PROMETHEUS_MULTIPROC_DIR`` (set by the parent before the workers start). Every process writes
+its values to files there and ``exposition`` merges them: counters and histograms summed,
+each gauge as its ``multiprocess_mode`` says (live sums for queues and requests in flight, the
+live maximum for 0/1 states, the most recent for figures one process measured). In that mode a
+label set is never removed (the files cannot forget one): a replaced version's info series and a
+gone backend's gauges are set to 0 instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -31,12 +41,19 @@ SWAP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 LENGTH_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, when this process is one of several workers."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    multiprocess: str | None = field(default_factory=multiprocess_dir)
 
     def __post_init__(self) -> None:
         self._versions = ("none", "none")
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
         r, p = self.registry, PREFIX
         self.requests = Counter(f"{p}requests", "Chat completion requests by HTTP status", ["status"], registry=r)
         self.request_latency = Histogram(
@@ -73,9 +90,15 @@ class Metrics:
         )
         self.candidates = Histogram(f"{p}candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
         self.errors = Counter(f"{p}errors", "Errors returned to clients by type and code", ["type", "code"], registry=r)
-        self.in_flight = Gauge(f"{p}requests_in_flight", "Chat completion requests in progress", registry=r)
+        self.in_flight = Gauge(
+            f"{p}requests_in_flight", "Chat completion requests in progress", registry=r, multiprocess_mode="livesum"
+        )
         self.policy_info = Gauge(
-            f"{p}policy_version_info", "Policy and reward-model versions served", ["policy", "reward_model"], registry=r
+            f"{p}policy_version_info",
+            "Policy and reward-model versions served",
+            ["policy", "reward_model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.feedback = Counter(
             f"{p}feedback",
@@ -89,8 +112,13 @@ class Metrics:
         self.records_quarantined = Counter(
             f"{p}log_records_quarantined", "Records the log database refused, kept in the spool's quarantine file", registry=r
         )
-        self.log_queue_depth = Gauge(f"{p}log_queue_depth", "Records waiting for the log writer", registry=r)
-        self.log_spool_pending = Gauge(f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r)
+        self.log_queue_depth = Gauge(
+            f"{p}log_queue_depth", "Records waiting for the log writer", registry=r, multiprocess_mode="livesum"
+        )
+        self.log_spool_pending = Gauge(
+            f"{p}log_spool_pending", "Spooled records not yet replayed into the database", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.swaps = Counter(
             f"{p}swaps",
             "Policy hot-swap attempts by result (ok, registry, verification, launch: a full version's vLLM did not start, "
@@ -110,6 +138,7 @@ class Metrics:
             "Served vs expected probe log-probs at the last swap (mean per token)",
             ["backend"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.swap_backend_failures = Counter(
             f"{p}swap_backend_failures", "Backends that failed to load or verify a version", ["backend"], registry=r
@@ -119,12 +148,14 @@ class Metrics:
             f"{p}degraded", "Answers served without best-of-N (scorer.on_failure fail_open) by reason", ["reason"], registry=r
         )
         self.backend_circuit = Gauge(
-            f"{p}backend_circuit_open", "1 while a model backend's circuit is open (skipped)", ["backend"], registry=r
-        )
+            f"{p}backend_circuit_open", "1 while a model backend's circuit is open (skipped)", ["backend"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
 
         self.canary_info = Gauge(
-            f"{p}canary_version_info", "The canary policy version on trial (none: no trial)", ["version"], registry=r
-        )
+            f"{p}canary_version_info", "The canary policy version on trial (none: no trial)", ["version"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.canary_decisions = Counter(
             f"{p}canary_decisions",
             "Canary gate decisions (promote, rollback, wait) by who made them (gate, admin)",
@@ -133,50 +164,79 @@ class Metrics:
         )
         self.canary_answers = Gauge(
             f"{p}canary_answers", "Scored answers per arm of the running trial, all replicas (arm: canary, current)", ["arm"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.canary_reward_diff = Gauge(
             f"{p}canary_reward_diff",
             "Canary minus current mean chosen reward at the gate's last look (bound: estimate, low, high)",
             ["bound"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.policy_kl = Gauge(
             f"{p}policy_kl_nats",
             "KL to the starting policy, nats per response (the trainer's evaluation of each served version)",
             ["version", "role"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.policy_kl_stderr = Gauge(
             f"{p}policy_kl_stderr_nats",
             "Standard error of bon_policy_kl_nats over the trainer's sampled answers",
             ["version", "role"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.set_canary(None)
 
     def set_canary(self, version: str | None) -> None:
-        self.canary_info.clear()
+        self.reset(self.canary_info, 0)
         self.canary_info.labels(version or "none").set(1)
 
     def set_versions(self, policy: str | None = None, reward_model: str | None = None) -> None:
         """The versions served now (the previous label set is dropped); None keeps that one as it is."""
         self._versions = (policy or self._versions[0], reward_model or self._versions[1])
-        self.policy_info.clear()
+        self.reset(self.policy_info, 0)
         self.policy_info.labels(*self._versions).set(1)
+
+    def reset(self, gauge: Gauge, value: float) -> None:
+        """Drop every label set of ``gauge``; with several workers, set each of this process's to ``value`` instead."""
+        if self.multiprocess is None:
+            gauge.clear()
+            return
+        for family in gauge.collect():
+            for s in family.samples:
+                gauge.labels(**s.labels).set(value)
 
     def forget_backend(self, url: str) -> None:
         """Drop the per-backend series of a backend that is gone for good (a stopped blue-green instance)."""
+        if self.multiprocess is not None:  # blue-green needs one worker (settings); kept correct anyway
+            self.backend_circuit.labels(url).set(0)
+            return
         for metric in (self.backend_circuit, self.swap_probe_diff, self.swap_backend_failures):
             with contextlib.suppress(KeyError):
                 metric.remove(url)
 
     def watch_log(self, queue_depth: Callable[[], float], spool_pending: Callable[[], float]) -> None:
-        self.log_queue_depth.set_function(queue_depth)
-        self.log_spool_pending.set_function(spool_pending)
+        """The log's queue and spool, read at each scrape (several workers: at each ``refresh``)."""
+        if self.multiprocess is None:
+            self.log_queue_depth.set_function(queue_depth)
+            self.log_spool_pending.set_function(spool_pending)
+        else:
+            self._watched = [(self.log_queue_depth, queue_depth), (self.log_spool_pending, spool_pending)]
+
+    def refresh(self) -> None:
+        """Several workers: write the watched values to this process's files (the lifespan calls it every second)."""
+        for gauge, read in self._watched:
+            gauge.set(read())
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
 
 
 def scrape(url: str, timeout_s: float = 10.0) -> list[Sample]:

@@ -271,6 +271,11 @@ class GatewaySettings(YamlSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = Field(default=1, ge=1)
+    """Gateway processes serving one port (``gateway.workers``). Rates, quotas and in-flight caps are the
+    gateway's: each worker enforces its share. More than one needs ``swap.full: refuse`` (each worker would start
+    its own blue-green vLLM) and suits a reward model outside the process (``scorer.kind: remote``): a local one
+    is loaded by every worker."""
     allow_keyless_public: bool = False
     """Bind to a non-loopback address with no API keys configured. Off: refuse to start."""
     model_alias: str = "toy-bon"
@@ -329,12 +334,32 @@ class GatewaySettings(YamlSettings):
             )
         if self.store.enabled and self.store.url and not self.store.url.startswith("sqlite") and self.store.id_secret is None:
             raise ValueError("store.url is a shared database: set store.id_secret (the same on every replica)")
+        if self.workers > 1 and self.swap.enabled and self.swap.full == "blue_green":
+            raise ValueError(
+                f"workers: {self.workers} needs swap.full: refuse (every worker would start its own blue-green vLLM for a "
+                "full version); roll full versions out as separate vLLM deployments"
+            )
         managed = self.managed_vllm
         if self.swap.enabled and managed.enabled and self.swap.max_live_adapters > managed.max_loras:
             raise ValueError(
                 f"swap.max_live_adapters {self.swap.max_live_adapters} exceeds managed_vllm.max_loras {managed.max_loras}"
             )
         return self
+
+    def per_worker(self) -> GatewaySettings:
+        """This settings' share for one of ``workers`` processes: per-process caps and rates divided (rounded up),
+        API-key quotas split ``quota_replicas x workers`` ways; the same settings with one worker."""
+        w = self.workers
+        if w == 1:
+            return self
+        limits = self.limits.model_copy(update={
+            "max_in_flight": -(-self.limits.max_in_flight // w),
+            "degrade_above": -(-self.limits.degrade_above // w),
+        })  # fmt: skip
+        feedback = self.feedback.model_copy(
+            update={"per_minute": self.feedback.per_minute / w, "burst": -(-self.feedback.burst // w)}
+        )
+        return self.model_copy(update={"limits": limits, "feedback": feedback, "quota_replicas": self.quota_replicas * w})
 
     def registry_dir(self) -> Path:
         return self.swap.registry_dir or Path(self.trainer.get("registry_dir", "registry"))

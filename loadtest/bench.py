@@ -16,12 +16,21 @@
   scoring    the reward model (the gateway's scorer, on GPU when there is one) scoring N candidates in one batch;
              baseline = the same N scored one at a time (N passes)
 
+  workers    the same gateway with 1 and with 2 worker processes on one port (mock backend, N=1, the log on):
+             throughput, added latency and CPU per request; baseline = the backend itself
+
+  swap       steady load (N=4, real vLLM) while a version is hot-swapped, a canary promoted and one rolled back:
+             non-2xx answers and each change window's p99 over the steady p99
+
+  soak       10 minutes of steady mixed load on real vLLM and the reward model (N=1 and 4, streamed or not,
+             thumbs, invalid requests): the gateway's memory and descriptors after warm-up, unexpected statuses
+
   profile    where the gateway's CPU goes on the N=1 path under load: a py-spy flame graph (docs/) and the
              share of samples by package (not a comparison: the figures ``overhead`` judges come from there)
 
-One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``scoring``, ``profile``: ``HELP``,
-``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and the intervals,
-``servers``: the mock backend and gateway processes, ``traffic``: interleaved HTTP load).
+One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``scoring``, ``workers``,
+``swap``, ``soak``, ``profile``: ``HELP``, ``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and
+the intervals, ``servers``: the mock backend and gateway processes, ``traffic``: interleaved HTTP load).
 Baseline and gateway run in the same process tree and are interleaved over several rounds
 (the order alternates per round), because these machines are noisy; each ratio is reported
 with a 95% interval over rounds.
@@ -34,11 +43,11 @@ import json
 import sys
 from types import ModuleType
 
-from loadtest import bon, formats, log_cost, overhead, profile, scoring, train
+from loadtest import bon, formats, log_cost, overhead, profile, scoring, soak, swap, train, workers
 
 BENCHMARKS: dict[str, ModuleType] = {
     "overhead": overhead, "logging": log_cost, "bon": bon, "train": train, "formats": formats, "scoring": scoring,
-    "profile": profile,
+    "workers": workers, "swap": swap, "soak": soak, "profile": profile,
 }  # fmt: skip
 """Each benchmark's module: ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict`` (the report)."""
 
