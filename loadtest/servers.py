@@ -39,7 +39,14 @@ def wait_http(url: str, timeout_s: float = 120) -> None:
 
 @contextmanager
 def process(args: list[str], health: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """``args`` running until the block ends; its output is dropped, or appended to ``$BENCH_LOG_DIR/<module>.log``."""
+    logs = os.environ.get("BENCH_LOG_DIR")
+    if logs:
+        Path(logs).mkdir(parents=True, exist_ok=True)
+        with (Path(logs) / f"{args[2] if len(args) > 2 else 'process'}.log").open("ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(health)
         yield proc

@@ -115,12 +115,18 @@ def _admin(url: str, action: str) -> None:
         response.read()
 
 
-async def _until(load: Load, since: float, wanted: str, timeout_s: float = 120) -> None:
-    """Until a request started after ``since`` was answered by ``wanted``."""
+async def _until(url: str, load: Load, since: float, wanted: str, timeout_s: float = 120) -> None:
+    """Until a request started after ``since`` was answered by ``wanted``; else an error with the gateway's view."""
     deadline = time.monotonic() + timeout_s
     while wanted not in load.served_since(since):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"version {wanted} was not served within {timeout_s} s")
+            from gateway.metrics import scrape
+
+            swaps = {json.dumps(s.labels): s.value for s in scrape(url) if s.name == "bon_swaps_total"}
+            with urllib.request.urlopen(f"{url}/admin/policy", timeout=10) as response:
+                policy = response.read().decode()
+            raise RuntimeError(f"version {wanted} was not served within {timeout_s} s; swaps {swaps}; {policy}; "
+                               f"errors {load.errors[:3]}")  # fmt: skip
         await asyncio.sleep(0.1)
 
 
@@ -135,13 +141,13 @@ async def _changes(url: str, registry: Any, versions: list[str], load: Load, arg
             start = time.monotonic()
             if kind == "swap":
                 registry.set_pointer("policy", "current", version, reason="bench swap")
-                await _until(load, start, version)
+                await _until(url, load, start, version)
             else:
                 registry.set_pointer("policy", "canary", version, reason="bench canary")
-                await _until(load, start, version)  # the canary answers its share
+                await _until(url, load, start, version)  # the canary answers its share
                 await asyncio.to_thread(_admin, url, kind)
                 if kind == "promote":
-                    await _until(load, time.monotonic(), version)
+                    await _until(url, load, time.monotonic(), version)
             await asyncio.sleep(args.settle_s)
             windows.append({"kind": kind, "round": r, "start": start, "end": time.monotonic(), "version": version})
             print(f"[swap] round {r + 1}/{args.rounds}: {kind} {version} in {windows[-1]['end'] - start:.1f} s",
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry(Path(tmp) / "registry")
         versions = [_publish(registry, base, seed) for seed in range(args.rounds * len(CHANGES))]  # before any load
-        vllm = VLLMProcess(base, "policy", port=free_port(), log_path=Path(tmp) / "vllm.log")
+        vllm = VLLMProcess(base, "policy", port=free_port(), log_path=Path(tmp) / "vllm.log", dtype="float32")  # as served
         vllm.start()
         try:
             vllm.wait_healthy(600)
