@@ -146,6 +146,14 @@ class Overloaded(RetryLater):
     default_code = "overloaded"
 
 
+class LogUnavailable(RetryLater):
+    """A record whose 200 means it is kept (a thumb) could not be kept: refused, to be sent again."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "log_unavailable"
+
+
 class StreamTooLong(GatewayError):
     """A relayed stream ran past ``limits.max_stream_s`` (sent as the stream's last event: the status was 200)."""
 

@@ -37,7 +37,7 @@ from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
 from gateway.service import ChatService
 from gateway.settings import ApiKey, GatewaySettings
 from gateway.state import GatewayState
-from gateway.store import RecordWriter, Spool, SqlStore, Store, WriterStats
+from gateway.store import ChildSettings, LogWriter, ProcessWriter, RecordWriter, Spool, SqlStore, Store, WriterStats
 from gateway.swap import Swapper
 from gateway.vllm_process import VLLMProcess
 from gateway.warmup import until_warm
@@ -200,7 +200,7 @@ async def _reward_follower(
     return follower
 
 
-def _gate(settings: GatewaySettings, service: ChatService, writer: RecordWriter | None, metrics: Metrics) -> CanaryGate:
+def _gate(settings: GatewaySettings, service: ChatService, writer: LogWriter | None, metrics: Metrics) -> CanaryGate:
     """Moves the registry's pointers; the swapper (when there is one) follows them."""
     totals = writer.store if writer is not None and isinstance(writer.store, Totals) else None
     return CanaryGate(
@@ -210,7 +210,7 @@ def _gate(settings: GatewaySettings, service: ChatService, writer: RecordWriter 
 
 
 async def _shut_down(
-    service: ChatService, swapper: Swapper | None, follower: RewardModelFollower | None, writer: RecordWriter | None,
+    service: ChatService, swapper: Swapper | None, follower: RewardModelFollower | None, writer: LogWriter | None,
     owns_store: bool,
 ) -> None:  # fmt: skip
     if swapper is not None:
@@ -254,7 +254,7 @@ def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) ->
     return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
 
 
-def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None, slot: Slot | None) -> RecordWriter:
+def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None, slot: Slot | None) -> LogWriter:
     s = settings.store
     spool = s.data_dir / "spool" if slot is None else slot.spool_dir(s.data_dir)
     if slot is not None and slot.owner and (moved := adopt_spools(s.data_dir, s.data_dir / "workers", spool)):
@@ -269,10 +269,16 @@ def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None, sl
         write_error=lambda kind: metrics.log_write_errors.labels(kind).inc(),
         quarantined=metrics.records_quarantined.inc,
     )
-    writer = RecordWriter(
-        store, Spool(spool), queue_size=s.queue_size, batch_size=s.batch_size,
-        flush_interval_s=s.flush_interval_ms / 1000, retry_s=s.retry_s, stats=stats,
-    )  # fmt: skip
+    writer: LogWriter
+    if s.writer == "process" and isinstance(store, SqlStore):  # the database work in a process of its own
+        child = ChildSettings(s.database_url(), s.connect_timeout_s, spool, s.queue_size, s.batch_size,
+                              s.flush_interval_ms / 1000, s.retry_s)  # fmt: skip
+        writer = ProcessWriter(store, child, stats)
+    else:
+        writer = RecordWriter(
+            store, Spool(spool), queue_size=s.queue_size, batch_size=s.batch_size,
+            flush_interval_s=s.flush_interval_ms / 1000, retry_s=s.retry_s, stats=stats,
+        )  # fmt: skip
     metrics.watch_log(lambda: writer.queue_depth, lambda: writer.spool.pending)
     return writer
 

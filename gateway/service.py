@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.degrade import ScorerPace, under_load, within_pace
-from gateway.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, ScorerFailed, ScorerUnavailable
+from gateway.errors import DeadlineExceeded, InvalidRequest, LogUnavailable, ModelNotFound, ScorerFailed, ScorerUnavailable
 from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
@@ -31,6 +31,7 @@ from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
 from gateway.settings import GatewaySettings, LimitSettings
+from gateway.store.logproc import LogUnavailable as NotKept
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
 
 log = logging.getLogger("gateway.service")
@@ -379,7 +380,10 @@ class ChatService:
         """Keep a thumb (ownership was checked by the caller) durably, then count it: once this returns, the
         thumb is in the database or fsync'd in the spool, so the 200 that follows survives a crash."""
         if self.sink is not None:
-            await asyncio.to_thread(self.sink.persist, self._redacted(record))
+            try:
+                await asyncio.to_thread(self.sink.persist, self._redacted(record))
+            except NotKept as exc:  # the log's process did not acknowledge it: not accepted
+                raise LogUnavailable(str(exc), retry_after_s=1.0) from None
         version = self._recent.get(record.completion_id, "unknown")
         self.metrics.feedback.labels(record.thumb, version).inc()
 

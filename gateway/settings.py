@@ -227,6 +227,9 @@ class StoreSettings(BaseModel):
     """SQLite file, the spool and the completion-id secret (each replica has its own)."""
     id_secret: SecretStr | None = None
     """Signs completion ids (feedback ownership). None: a secret file in ``data_dir``. Replicas must share one."""
+    writer: Literal["thread", "process"] = "thread"
+    """Who writes the log: a thread of the serving process, or a process of its own (``gateway.store.logproc``),
+    so the database work does not compete with the event loop for the interpreter."""
     queue_size: int = Field(default=10_000, ge=1)
     batch_size: int = Field(default=256, ge=1)
     flush_interval_ms: float = Field(default=50.0, gt=0)

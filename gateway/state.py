@@ -21,7 +21,7 @@ from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.service import ChatService
 from gateway.settings import GatewaySettings
-from gateway.store import RecordWriter
+from gateway.store import LogWriter
 from gateway.swap import Swapper
 
 
@@ -33,7 +33,7 @@ class GatewayState:
     metrics: Metrics
     feedback_limit: RateLimiter
     admin: AdminGuard
-    writer: RecordWriter | None = None
+    writer: LogWriter | None = None
     swapper: Swapper | None = None
     gate: CanaryGate | None = None
     started: int = field(default_factory=lambda: int(time.time()))

@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "backends": [{"url": vllm.url, "model": "policy"}],
                 "scorer": {"kind": "local", "model_dir": str(models / "reward_model"), "threads": 1},
                 "swap": {"registry_dir": str(Path(tmp) / "registry")},
+                "feedback": {"per_minute": 100_000, "burst": 1000},  # a soak looks for leaks, not for the rate limit
             }
             with gateway_process(settings) as (url, pid):
                 tally, samples = asyncio.run(_soak(url, pid, args))

@@ -52,7 +52,7 @@ def database(postgres: Postgres, request: pytest.FixtureRequest) -> Iterator[str
 class Gateway:
     """``python -m gateway serve`` as its own process, on the mock backend and the given database."""
 
-    def __init__(self, tmp: Path, backend_url: str, db_url: str) -> None:
+    def __init__(self, tmp: Path, backend_url: str, db_url: str, writer: str = "thread") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "gateway.yaml"
@@ -71,6 +71,7 @@ class Gateway:
                         "retry_s": 0.3,
                         "connect_timeout_s": 1,
                         "flush_interval_ms": 20,
+                        "writer": writer,
                     },
                 }
             )
@@ -103,11 +104,11 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[Callable[[str, str], Gateway]]:
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     made: list[Gateway] = []
 
-    def make(backend_url: str, db_url: str) -> Gateway:
-        made.append(Gateway(tmp_path, backend_url, db_url))
+    def make(backend_url: str, db_url: str, writer: str = "thread") -> Gateway:
+        made.append(Gateway(tmp_path, backend_url, db_url, writer))
         return made[-1]
 
     yield make
@@ -208,12 +209,13 @@ def test_database_killed_mid_burst_and_back(
     assert len(thumbed) == 10
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
 def test_sigterm_mid_burst_loses_nothing_even_with_the_database_down(
-    postgres: Postgres, database: str, gateway_factory: Callable[[str, str], Gateway]
+    postgres: Postgres, database: str, gateway_factory: Callable[..., Gateway], writer: str
 ) -> None:
     accepted: list[str] = []
     with mock_backend(delay_ms=10) as backend_url:
-        gw = gateway_factory(backend_url, database)
+        gw = gateway_factory(backend_url, database, writer)
         gw.start()
 
         async def sigterm() -> None:
