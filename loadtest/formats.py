@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from gateway.vllm_process import free_port
+from loadtest.servers import random_adapter
 from loadtest.stats import over_rounds
 
 HELP = "serving a version as a LoRA adapter vs a full model, and swapping each in"
@@ -37,20 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _versions(base: Path, out: Path) -> tuple[Path, Path]:
     """A LoRA version of the trainer's default shape with non-zero weights, and the same weights merged (a full
     version). Serving cost does not depend on the values; vLLM is told to ignore EOS so token counts match."""
-    import torch
-    from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from trainer import adapter
-    from trainer.settings import AdapterSettings
-
-    torch.manual_seed(0)
-    init = adapter.policy_model(base, None, AdapterSettings())
-    model = get_peft_model(init.base, init.lora)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0, 0.01)
+    model = random_adapter(base, 0)
     lora, full = out / "lora", out / "full"
     model.save_pretrained(str(lora))
     model.merge_and_unload().save_pretrained(full)

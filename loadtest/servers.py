@@ -99,3 +99,42 @@ def gateway(settings: dict[str, Any]) -> Iterator[str]:
     """``python -m gateway serve`` on ``settings`` (the log in a temporary directory), warmed up; its URL."""
     with gateway_process(settings) as (url, _):
         yield url
+
+
+def require_models(models: Path) -> None:
+    """Exit with the command that builds them when the toy models (policy/, reward_model/) are not under ``models``."""
+    if not (models / "policy" / "config.json").is_file() or not (models / "reward_model" / "config.json").is_file():
+        raise SystemExit(f"no toy models under {models}: run `make models` (or `python -m toyworld bootstrap --out {models}`)")
+
+
+@contextmanager
+def vllm(model: Path, logs: Path, dtype: str = "auto") -> Iterator[str]:
+    """A vLLM server (runtime LoRA on) serving ``model`` as ``policy`` until the block ends; its URL."""
+    from gateway.vllm_process import VLLMProcess
+
+    server = VLLMProcess(model, "policy", port=free_port(), log_path=logs / "vllm.log", dtype=dtype)
+    server.start()
+    try:
+        server.wait_healthy(600)
+        yield server.url
+    finally:
+        server.stop()
+
+
+def random_adapter(base: Path, seed: int) -> Any:
+    """A PEFT model of the trainer's adapter shape over ``base`` with small random LoRA weights (what serving or
+    swapping one costs does not depend on what was learned)."""
+    import torch
+    from peft import get_peft_model
+
+    from trainer import adapter
+    from trainer.settings import AdapterSettings
+
+    torch.manual_seed(seed)
+    init = adapter.policy_model(base, None, AdapterSettings())
+    model = get_peft_model(init.base, init.lora)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.01)
+    return model

@@ -23,8 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.vllm_process import free_port
-from loadtest.servers import gateway_process
+from loadtest.servers import gateway_process, require_models, vllm
 from loadtest.stats import percentile
 
 HELP = "10 minutes of steady mixed load: gateway memory and descriptors flat, no error"
@@ -128,26 +127,17 @@ def _thirds(samples: list[dict[str, float]], key: str) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from gateway.vllm_process import VLLMProcess
-
     models = Path(args.models)
-    if not (models / "policy" / "config.json").is_file() or not (models / "reward_model" / "config.json").is_file():
-        raise SystemExit(f"no toy models under {models}: run `make models` (or `python -m toyworld bootstrap --out {models}`)")
-    with tempfile.TemporaryDirectory() as tmp:
-        vllm = VLLMProcess(models / "policy", "policy", port=free_port(), log_path=Path(tmp) / "vllm.log")
-        vllm.start()
-        try:
-            vllm.wait_healthy(600)
-            settings = {
-                "backends": [{"url": vllm.url, "model": "policy"}],
-                "scorer": {"kind": "local", "model_dir": str(models / "reward_model"), "threads": 1},
-                "swap": {"registry_dir": str(Path(tmp) / "registry")},
-                "feedback": {"per_minute": 100_000, "burst": 1000},  # a soak looks for leaks, not for the rate limit
-            }
-            with gateway_process(settings) as (url, pid):
-                tally, samples = asyncio.run(_soak(url, pid, args))
-        finally:
-            vllm.stop()
+    require_models(models)
+    with tempfile.TemporaryDirectory() as tmp, vllm(models / "policy", Path(tmp)) as policy:
+        settings = {
+            "backends": [{"url": policy, "model": "policy"}],
+            "scorer": {"kind": "local", "model_dir": str(models / "reward_model"), "threads": 1},
+            "swap": {"registry_dir": str(Path(tmp) / "registry")},
+            "feedback": {"per_minute": 100_000, "burst": 1000},  # a soak looks for leaks, not for the rate limit
+        }
+        with gateway_process(settings) as (url, pid):
+            tally, samples = asyncio.run(_soak(url, pid, args))
     warm = [s for s in samples if s["t_s"] >= args.warmup_minutes * 60]
     rss_first, rss_last = _thirds(warm, "rss_mb")
     fds_first, fds_last = _thirds(warm, "fds")

@@ -25,8 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.vllm_process import free_port
-from loadtest.servers import gateway
+from loadtest.servers import gateway, random_adapter, require_models, vllm
 from loadtest.stats import over_rounds, percentile
 
 HELP = "non-2xx and p99 while versions are hot-swapped, promoted and rolled back under load"
@@ -57,21 +56,11 @@ class Load:
 
 def _publish(registry: Any, base: Path, seed: int) -> str:
     """A LoRA version (the trainer's adapter shape, small random weights) with its probe."""
-    import torch
-    from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from trainer import adapter
-    from trainer.settings import AdapterSettings
     from versioning import probe
 
-    torch.manual_seed(seed)
-    init = adapter.policy_model(base, None, AdapterSettings())
-    model = get_peft_model(init.base, init.lora)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0, 0.01)
+    model = random_adapter(base, seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
 
     def write(directory: Path) -> None:
@@ -169,30 +158,23 @@ async def _bench(url: str, registry: Any, versions: list[str], args: argparse.Na
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from gateway.vllm_process import VLLMProcess
     from versioning.registry import Registry
 
     models = Path(args.models)
-    if not (models / "policy" / "config.json").is_file() or not (models / "reward_model" / "config.json").is_file():
-        raise SystemExit(f"no toy models under {models}: run `make models` (or `python -m toyworld bootstrap --out {models}`)")
+    require_models(models)
     base = (models / "policy").resolve()
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry(Path(tmp) / "registry")
         versions = [_publish(registry, base, seed) for seed in range(args.rounds * len(CHANGES))]  # before any load
-        vllm = VLLMProcess(base, "policy", port=free_port(), log_path=Path(tmp) / "vllm.log", dtype="float32")  # as served
-        vllm.start()
-        try:
-            vllm.wait_healthy(600)
+        with vllm(base, Path(tmp), dtype="float32") as policy:  # float32 as served: the versions' probes check out
             settings = {
-                "backends": [{"url": vllm.url, "model": "policy"}],
+                "backends": [{"url": policy, "model": "policy"}],
                 "scorer": {"kind": "local", "model_dir": str(models / "reward_model"), "threads": 1},
                 "swap": {"registry_dir": str(registry.root), "poll_s": 0.5, "drain_s": 5},
                 "canary": {"fraction": 0.5, "auto": False},
             }
             with gateway(settings) as url:
                 load, windows = asyncio.run(_bench(url, registry, versions, args))
-        finally:
-            vllm.stop()
     return _report(load, windows, args)
 
 
