@@ -77,7 +77,6 @@ class ProcessWriter:
         self._lock = threading.Lock()  # one sender on the pipe at a time (the sender thread, persist)
         self._conn: Connection | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
-        self._closing = False
         self._sender = threading.Thread(target=self._send_loop, name="log-sender", daemon=True)
 
     # ---- event-loop side ----
@@ -92,7 +91,13 @@ class ProcessWriter:
         self._acks[token] = done
         try:
             with self._lock:
-                self._send(("persist", token, record))
+                try:
+                    self._send(("persist", token, record))
+                except OSError:  # the child died as it was sent: the new one takes it
+                    try:
+                        self._send(("persist", token, record))
+                    except OSError as exc:
+                        raise LogUnavailable(f"the log writer process is not answering: {exc}") from exc
             if not done.wait(self.persist_timeout_s):
                 raise LogUnavailable(f"the log writer process did not keep a record within {self.persist_timeout_s:g} s")
         finally:
@@ -108,7 +113,6 @@ class ProcessWriter:
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Pass on everything submitted, let the child flush it (database or spool) and exit."""
-        self._closing = True
         self._queued.put(None)
         self._sender.join(timeout_s)
         with self._lock:
