@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from gateway.gate import ArmTotals, Decision, GateRules, decide, look_number
+from gateway.gate import ArmTotals, Decision, GateRules, Plan, Primary, decide, plan, primary_for
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
 from versioning.lock import LockHeld, gate_lock
@@ -68,6 +68,23 @@ class Look:
     canary_kl_stderr: float | None = None
     applied: bool = True
     """Whether the pointers were moved (``canary.auto: false``: decisions are recorded, not applied)."""
+    primary: Primary = "reward"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The running trial as the gate last read it: what ``GET /admin/policy`` shows."""
+
+    canary: str
+    current: str
+    primary: Primary
+    thumb_share: float | None
+    """Share of the canary's training pairs that thumbs decided (from its manifest; None: unknown)."""
+    plan: Plan
+    answers: dict[str, int]
+    thumbs: dict[str, int]
+    look: int
+    """The look the arms have reached (0: none yet)."""
 
 
 def recorded(registry_dir: Path) -> list[dict[str, Any]]:
@@ -87,7 +104,8 @@ def rules(settings: CanarySettings) -> GateRules:
     return GateRules(
         min_requests=settings.min_requests, looks=settings.looks, alpha=settings.alpha,
         reward_margin=settings.reward_margin, min_thumbs=settings.min_thumbs, thumbs_margin=settings.thumbs_margin,
-        max_length_ratio=settings.max_length_ratio, max_kl=settings.max_kl,
+        max_length_ratio=settings.max_length_ratio, max_kl=settings.max_kl, primary=settings.primary,
+        power=settings.power, guard_reward_margin=settings.guard_reward_margin,
     )  # fmt: skip
 
 
@@ -114,6 +132,7 @@ class CanaryGate:
         self._metrics = metrics
         self._database_url = database_url
         self.last: Look | None = None
+        self.trial: Trial | None = None
 
     @property
     def automatic(self) -> bool:
@@ -144,23 +163,38 @@ class CanaryGate:
         canary = self._registry.pointer("policy", "canary")  # again, under the lock: another replica may have acted
         rm = self._rm_version()
         if canary is None or rm is None or self._store is None:
+            self.trial = None
             return None
         current = self._current()
         totals = self._store.arm_totals([current, canary.version], rm, canary.updated)
         arm, base = totals[canary.version], totals[current]
-        self._metrics.canary_answers.labels("canary").set(arm.n)
-        self._metrics.canary_answers.labels("current").set(base.n)
-        look = look_number(arm.n, self._rules)
+        share = self._thumb_share(canary.version)
+        primary = primary_for(self._rules, share)
+        schedule = plan(self._rules, primary, base, arm)
+        look = schedule.look(base, arm, self._rules.min_requests)
+        self.trial = Trial(canary.version, current, primary, share, schedule, {"canary": arm.n, "current": base.n},
+                           {"canary": arm.thumbs, "current": base.thumbs}, look)  # fmt: skip
+        self._export_trial(self.trial)
         if look == 0 or look <= self._looked(canary.version):
             return None
         kl, kl_stderr = self._kl(canary.version)
-        decision = decide(base, arm, self._rules, kl, kl_stderr)
-        if decision.look == 0:
-            return None  # the current arm is still short of min_requests: no look taken
+        decision = decide(base, arm, self._rules, kl, kl_stderr, primary)  # the same plan: it reaches the same look
         applied = self._settings.auto and decision.action != "wait"
         record = _look(canary.version, current, rm, decision, "gate", arm, base, (kl, kl_stderr), applied)
         self._apply(record)
         return record
+
+    def _export_trial(self, trial: Trial) -> None:
+        for name, count in trial.answers.items():
+            self._metrics.canary_answers.labels(name).set(count)
+        for name, count in trial.thumbs.items():
+            self._metrics.canary_thumbs.labels(name).set(count)
+        self._metrics.reset(self._metrics.canary_needed, math.nan)
+        self._metrics.canary_needed.labels(trial.primary, trial.plan.unit).set(trial.plan.looks_at[-1])
+        if trial.plan.answers_needed is not None:
+            self._metrics.canary_needed.labels(trial.primary, "answers_at_last_look").set(trial.plan.answers_needed)
+        if trial.plan.powered is not None:
+            self._metrics.canary_needed.labels(trial.primary, f"{trial.plan.unit}_for_power").set(trial.plan.powered)
 
     def _looked(self, canary: str) -> int:
         """The last look recorded for this canary's trial (0: none yet)."""
@@ -225,6 +259,17 @@ class CanaryGate:
     def _current(self) -> str:
         return self._registry.version_at("policy", default=self._base)
 
+    def _thumb_share(self, version: str) -> float | None:
+        """The share of ``version``'s training pairs that thumbs decided, from its manifest (None: not recorded)."""
+        try:
+            window = self._registry.manifest("policy", version).data_window
+        except RegistryError:
+            return None
+        if (share := finite(window.get("thumb_share"))) is not None:
+            return share
+        pairs, from_thumbs = finite(window.get("pairs")), finite(window.get("from_thumbs"))
+        return from_thumbs / pairs if pairs and from_thumbs is not None else None
+
     def _kl(self, version: str) -> tuple[float | None, float | None]:
         """KL to the starting policy and its standard error from the version's manifest (the trainer's one
         definition); None: unknown (a manifest from before the standard error was recorded has none)."""
@@ -259,6 +304,7 @@ def _look(
     return Look(
         time.time(), canary, current, rm, decision.look, decision.action, decision.reason, by, _summary(arm),
         _summary(base), interval(decision.reward_diff), interval(decision.up_rate_diff), decision.length_ratio, *kl, applied,
+        decision.primary,
     )  # fmt: skip
 
 

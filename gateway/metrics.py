@@ -5,7 +5,7 @@ latency, latency per stage (generate, score, select, log), the chosen candidate'
 and length, its margin over the runner-up and over the mean, candidates per request,
 thumbs by value and policy version, the log's records written/spooled, its queue and
 spool depth and write errors, errors returned by type, the versions served and hot-swaps, the
-canary trial (its version, answers per arm, the gate's decisions and reward interval) and
+canary trial (its version, answers and thumbs per arm, what it needs, the gate's decisions and reward interval) and
 each served version's KL to the starting policy. Does not serve them. ``scrape``/``sample``
 read any Prometheus endpoint back (the loop, the benchmarks and the tests use them).
 
@@ -166,6 +166,18 @@ class Metrics:
             f"{p}canary_answers", "Scored answers per arm of the running trial, all replicas (arm: canary, current)", ["arm"],
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.canary_thumbs = Gauge(
+            f"{p}canary_thumbs", "Thumbs per arm of the running trial, all replicas (arm: canary, current)", ["arm"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.canary_needed = Gauge(
+            f"{p}canary_needed",
+            "What the running trial needs per arm (primary: reward or thumbs; unit: answers or thumbs at the last look, "
+            "answers_at_last_look at the thumb rate so far, <unit>_for_power for the power at the margin)",
+            ["primary", "unit"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.canary_reward_diff = Gauge(
             f"{p}canary_reward_diff",
             "Canary minus current mean chosen reward at the gate's last look (bound: estimate, low, high)",

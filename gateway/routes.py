@@ -191,7 +191,8 @@ async def models(state: State, key_id: KeyId) -> dict[str, Any]:
 
 @router.get("/admin/policy", dependencies=[Admin])
 async def policy_status(state: State) -> dict[str, Any]:
-    """What is served now: the current and canary versions, the canary's share and the gate's last look."""
+    """What is served now: the current and canary versions, the canary's share, the gate's last look and the running
+    trial (what it is judged on, its planned looks and the sample it needs, answers and thumbs per arm)."""
     swapper, gate = state.swapper, state.gate
     return {
         "object": "policy_status",
@@ -200,6 +201,7 @@ async def policy_status(state: State) -> dict[str, Any]:
         "canary_fraction": state.settings.canary.fraction,
         "canary_auto": state.settings.canary.auto,
         "last_look": asdict(gate.last) if gate is not None and gate.last is not None else None,
+        "trial": asdict(gate.trial) if gate is not None and gate.trial is not None and swapper and swapper.canary else None,
     }
 
 

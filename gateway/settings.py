@@ -104,6 +104,15 @@ class CanarySettings(BaseModel):
     """Canary mean answer length over current's above this: rolled back even if its reward is higher."""
     max_kl: float | None = Field(default=8.0, gt=0)
     """KL to the starting policy (nats per response, the trainer's evaluation in the manifest) above this: rolled back."""
+    primary: Literal["auto", "reward", "thumbs"] = "auto"
+    """What a trial is judged on: the chosen answer's reward, or the thumbs-up rate (then the reward is a guardrail at
+    ``guard_reward_margin`` and the looks are planned in thumbs); ``auto``: thumbs for a version trained mainly on
+    thumb-decided pairs (its manifest says), else the reward."""
+    power: float = Field(default=0.8, gt=0, lt=1)
+    """Power of the last look to show non-inferiority when the arms are equal: sizes the thumbs schedule, and the
+    sample the reward needs (shown in ``GET /admin/policy`` and ``bon_canary_needed``)."""
+    guard_reward_margin: float = Field(default=0.3, ge=0)
+    """Thumbs-primary trials: a reward drop significantly beyond this rolls back (reward-model units)."""
 
 
 class ScorerSettings(BaseModel):

@@ -19,7 +19,7 @@ Rules:
 - ``from_reward_model`` off: only thumbed completions make pairs (the reward model still
   ranks the side the thumb did not judge).
 - The same (prompt, chosen, rejected) from several completions is kept once; training may then
-  repeat the thumb-decided ones (``weighted``).
+  repeat the thumb-decided ones (``weighted``, by ``thumb_weight`` and each row's ``weight``).
 - ``max_thumbs_per_key``: past that many thumbed completions from one API key in the window, that
   key's further thumbs are ignored (the completion counts as unthumbed): one key cannot steer a round.
 """
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord
+from trainer.history import repeats
 from trainer.settings import PairSettings
 
 
@@ -191,8 +192,13 @@ def _unpaired(record: CompletionRecord, answer: CandidateRecord, thumb: Feedback
 
 
 def weighted(pairs: list[dict[str, Any]], thumb_weight: int) -> list[dict[str, Any]]:
-    """The pairs with each thumb-decided one repeated ``thumb_weight`` times (DPO's rows have no weight of their own)."""
-    return [row for row in pairs for _ in range(thumb_weight if row["source"] == "thumb" else 1)]
+    """The pairs with each thumb-decided one repeated ``thumb_weight`` × its ``weight`` times (1 unless
+    ``trainer.history`` gave it less; a fraction is drawn once per completion), as DPO's rows have no weight of their own."""
+    out: list[dict[str, Any]] = []
+    for row in pairs:
+        weight = float(row.get("weight", 1.0)) * (thumb_weight if row["source"] == "thumb" else 1)
+        out.extend([row] * repeats(weight, str(row["completion_id"])))
+    return out
 
 
 def thumbed(labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]]) -> list[dict[str, Any]]:

@@ -3,7 +3,11 @@
 Knows the round's order and its rules:
 - the data window is what the *current* policy version served, scored by the *current*
   reward-model version (rewards of two reward models are never compared), within a
-  staleness bound; a thumbed completion is kept whatever scored it (its thumb decides);
+  staleness bound; a thumbed completion is kept whatever scored it (its thumb decides), and
+  with ``trainer.history`` thumbed completions of earlier versions too, weighted by age
+  (``trainer.history``, the module); the manifest records the thumbs read per version and the share of
+  thumb-decided training rows (the canary gate judges a version trained mainly on thumbs by
+  thumbs);
 - too few pairs is a skipped round, not a failure (a quiet night is not a failed CronJob);
 - the new adapter starts from its parent's adapter; the reference is the base policy;
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
@@ -31,7 +35,8 @@ from typing import Any, Literal
 from trainer.algorithms import ALGORITHMS, DISTRIBUTED, TABLE, RoundData
 from trainer.distributed import Team
 from trainer.export import parse_time, window
-from trainer.pairs import build, thumbed
+from trainer.history import Window, thumbs_by_version, weigh
+from trainer.pairs import build, thumbed, weighted
 from trainer.settings import TrainerSettings
 from versioning.lock import round_lock
 from versioning.registry import Kind, Manifest, Registry, RegistryError
@@ -151,16 +156,29 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
                            "gateway's canary gate to promote or roll it back", parent=None, pairs=0, completions=0)  # fmt: skip
     parent, policy_version = policy_label(settings, registry)
     rm_version = rm_label(settings, registry)
-    since = parse_time(s.max_age)
     until = time.time()
-    labelled = _read_window(settings, url, since, until, policy_version, rm_version)
+    history = s.history
+    spec = Window(policy_version, s.base_policy_version, parse_time(s.max_age, until), history.versions,
+                  parse_time(history.max_age or s.max_age, until), history.decay)  # fmt: skip
+    if history.versions:  # every version's thumbed completions, then the window's selection
+        read = _read_window(settings, url, min(spec.since, spec.thumbs_since), until, None, rm_version)
+    else:
+        read = _read_window(settings, url, spec.since, until, policy_version, rm_version)
+    labelled = spec.select(read)
     exported = build(labelled, s.pairs)
     stats = exported.stats
+    pairs = weigh(exported.pairs, spec)
+    trained_rows = weighted(pairs, s.pairs.thumb_weight)
+    thumb_rows = sum(1 for row in trained_rows if row["source"] == "thumb")
     data_window = {
-        "since": since, "until": until, "policy_version": policy_version, "rm_version": rm_version,
+        "since": spec.since, "until": until, "policy_version": policy_version, "rm_version": rm_version,
         "completions": stats.completions, "pairs": stats.pairs, "from_thumbs": stats.from_thumbs,
+        "thumb_share": thumb_rows / len(trained_rows) if trained_rows else 0.0,
+        "thumbs_used": sum(1 for _, thumb in labelled if thumb is not None),
+        "thumbs_by_version": thumbs_by_version(labelled),
+        "history": history.model_dump() if history.versions else None,
     }  # fmt: skip
-    data = RoundData(exported.pairs, thumbed(labelled), [r.messages for r, _ in labelled])
+    data = RoundData(pairs, weigh(thumbed(labelled), spec), [r.messages for r, _ in labelled])
     available, unit = data.size(algorithm, s.kto.from_pairs)
     if available < s.min_pairs:
         reason = (

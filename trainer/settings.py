@@ -139,6 +139,20 @@ class KlBudgetSettings(BaseModel):
     retries: int = Field(default=2, ge=0, description="tries after the first; over budget on all: the round is skipped")
 
 
+class ThumbHistorySettings(BaseModel):
+    """Thumbs that accumulate (``trainer.history``): thumbed completions of earlier policy versions are read too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    versions: int = Field(default=0, ge=0)
+    """Thumbed completions served by up to this many versions before the current one (and by a newer, refused canary)
+    are trained on as well; 0: the current version's only."""
+    max_age: str | None = None
+    """Their staleness bound (7d, 12h); None: ``trainer.max_age``."""
+    decay: float = Field(default=0.5, gt=0, le=1)
+    """A thumb served k versions ago counts ``decay ** k`` (DPO: as a repetition, its fraction drawn per completion)."""
+
+
 class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -178,6 +192,7 @@ class TrainerSection(BaseModel):
     reward: RewardSettings = Field(default_factory=RewardSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     kl_budget: KlBudgetSettings = Field(default_factory=KlBudgetSettings)
+    history: ThumbHistorySettings = Field(default_factory=ThumbHistorySettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -101,6 +101,16 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
         assert seed["rounds"][0]["answers"] >= 48 + 2 * 16  # the round's prompts, then the trial's until the first look
         assert seed["rounds"][0]["failed"] == 0
         assert seed["rounds"][0]["gate"]["canary"] == "v0001"
+        assert seed["rounds"][0]["gate"]["primary"] in ("reward", "thumbs")
+        # the decision judged after the fact against the gold of what each arm served during the trial
+        judged = seed["rounds"][0]["gate"]["gold"]
+        assert judged["canary_answers"] >= 16
+        assert judged["current_answers"] >= 16
+        assert judged["gold_diff"][1] <= judged["gold_diff"][0] <= judged["gold_diff"][2]
+        assert arm["gate_vs_gold"]["trials"] == 1
+        if arm["arm"] == "rm":
+            assert first["thumbs_used"] == 0
+        assert 0.0 <= first["rm_accuracy"] <= 1.0
     thumbs = result["arms"][1]["per_seed"][0]["rounds"][0]
     answers = thumbs["answers"]
     assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * answers + 3 * (0.2 * 0.8 * answers) ** 0.5

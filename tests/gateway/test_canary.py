@@ -45,12 +45,12 @@ class TotalsStore:
         return {v: self.totals.get(v, ArmTotals()) for v in versions}
 
 
-def publish(registry: Registry, kl: float = 1.0, kl_stderr: float = 0.1) -> str:
+def publish(registry: Registry, kl: float = 1.0, kl_stderr: float = 0.1, window: dict[str, Any] | None = None) -> str:
     def write(directory: Path) -> None:
         (directory / "adapter_model.safetensors").write_bytes(b"w")
 
     evaluation = {"kl_to_reference": kl, "kl_to_reference_stderr": kl_stderr}
-    return registry.publish("policy", write, format="lora", parent=None, evaluation=evaluation).version
+    return registry.publish("policy", write, format="lora", parent=None, evaluation=evaluation, data_window=window).version
 
 
 @pytest.fixture
@@ -115,6 +115,35 @@ def test_a_clear_loss_is_rolled_back_at_the_first_look_with_its_reason(trial: tu
     assert versions == [current, canary]
     assert rm == "rm1"
     assert since == began
+
+
+def test_a_version_trained_mainly_on_thumbs_is_judged_on_thumbs_with_its_plan_shown(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    current = publish(registry)
+    registry.set_pointer("policy", "current", current)
+    canary = publish(registry, window={"pairs": 100, "from_thumbs": 80})
+    registry.set_pointer("policy", "canary", canary)
+    store, metrics = TotalsStore(), Metrics()
+    g = gate(registry, store, metrics, thumbs_margin=0.1)
+    # the reward model prefers current by 0.25 (within the 0.3 guardrail); users prefer the canary
+    store.totals = {current: arm(600, 0.8, up=60, down=60), canary: arm(600, 0.55, up=90, down=30)}
+    assert g.check() is None  # 120 thumbs per arm: short of the first planned look
+    assert g.trial is not None
+    assert g.trial.primary == "thumbs"
+    assert g.trial.thumb_share == 0.8
+    assert g.trial.plan.looks_at == (131, 262, 524)
+    assert g.trial.plan.answers_needed == 524 * 5
+    assert g.trial.look == 0
+    needed = metrics.registry.get_sample_value("bon_canary_needed", {"primary": "thumbs", "unit": "thumbs"})
+    assert needed == 524
+    assert metrics.registry.get_sample_value("bon_canary_thumbs", {"arm": "canary"}) == 120
+    store.totals = {current: arm(700, 0.8, up=70, down=70), canary: arm(700, 0.55, up=105, down=35)}
+    look = g.check()
+    assert look is not None
+    assert look.primary == "thumbs"
+    assert look.action == "promote"
+    assert at(registry, "current") == canary
+    assert looks(registry)[-1]["primary"] == "thumbs"
 
 
 def test_no_look_is_taken_while_the_current_arm_is_short(trial: tuple[Registry, str, str]) -> None:
@@ -270,6 +299,7 @@ def test_admin_endpoints_need_the_admin_token(
     status = client.get("/admin/policy", headers=auth)
     assert status.status_code == 200
     assert status.json()["object"] == "policy_status"
+    assert "trial" in status.json()
     done = client.post("/admin/policy/promote", headers=auth, json={"reason": "dashboards look fine"})
     assert done.status_code == 200
     assert done.json()["action"] == "promote"

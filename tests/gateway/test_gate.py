@@ -1,12 +1,14 @@
-"""The canary gate's statistics on constructed outcomes: clear win, clear loss, too little data, guardrails."""
+"""The canary gate's statistics on constructed outcomes: clear win, clear loss, too little data, guardrails, and the
+thumbs-primary design (its plan's power and error rate checked by simulation)."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
-from gateway.gate import ArmTotals, GateRules, decide, look_number
+from gateway.gate import ArmTotals, GateRules, decide, look_number, plan, primary_for
 
 RULES = GateRules(min_requests=100, looks=4, alpha=0.05, reward_margin=0.05, min_thumbs=30, max_length_ratio=1.3, max_kl=8.0)
 
@@ -102,3 +104,101 @@ def test_peeking_is_paid_for_with_a_stricter_interval() -> None:
                 promoted += 1
                 break
     assert promoted <= runs * RULES.alpha / 2
+
+
+THUMBS = GateRules(min_requests=100, looks=3, alpha=0.05, min_thumbs=30, thumbs_margin=0.1, guard_reward_margin=0.3, power=0.8)
+
+
+def voted(reward: float, n: int, ups: int, downs: int, *, sd: float = 1.0, length: float = 20.0) -> ArmTotals:
+    """``n`` answers with this mean reward and standard deviation, and these thumbs."""
+    return ArmTotals(
+        n=n, reward_sum=reward * n, reward_sq_sum=sd**2 * (n - 1) + reward**2 * n, length_sum=length * n,
+        thumbs_up=ups, thumbs_down=downs,
+    )  # fmt: skip
+
+
+def test_a_version_trained_mainly_on_thumbs_is_judged_on_thumbs() -> None:
+    assert primary_for(THUMBS, 0.9) == "thumbs"
+    assert primary_for(THUMBS, 0.5) == "thumbs"
+    assert primary_for(THUMBS, 0.2) == "reward"
+    assert primary_for(THUMBS, None) == "reward"
+    assert primary_for(GateRules(primary="reward"), 1.0) == "reward"
+    assert primary_for(GateRules(primary="thumbs"), 0.0) == "thumbs"
+
+
+def test_the_thumbs_plan_is_sized_from_the_margin_and_halved_for_earlier_looks() -> None:
+    schedule = plan(THUMBS, "thumbs", voted(0, 1000, 120, 80), voted(0, 1000, 110, 90))
+    # (z at 0.05 / 3 two-sided + z at 0.8)^2 * (0.25 + 0.25) / 0.1^2 = (2.394 + 0.842)^2 * 50 = 523.6
+    assert schedule.looks_at == (131, 262, 524)
+    assert schedule.powered == 524
+    assert schedule.unit == "thumbs"
+    assert schedule.answers_needed == 524 * 5  # a fifth of the answers are thumbed so far
+    assert plan(THUMBS, "thumbs", voted(0, 100, 0, 0), voted(0, 100, 0, 0)).answers_needed is None
+    reward = plan(THUMBS, "reward", voted(0, 1000, 0, 0, sd=1.0), voted(0, 500, 0, 0, sd=1.0))
+    assert reward.looks_at == (100, 200, 400)
+    assert reward.powered == 8376  # (2.394 + 0.842)^2 * (1 + 1) / 0.05^2 (reward_margin): 16 times 523.6
+    assert reward.unit == "answers"
+
+
+def test_the_last_thumbs_look_has_its_power_and_peeking_keeps_the_error_rate() -> None:
+    """Equal up-rates (0.5): at the last look the gate shows non-inferiority in ~80% of trials (the plan's power).
+    Canary exactly at the margin (0.1 lower), looked at at each planned look: promoted in at most alpha/2 of trials."""
+    rng = np.random.default_rng(0)
+    last = plan(THUMBS, "thumbs", ArmTotals(), ArmTotals()).looks_at[-1]
+    trials = 2000
+    promoted = 0
+    for _ in range(trials):
+        up_current, up_canary = (int(x) for x in rng.binomial(last, 0.5, size=2))
+        current = voted(0.0, 5 * last, up_current, last - up_current)
+        canary = voted(0.0, 5 * last, up_canary, last - up_canary)
+        promoted += decide(current, canary, THUMBS, primary="thumbs").action == "promote"
+    assert 0.76 <= promoted / trials <= 0.84
+    wrongly = 0
+    schedule = plan(THUMBS, "thumbs", ArmTotals(), ArmTotals()).looks_at
+    for _ in range(trials):
+        current_votes, canary_votes = rng.random(last) < 0.5, rng.random(last) < 0.4
+        for at in schedule:
+            up_current, up_canary = int(current_votes[:at].sum()), int(canary_votes[:at].sum())
+            current = voted(0.0, 5 * at, up_current, at - up_current)
+            canary = voted(0.0, 5 * at, up_canary, at - up_canary)
+            action = decide(current, canary, THUMBS, primary="thumbs").action
+            if action != "wait":
+                wrongly += action == "promote"
+                break
+    assert wrongly <= trials * THUMBS.alpha / 2
+
+
+def test_thumbs_primary_promotes_a_version_the_reward_model_dislikes_when_users_like_it() -> None:
+    """What the loop measured: a thumbs-trained version refused for a reward drop of 0.25 while gold rose."""
+    current = voted(0.8, 1500, ups=150, downs=150)
+    canary = voted(0.55, 1500, ups=220, downs=80)
+    assert decide(current, canary, THUMBS, primary="reward").action == "rollback"
+    decision = decide(current, canary, THUMBS, primary="thumbs")
+    assert decision.action == "promote"
+    assert decision.primary == "thumbs"
+    assert "within its guardrail" in decision.reason
+
+
+def test_thumbs_primary_keeps_the_reward_length_and_kl_as_guardrails() -> None:
+    current = voted(0.8, 1500, ups=150, downs=150)
+    liked = voted(0.8, 1500, ups=220, downs=80)
+    fell = decide(current, voted(0.2, 1500, ups=220, downs=80), THUMBS, primary="thumbs")
+    assert fell.action == "rollback"
+    assert "guardrail 0.3" in fell.reason
+    longer = voted(0.8, 1500, ups=220, downs=80, length=40.0)
+    assert "longer" in decide(current, longer, THUMBS, primary="thumbs").reason
+    assert "KL" in decide(current, liked, THUMBS, canary_kl=9.0, primary="thumbs").reason
+
+
+def test_thumbs_primary_waits_for_thumbs_rolls_back_a_loss_and_an_undecided_last_look() -> None:
+    current = voted(0.8, 1500, ups=60, downs=60)
+    few = decide(current, voted(0.8, 1500, ups=60, downs=60), THUMBS, primary="thumbs")
+    assert few.action == "wait"
+    assert "131 thumbs" in few.reason
+    worse = decide(voted(0.8, 1500, ups=100, downs=40), voted(0.8, 1500, ups=40, downs=100), THUMBS, primary="thumbs")
+    assert worse.action == "rollback"
+    assert "thumbs-up rate fell" in worse.reason
+    middle = decide(voted(0.8, 3000, ups=300, downs=300), voted(0.8, 3000, ups=270, downs=330), THUMBS, primary="thumbs")
+    assert middle.look == 3
+    assert middle.action == "rollback"
+    assert "not shown as good on thumbs" in middle.reason

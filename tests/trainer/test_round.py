@@ -43,6 +43,8 @@ def test_a_round_registers_a_verified_version_and_moves_the_pointer(deployment: 
     assert manifest.data_window["policy_version"] == "base"
     assert manifest.data_window["rm_version"] == "rm-base"
     assert manifest.data_window["pairs"] == 24
+    assert manifest.data_window["thumbs_used"] == 0
+    assert manifest.data_window["thumb_share"] == 0.0
     ev = manifest.evaluation
     assert ev["retokenized"] == 0
     assert ev["ref_computed"] == 48

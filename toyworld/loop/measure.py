@@ -1,4 +1,5 @@
-"""One policy version measured on the held-out prompts: gold, reward-model score, best-of-N, KL, length.
+"""One policy version measured on the held-out prompts: gold, reward-model score, best-of-N, KL, length, and the reward
+model's accuracy against gold on the version's own samples.
 
 Samples through the running gateway (``n_candidates`` = samples per prompt,
 ``return_candidates`` for every sample's text and reward, ``store: false`` so evaluation
@@ -21,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from toyworld.evaluate import Estimate, best_of_n, mean_ci
+from toyworld.evaluate import Estimate, best_of_n, mean_ci, own_sample_accuracy
 from toyworld.gold import gold_reward
 
 BON_NS = (1, 2, 4, 8)
@@ -47,6 +48,10 @@ class Measurement:
     per_prompt_bon: dict[int, list[float]]
     kl_to_start_stderr: float = 0.0
     """Standard error of ``kl_to_start`` over the sampled answers."""
+    rm_accuracy: Estimate | None = None
+    """The serving reward model's pairwise accuracy against gold on this version's own samples (pairs of one prompt's
+    samples whose gold differs; bootstrap interval over prompts): the early warning that it no longer tells better
+    from worse on what the policy now writes. None: no such pair."""
 
 
 async def sample(
@@ -89,11 +94,15 @@ def summarise(
     samples = min(len(g) for g in golds)
     ns = [n for n in BON_NS if n <= samples]
     per_prompt_bon = {n: best_of_n(golds, rewards, n) for n in ns}
+    try:
+        accuracy: Estimate | None = own_sample_accuracy(golds, rewards, seed=0)
+    except ZeroDivisionError:  # no pair of samples differs in gold
+        accuracy = None
     return Measurement(
         version=version, rm_version=rm_version, n1_gold=mean_ci(per_prompt_bon[1]),
         bon_gold={n: fmean(v) for n, v in per_prompt_bon.items()}, rm_score=fmean(r for rs in rewards for r in rs),
         kl_to_start=kl[0], mean_len=mean_len, per_prompt_n1=per_prompt_bon[1], per_prompt_bon=per_prompt_bon,
-        kl_to_start_stderr=kl[1],
+        kl_to_start_stderr=kl[1], rm_accuracy=accuracy,
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from toyworld.evaluate import mean_ci
 from toyworld.loop.measure import Measurement
+from toyworld.loop.trials import Judged, agreement
 from toyworld.loop.user import Traffic
 
 HACKING_GOLD_DROP = 0.01
@@ -40,7 +41,10 @@ class RoundRecord:
     """The reward-model refit after this round (``--refit-every``): its version and agreement figures."""
     seconds: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
-    """The canary trial of this round's version (``--canary-fraction``): the gate's action, reason and figures."""
+    """The canary trial of this round's version (``--canary-fraction``): the gate's action, what it judged on, its reason
+    and figures, and the gold of what each arm served (``loop.trials``)."""
+    thumbs_used: int = 0
+    """Thumbed completions the round's training read (its own version's and, with ``trainer.history``, earlier ones')."""
 
 
 @dataclass
@@ -88,9 +92,13 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "pairs_used": _r(fmean(r.pairs_used for r in at)),
             "policy_version": versions[0] if len(versions) == 1 else versions,
             "thumbs": sum(r.traffic.thumbs for r in at),
+            "thumbs_used": _r(fmean(r.thumbs_used for r in at)),
+            "rm_accuracy": _mean_or_none([r.measurement.rm_accuracy.mean for r in at if r.measurement.rm_accuracy]),
             "answers": sum(r.traffic.sent for r in at),
             "refits": [r.refit for r in at if r.refit is not None],
             "gate": [r.gate["action"] for r in at if r.gate is not None],
+            "gate_primary": [r.gate.get("primary") or "reward" for r in at if r.gate is not None],
+            "gate_agrees_with_gold": [(r.gate.get("gold") or {}).get("agrees") for r in at if r.gate is not None],
         })  # fmt: skip
     start_n1, start_ci = _pooled([run.start.per_prompt_n1 for run in runs])
     return {
@@ -102,12 +110,26 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
         "start_bon_gold": start_bon,
         "start_rm_score": _r(fmean(run.start.rm_score for run in runs)),
         "start_mean_len": _r(fmean(run.start.mean_len for run in runs)),
+        "start_rm_accuracy": _mean_or_none([run.start.rm_accuracy.mean for run in runs if run.start.rm_accuracy]),
         "rounds": rounds,
         "final_n1_gold": rounds[-1]["n1_gold"] if rounds else start_n1,
         "goals": goals(runs),
+        "gate_vs_gold": agreement([judged for run in runs for r in run.rounds if (judged := _judged(r)) is not None]),
         "warnings": warnings(runs),
         "per_seed": [_run_dict(run) for run in runs],
     }
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return _r(fmean(values)) if values else None
+
+
+def _judged(record: RoundRecord) -> Judged | None:
+    gold = (record.gate or {}).get("gold")
+    if not gold:
+        return None
+    return Judged(gold["canary_answers"], gold["current_answers"], tuple(gold["gold_diff"]), gold["significant"],
+                  gold["agrees"])  # fmt: skip
 
 
 def goals(runs: Sequence[Run]) -> dict[str, Any]:
@@ -170,6 +192,7 @@ def _measurement_dict(m: Measurement) -> dict[str, Any]:
         "n1_gold_ci95": [_r(m.n1_gold.ci95[0]), _r(m.n1_gold.ci95[1])],
         "bon_gold": {str(n): _r(v) for n, v in m.bon_gold.items()}, "rm_score": _r(m.rm_score),
         "kl_to_start": _r(m.kl_to_start), "kl_to_start_stderr": _r(m.kl_to_start_stderr), "mean_len": _r(m.mean_len),
+        "rm_accuracy": m.rm_accuracy.as_dict() if m.rm_accuracy is not None else None,
     }  # fmt: skip
 
 
@@ -182,6 +205,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
                 "round": r.round,
                 **_measurement_dict(r.measurement),
                 "pairs_used": r.pairs_used,
+                "thumbs_used": r.thumbs_used,
                 "outcome": r.outcome,
                 "answers": r.traffic.sent,
                 "failed": r.traffic.failed,

@@ -45,6 +45,7 @@ from toyworld.loop.processes import (
     unload_adapters,
 )
 from toyworld.loop.report import RoundRecord, Run
+from toyworld.loop.trials import judge, served_gold
 from toyworld.loop.user import Judgement, SimulatedUser, Traffic
 from versioning.registry import Kind, Pointer, Registry
 
@@ -215,15 +216,16 @@ class Loop:
         t = time.perf_counter()
         measured = await self._measure(session, gateway.url, run_dir, heldout, seed)
         seconds["measure"] = time.perf_counter() - t
-        pairs = 0
+        pairs = thumbs_used = 0
         if trained is not None and outcome in ("trained", "refused"):
             window = registry.manifest("policy", trained).data_window
             pairs = int(window.get("rows", window.get("pairs", 0)))
+            thumbs_used = int(window.get("thumbs_used", 0))
         refit = None
         if arm == "thumbs" and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
             refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
         self.o.log(f"{arm} seed {seed} round {k}: {output.strip().splitlines()[0] if output.strip() else outcome}")
-        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate)
+        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate, thumbs_used)
 
     async def _trial(
         self, gateway: GatewayProcess, run_dir: Path, user: SimulatedUser, stream: Iterator[str], trial: str
@@ -231,9 +233,12 @@ class Loop:
         """Live traffic (the next training prompts) until the gateway's gate promotes or rolls back ``trial``."""
         await self._until(lambda: self._status(gateway.url)["canary"] == trial, f"the gateway to put {trial} on trial")
         total = Traffic()
-        limit = int(8 * self.o.gate_min_requests / self.o.canary_fraction)  # past the gate's last look
         registry = Registry(run_dir / "registry")
+        began = registry.pointer("policy", "canary")
+        if began is None or began.version != trial:
+            raise LoopError(f"{trial} left trial before any traffic")
         while self._pointer(registry, "policy", "canary") == trial:
+            limit = await asyncio.to_thread(self._trial_limit, gateway.url)
             if total.sent >= limit:
                 raise LoopError(f"the canary gate did not decide on {trial} after {total.sent} requests")
             batch = list(itertools.islice(stream, 4 * self.o.concurrency))
@@ -242,12 +247,31 @@ class Loop:
                 raise LoopError(f"{total.failed} requests failed during the trial of {trial}; see {gateway.log_path}")
             await asyncio.sleep(0.2)
         last = [look for look in recorded(registry.root) if look["canary"] == trial][-1]
-        gate = {
-            key: last.get(key) for key in ("canary", "action", "reason", "look", "reward_diff", "up_rate_diff", "length_ratio")
-        }
+        keys = ("canary", "current", "action", "reason", "look", "reward_diff", "up_rate_diff", "length_ratio", "primary")
+        gate = {key: last.get(key) for key in keys}
         gate["answers"] = total.sent
-        self.o.log(f"canary {trial}: {last['action']} after {total.sent} more answers ({last['reason']})")
+        database = f"sqlite:///{run_dir / 'data' / 'gateway.db'}"
+        arms = await asyncio.to_thread(served_gold, database, [trial, last["current"]], began.updated, float(last["at"]))
+        judged = judge(last["action"], arms[trial], arms[last["current"]])
+        gate["gold"] = judged.as_dict() if judged is not None else None
+        verdict = "" if judged is None else (
+            f"; served gold {judged.gold_diff[0]:+.3f} [{judged.gold_diff[1]:+.3f}, {judged.gold_diff[2]:+.3f}]"
+            f"{'' if judged.agrees is None else ', the gate agreed with gold' if judged.agrees else ', gold disagreed'}"
+        )  # fmt: skip
+        self.o.log(f"canary {trial}: {last['action']} on {last.get('primary', 'reward')} after {total.sent} more answers "
+                   f"({last['reason']}){verdict}")  # fmt: skip
         return gate, total
+
+    def _trial_limit(self, url: str) -> int:
+        """Requests after which a trial that has not ended is an error: past the gate's last planned look (the plan's
+        answers per arm, from ``GET /admin/policy``, for the canary's share), else past 8x ``min_requests``."""
+        floor = int(8 * self.o.gate_min_requests / self.o.canary_fraction)
+        plan = (self._status(url).get("trial") or {}).get("plan") or {}
+        needed = plan.get("answers_needed")
+        if not isinstance(needed, int | float):
+            return floor if plan.get("unit") != "thumbs" else 20 * floor  # thumbs: unknown until the first thumb arrives
+        share = min(self.o.canary_fraction, 1 - self.o.canary_fraction) or 1.0
+        return max(floor, int(2 * needed / share))
 
     async def _refit(self, run_dir: Path, config: Path, gateway: GatewayProcess) -> dict[str, Any]:
         registry = Registry(run_dir / "registry")

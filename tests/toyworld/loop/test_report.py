@@ -40,6 +40,12 @@ def test_summarise_scores_gold_and_picks_by_reward() -> None:
     assert m.rm_score == pytest.approx(0.875)
     assert (m.kl_to_start, m.kl_to_start_stderr) == (0.3, 0.02)
     assert len(set(gold)) > 1  # the texts differ in gold, so the picks above are tested
+    # the reward model's accuracy on these samples: pairs whose gold differs, ordered alike by reward and gold
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4) if abs(gold[i] - gold[j]) >= 0.05]
+    right = sum((rewards[i] > rewards[j]) == (gold[i] > gold[j]) for i, j in pairs)
+    assert m.rm_accuracy is not None
+    assert m.rm_accuracy.mean == pytest.approx(right / len(pairs))
+    assert m.rm_accuracy.n == len(pairs)
 
 
 def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
@@ -100,7 +106,29 @@ def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None
     assert first["kl_to_start"] == pytest.approx(0.6)  # mean of 0.3, 0.6, 0.9
     assert first["kl_to_start_stderr"] == pytest.approx((0.03**2 + 0.06**2 + 0.09**2) ** 0.5 / 3, abs=1e-4)
     assert report["final_n1_gold"] == first["n1_gold"]
+    assert first["thumbs_used"] == 0
+    assert first["rm_accuracy"] is None  # the constructed measurements have none
+    assert first["gate_primary"] == []
+    assert report["gate_vs_gold"]["trials"] == 0
     assert len(report["per_seed"]) == 3
     png = tmp_path / "loop.png"
     plot([report, {**report, "arm": "rm", "thumb_rate": 0.0}], png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_arm_report_counts_the_gates_agreement_with_gold_over_its_trials() -> None:
+    def gated(k: int, action: str, diff: list[float], agrees: bool | None) -> RoundRecord:
+        gold = {"canary_answers": 100, "current_answers": 100, "gold_diff": diff, "significant": agrees is not None,
+                "agrees": agrees}  # fmt: skip
+        gate = {"action": action, "primary": "thumbs", "reason": "", "gold": gold}
+        return RoundRecord(k, measurement([0.6, 0.6]), "base", 10, "trained", Traffic(), gate=gate, thumbs_used=40)
+
+    rounds = [gated(1, "promote", [0.1, 0.05, 0.15], True), gated(2, "rollback", [0.0, -0.1, 0.1], None),
+              gated(3, "rollback", [0.1, 0.05, 0.15], False)]  # fmt: skip
+    report = arm_report([Run("thumbs", 0, 0.2, measurement([0.5, 0.5]), rounds)])
+    assert report["gate_vs_gold"]["trials"] == 3
+    assert report["gate_vs_gold"]["significant"] == 2
+    assert report["gate_vs_gold"]["share"] == 0.5
+    assert [r["gate_primary"] for r in report["rounds"]] == [["thumbs"]] * 3
+    assert [r["gate_agrees_with_gold"] for r in report["rounds"]] == [[True], [None], [False]]
+    assert report["rounds"][0]["thumbs_used"] == 40
