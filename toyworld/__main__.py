@@ -35,11 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     loop = sub.add_parser("evaluate-loop", help="the online loop measured against the toy world's gold reward")
     loop.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
     loop.add_argument("--rounds", type=int, default=3)
-    loop.add_argument("--arms", default="rm,thumbs", help="comma-separated: rm (reward model only), thumbs (+ simulated thumbs)")
+    loop.add_argument(
+        "--arms",
+        default="rm,thumbs",
+        help="comma-separated: rm (reward model only), thumbs (+ simulated thumbs), grpo (thumbs, trained with --algo grpo)",
+    )
     loop.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds 0..K-1")
-    loop.add_argument("--thumb-rate", type=float, default=0.2, help="thumbs arm: share of answers the simulated user thumbs")
+    loop.add_argument(
+        "--thumb-rate", type=float, default=0.2, help="thumbs and grpo arms: share of answers the simulated user thumbs"
+    )
     loop.add_argument("--thumb-noise", type=float, default=0.1, help="sd of the noise on gold behind each thumb")
-    loop.add_argument("--refit-every", type=int, default=0, help="thumbs arm: refit the reward model every K rounds (0: never)")
+    loop.add_argument(
+        "--refit-every", type=int, default=0, help="thumbs and grpo arms: refit the reward model every K rounds (0: never)"
+    )
     loop.add_argument("--prompts-per-round", type=int, default=384, help="training prompts sent through the gateway per round")
     loop.add_argument("--heldout", type=int, default=200, help="held-out prompts every measurement uses")
     loop.add_argument("--samples", type=int, default=8, help="samples per held-out prompt (best-of-N up to this)")

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("run", "one training round"), ("schedule", "a training round every --every")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
-        cmd.add_argument("--algo", choices=["dpo", "kto", "ppo"], default=None, help="override trainer.algorithm")
+        cmd.add_argument("--algo", choices=["dpo", "kto", "ppo", "grpo"], default=None, help="override trainer.algorithm")
         cmd.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
         cmd.add_argument("--db", default=None, help="override store.url (a SQLAlchemy URL)")
         cmd.add_argument("--min-pairs", type=int, default=None, help="override trainer.min_pairs")

@@ -7,39 +7,44 @@ window's data and a work directory, and returns what it trained (``Fitted``). Th
 The configs are pydantic models in ``trainer.settings`` (the YAML edge; importing them must
 not import torch or TRL); every algorithm also reads the shared ``trainer.adapter``.
 Knows how each algorithm's rows are made from the window and which hyper-parameters its
-manifest records; the training itself is in ``trainer.dpo``, ``trainer.kto`` and
-``trainer.ppo``.
+manifest records; the training itself is in ``trainer.dpo``, ``trainer.kto``,
+``trainer.ppo`` and ``trainer.grpo``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from trainer.adapter import Trained
+from trainer.groups import Group
 from trainer.pairs import weighted
-from trainer.settings import DpoSettings, KtoSettings, PpoSettings, TrainerSettings
+from trainer.settings import DpoSettings, GrpoSettings, KtoSettings, PpoSettings, TrainerSettings
 from versioning.registry import Registry
 
 
 @dataclass
 class RoundData:
-    """What the window gives each algorithm: pairs (DPO, KTO), thumbed answers (KTO), prompts (PPO, evaluation)."""
+    """What the window gives each algorithm: pairs (DPO, KTO), thumbed answers (KTO), prompts (PPO, evaluation),
+    served groups (GRPO)."""
 
     pairs: list[dict[str, Any]]
     thumbed: list[dict[str, Any]]
     prompts: list[list[dict[str, Any]]]
+    groups: list[Group] = field(default_factory=list)
 
     def size(self, algorithm: str, kto_from_pairs: bool) -> tuple[int, str]:
         if algorithm == "kto":
             return len(self.thumbed) + (2 * len(self.pairs) if kto_from_pairs else 0), "KTO rows (thumbs and pair sides)"
         if algorithm == "ppo":
             return len({repr(p) for p in self.prompts}), "distinct prompts"
+        if algorithm == "grpo":
+            return len(self.groups), "groups (served requests with 2+ scored samples and their log-probs)"
         return len(self.pairs), "pairs"
 
 
@@ -105,6 +110,24 @@ def fit_ppo(settings: TrainerSettings, registry: Registry, rm_version: str, init
     return Fitted(trained, model, len(prompts), params)
 
 
+def fit_grpo(settings: TrainerSettings, registry: Registry, rm_version: str, init: Any, tokenizer: Any, data: RoundData,
+             work: Path, progress: bool) -> Fitted:  # fmt: skip
+    from trainer import grpo
+    from trainer.round import RoundError
+
+    s = settings.trainer
+    made = grpo.samples(data.groups, tokenizer, s.grpo, s.adapter.max_length)
+    if not made.rows:
+        raise RoundError(f"no sample of the {len(data.groups)} groups has an advantage and fits trainer.adapter.max_length "
+                         f"({made.truncated} cut)")  # fmt: skip
+    trained, model = grpo.train(init, tokenizer, made.rows, s.grpo, s.adapter, work, progress=progress)
+    thumbed = sum(g.thumb is not None for g in data.groups)
+    trained.figures.update(groups=len(data.groups), samples=len(made.rows), truncated=made.truncated,
+                           zero_advantage=made.zero_advantage, thumbed_groups=thumbed)  # fmt: skip
+    shared = s.adapter.model_dump()
+    return Fitted(trained, model, len(made.rows), {**s.grpo.model_dump(), **shared, "implementation": grpo.IMPLEMENTATION})
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """An algorithm's config (its ``trainer.<name>`` section; every one also reads ``trainer.adapter``) and its fit,
@@ -118,6 +141,7 @@ TABLE: dict[str, Algorithm] = {
     "dpo": Algorithm(DpoSettings, fit_dpo),
     "kto": Algorithm(KtoSettings, fit_kto),
     "ppo": Algorithm(PpoSettings, fit_ppo),
+    "grpo": Algorithm(GrpoSettings, fit_grpo),
 }
 ALGORITHMS = tuple(TABLE)
 DISTRIBUTED = ("dpo",)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer import groups
 from trainer.algorithms import ALGORITHMS, DISTRIBUTED, TABLE, RoundData
 from trainer.distributed import Team
 from trainer.export import parse_time, window
@@ -74,12 +75,14 @@ class RoundResult:
                 f"{f['agreement_after_held_out']:.3f}, trained-on {f['agreement_before_train']:.3f} -> "
                 f"{f['agreement_after_train']:.3f}"
             )
-        unit = {"dpo": "pairs", "kto": "KTO rows", "ppo": "prompts"}[self.algorithm]
+        unit = {"dpo": "pairs", "kto": "KTO rows", "ppo": "prompts", "grpo": "samples"}[self.algorithm]
         nan = math.nan
         extra = {
             "dpo": f"reward margin {f.get('reward_margin', nan):.3f}, reward accuracy {f.get('reward_accuracy', nan):.2f}",
             "kto": f"{f.get('desirable', 0)} desirable, {f.get('undesirable', 0)} undesirable, {f.get('from_thumbs', 0)} thumbed",
             "ppo": f"mean reward {f.get('reward', nan):.3f}",
+            "grpo": f"{f.get('groups', 0)} groups ({f.get('thumbed_groups', 0)} thumbed), importance ratio "
+            f"{f.get('ratio', nan):.3f} ({f.get('clipped', nan):.0%} clipped)",
         }[self.algorithm]
         return (
             f"{head}\n  {self.algorithm} version {self.version} (parent {self.parent or 'base'}), {self.pairs} {unit} from "
@@ -178,7 +181,10 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
         "thumbs_by_version": thumbs_by_version(labelled),
         "history": history.model_dump() if history.versions else None,
     }  # fmt: skip
-    data = RoundData(pairs, weigh(thumbed(labelled), spec), [r.messages for r, _ in labelled])
+    served_groups = groups.build(labelled)
+    for group in served_groups.groups:
+        group.weight = spec.weight(group.policy_version) if group.thumb is not None else 1.0
+    data = RoundData(pairs, weigh(thumbed(labelled), spec), [r.messages for r, _ in labelled], served_groups.groups)
     available, unit = data.size(algorithm, s.kto.from_pairs)
     if available < s.min_pairs:
         reason = (

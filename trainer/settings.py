@@ -105,6 +105,23 @@ class PpoSettings(BaseModel):
     iterations: int = Field(default=2, ge=1, description="optimisation passes over each batch of samples")
 
 
+class GrpoSettings(BaseModel):
+    """Offline GRPO/RLOO on the groups the gateway served (``trainer.grpo``): each best-of-N request's samples, their
+    rewards (a thumb folded in) and vLLM's log-probs, importance-weighted and clipped, with a KL penalty to the base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline: Literal["group", "leave_one_out"] = "group"
+    """``group``: GRPO's (reward − group mean) / group standard deviation; ``leave_one_out``: RLOO's reward minus the
+    mean of the group's other samples."""
+    beta: float = Field(default=0.04, ge=0, description="weight of the per-token KL to the reference (the base)")
+    learning_rate: float = Field(default=2e-4, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=16, ge=1, description="samples per optimizer step")
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="clip of the per-token importance ratio")
+    dual_clip: float = Field(default=3.0, gt=1, description="floor of a negative-advantage sample's loss, x its advantage")
+
+
 class RewardSettings(BaseModel):
     """A reward-model refit (``--refit-reward-model``): Bradley–Terry on thumb-decided pairs."""
 
@@ -167,13 +184,15 @@ class TrainerSection(BaseModel):
     """The base policy's version label (the gateway's ``policy_version``) while no version is current."""
     base_rm_version: str = "rm-base"
     """The reward model's version label while the registry has no reward-model version."""
-    algorithm: Literal["dpo", "kto", "ppo"] = "dpo"
+    algorithm: Literal["dpo", "kto", "ppo", "grpo"] = "dpo"
     format: Literal["lora", "full"] = "lora"
     """What a version is: a LoRA adapter over the base (hot-swapped into running vLLM) or, DPO only, all the
     policy's weights (learns more at tiny sizes, served without the adapter's cost; the gateway swaps it
     blue-green, starting a vLLM on the version's directory: ``swap.full``)."""
     min_pairs: int = Field(
-        default=32, ge=1, description="fewer pairs (KTO: rows; PPO: prompts) in the window: the round is skipped (exit 0)"
+        default=32,
+        ge=1,
+        description="fewer pairs (KTO: rows; PPO: prompts; GRPO: groups) in the window: the round is skipped (exit 0)",
     )
     max_age: str = "7d"
     """Staleness bound: records older than this are not trained on (7d, 12h, 30m)."""
@@ -189,6 +208,7 @@ class TrainerSection(BaseModel):
     dpo: DpoSettings = Field(default_factory=DpoSettings)
     kto: KtoSettings = Field(default_factory=KtoSettings)
     ppo: PpoSettings = Field(default_factory=PpoSettings)
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     kl_budget: KlBudgetSettings = Field(default_factory=KlBudgetSettings)

@@ -65,7 +65,7 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     done = subprocess.run(
         [
             sys.executable, "-m", "toyworld", "evaluate-loop", "--config", str(config), "--rounds", "1", "--seeds", "1",
-            "--arms", "rm,thumbs", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
+            "--arms", "rm,thumbs,grpo", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
             "--max-tokens", "24", "--concurrency", "4", "--vllm", policy_vllm, "--out", str(out),
             "--canary-fraction", "0.5", "--gate-min-requests", "16",
         ],
@@ -75,12 +75,12 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == json.loads((out / "report.json").read_text())
     assert (out / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [arm["arm"] for arm in result["arms"]] == ["rm", "thumbs"]
+    assert [arm["arm"] for arm in result["arms"]] == ["rm", "thumbs", "grpo"]
     for arm in result["arms"]:
         assert arm["seeds"] == [0]
         assert set(arm["start_bon_gold"]) == {"1", "2", "4"}  # 4 samples per prompt: best-of-N up to 4
         assert 0.0 <= arm["start_bon_gold"]["1"] <= 1.0
-        assert arm["thumb_rate"] == (0.2 if arm["arm"] == "thumbs" else 0.0)
+        assert arm["thumb_rate"] == (0.0 if arm["arm"] == "rm" else 0.2)
         [first] = arm["rounds"]
         assert set(first) >= {"round", "n1_gold", "n1_gold_ci95", "bon_gold", "rm_score", "kl_to_start", "mean_len",
                               "pairs_used", "policy_version"}  # fmt: skip
@@ -116,7 +116,12 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * answers + 3 * (0.2 * 0.8 * answers) ** 0.5
     rm_only = result["arms"][0]["per_seed"][0]["rounds"][0]
     assert rm_only["thumbs_up"] + rm_only["thumbs_down"] == 0
+    # the grpo arm trained on the served groups: vLLM's logged log-probs agree with the trainer's before any update
+    grpo = json.loads((out / "grpo-seed0" / "registry" / "policy" / "versions" / "v0001" / "manifest.json").read_text())
+    assert grpo["algorithm"] == "grpo"
+    assert grpo["evaluation"]["groups"] >= 8
+    assert abs(grpo["evaluation"]["first_ratio"] - 1) < 0.05
     # the loop starts every gateway and round through toyworld.loop.sealed: these trained with gold unimportable
-    for run in ("rm-seed0", "thumbs-seed0"):
+    for run in ("rm-seed0", "thumbs-seed0", "grpo-seed0"):
         assert (out / run / "registry" / "policy" / "versions" / "v0001" / "manifest.json").is_file()
         assert (out / run / "registry" / "policy" / "gate.jsonl").is_file()

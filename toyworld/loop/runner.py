@@ -1,9 +1,10 @@
 """The online loop, run end to end against the hidden gold reward: traffic → log → round → hot-swap → measure.
 
 For each arm (``rm``: the reward model's picks only; ``thumbs``: plus a simulated user's
-thumbs on a stated share of answers, and a reward-model refit every K rounds) and each
-seed, a fresh run: its own registry, log and gateway (``python -m gateway serve``, started
-through ``toyworld.loop.sealed`` so it cannot import the gold reward), all on one vLLM
+thumbs on a stated share of answers, and a reward-model refit every K rounds; ``grpo``: the
+thumbs arm's traffic, trained with ``--algo grpo`` on the served groups) and each seed, a
+fresh run: its own registry, log and gateway (``python -m gateway serve``, started through
+``toyworld.loop.sealed`` so it cannot import the gold reward), all on one vLLM
 (started here, or ``--vllm URL``; adapters of a finished run are unloaded so versions of
 the next run, named alike, are loaded fresh). A run measures the start policy, then each
 round: the simulated user asks the next training prompts through the gateway (thumbing
@@ -50,7 +51,11 @@ from toyworld.loop.user import Judgement, SimulatedUser, Traffic
 from versioning.registry import Kind, Pointer, Registry
 
 API_KEY = "sk-simulated-user"
-ARMS = ("rm", "thumbs")
+ARMS = ("rm", "thumbs", "grpo")
+THUMB_ARMS = ("thumbs", "grpo")
+"""Arms whose simulated user thumbs answers (and whose reward model ``--refit-every`` refits)."""
+ALGORITHM = {"grpo": "grpo"}
+"""Arms that train with another algorithm than the config's: ``grpo`` learns from the served groups themselves."""
 
 
 @dataclass
@@ -145,7 +150,7 @@ class Loop:
         if run_dir.exists():
             raise LoopError(f"{run_dir} exists: each run starts from an empty log and registry (choose another --out)")
         (run_dir / "registry").mkdir(parents=True)
-        thumb_rate = self.o.thumb_rate if arm == "thumbs" else 0.0
+        thumb_rate = self.o.thumb_rate if arm in THUMB_ARMS else 0.0
         config = self._write_config(run_dir, vllm, seed, arm)
         stream = itertools.cycle(random.Random(seed).sample(train, k=len(train)))
         # idle connections are dropped before the gateway's server (uvicorn, 5 s) closes them: no reuse races
@@ -222,7 +227,7 @@ class Loop:
             pairs = int(window.get("rows", window.get("pairs", 0)))
             thumbs_used = int(window.get("thumbs_used", 0))
         refit = None
-        if arm == "thumbs" and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
+        if arm in THUMB_ARMS and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
             refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
         self.o.log(f"{arm} seed {seed} round {k}: {output.strip().splitlines()[0] if output.strip() else outcome}")
         return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate, thumbs_used)
@@ -324,6 +329,8 @@ class Loop:
             **cfg.get("canary", {}), "fraction": self.o.canary_fraction, "auto": True, "poll_s": 1.0,
             "min_requests": self.o.gate_min_requests, "looks": 3,
         }  # fmt: skip
+        if arm in ALGORITHM:
+            trainer["algorithm"] = ALGORITHM[arm]
         trainer["adapter"] = {**trainer.get("adapter", {}), "seed": seed}
         trainer["reward"] = {**trainer.get("reward", {}), "seed": seed}
         for key, value in self.o.overrides.items():
