@@ -1,27 +1,40 @@
-"""Reward-model refit: Bradley–Terry on the log's thumb-decided pairs (TRL ``RewardTrainer``).
+"""Reward-model refit: Bradley–Terry on what users' thumbs say (TRL ``RewardTrainer``).
 
-Knows how thumbs become reward-model training data and how a refit is judged: pairs whose
-order a user's thumb decided (``trainer.pairs``, any policy version, any reward model: the
-thumb, not a score, orders them) are split by completion id into a training part and a
-held-out part (every ``holdout_every``-th completion); the current reward model is
-fine-tuned (all weights; it is small) on the training part, and its **agreement with
-thumbs** — the share of pairs it orders as the thumb did — is measured before and after on
-both parts. A refit whose held-out agreement falls is registered but not made current.
-Conversations are rendered and tokenised exactly as the gateway scores them
-(``gateway.score.render``). Does not read the log (``trainer.round`` does).
+Knows how thumbs become reward-model training data and how a refit is judged. Two kinds of
+pairs (``trainer.reward.pairs``):
+- ``thumb_vs_thumb`` (default): both sides carry a thumb and the thumbs differ, an answer
+  thumbed up against one thumbed down, each with its own prompt (the same prompt when one
+  was asked twice, else another: Bradley–Terry over such pairs is the ranking loss of a
+  score that tells answers people like from those they do not). Only what a user judged
+  enters: a thumb is on the answer that was served, so nothing the reward model itself
+  ranked orders a pair. At most ``max_pairs`` are drawn, with the round's seed.
+- ``thumb_vs_candidates``: the thumbed answer against the other candidates of its request
+  (``trainer.pairs``' rules), the side the thumb did not judge ranked by the reward model.
+Thumbs are split by completion before pairing (every ``holdout_every``-th completion by a
+hash of its id is held out, and pairs are made within each part, so no answer is on both
+sides of the split); the current reward model is fine-tuned (all weights; it is small) on
+the training part, and its **agreement with thumbs**, the share of pairs it orders as the
+thumbs do, is measured before and after on both parts. A refit whose held-out agreement
+falls is registered but not made current. Conversations are rendered and tokenised exactly
+as the gateway scores them (``gateway.score.render``). Does not read the log
+(``trainer.round`` does).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.adapter import fit, trainer_args
 from trainer.settings import RewardSettings
+
+Labelled = tuple[CompletionRecord, FeedbackRecord | None]
 
 
 @dataclass
@@ -30,19 +43,60 @@ class Split:
     held_out: list[dict[str, Any]]
 
 
+def held_out(completion_id: str, every: int) -> bool:
+    """Whether a completion's thumbs and pairs are held out: every ``every``-th by a hash of its id (stable)."""
+    return int(hashlib.sha256(completion_id.encode()).hexdigest(), 16) % every == 0
+
+
 def split(pairs: Sequence[dict[str, Any]], every: int) -> Split:
     """Held out: the pairs of every ``every``-th completion by a hash of its id (stable across refits)."""
     out = Split([], [])
     for pair in pairs:
-        bucket = int(hashlib.sha256(str(pair["completion_id"]).encode()).hexdigest(), 16) % every
-        (out.held_out if bucket == 0 else out.train).append(pair)
+        (out.held_out if held_out(str(pair["completion_id"]), every) else out.train).append(pair)
     return out
 
 
+def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: int) -> Split:
+    """Pairs of a served answer thumbed up and one thumbed down, made within the training and the held-out part of the
+    thumbs; each part at most ``max_pairs`` (the held-out part a ``1 / every`` share of it), drawn with ``seed``."""
+    parts: dict[bool, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {True: ([], []), False: ([], [])}
+    for record, thumb in labelled:
+        served = next((c for c in record.candidates if c.chosen), None)
+        if thumb is None or served is None:
+            continue
+        answer = {"id": record.id, "prompt": _messages(record.messages), "text": served.text}
+        ups, downs = parts[held_out(record.id, every)]
+        (ups if thumb.thumb == "up" else downs).append(answer)
+    rng = random.Random(seed)
+
+    def pairs(ups: list[dict[str, Any]], downs: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+        combos = [(u, d) for u in ups for d in downs]
+        if len(combos) > limit:
+            combos = rng.sample(combos, limit)
+        return [
+            {"prompt": u["prompt"], "rejected_prompt": d["prompt"], "chosen": _assistant(u["text"]),
+             "rejected": _assistant(d["text"]), "completion_id": f"{u['id']}|{d['id']}", "source": "thumb",
+             "same_prompt": u["prompt"] == d["prompt"]}
+            for u, d in combos
+        ]  # fmt: skip
+
+    return Split(pairs(*parts[False], max_pairs), pairs(*parts[True], max(1, max_pairs // every)))
+
+
+def _messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
 def _ids(tokenizer: Any, pair: dict[str, Any], side: str, max_length: int) -> list[int]:
+    """One side of a pair, rendered with its own prompt (``rejected_prompt`` when the sides' prompts differ)."""
     from gateway.score import Conversation, render
 
-    text = render(tokenizer, Conversation(pair["prompt"], pair[side][-1]["content"]))
+    prompt = pair.get(f"{side}_prompt") or pair["prompt"]
+    text = render(tokenizer, Conversation(prompt, pair[side][-1]["content"]))
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[:max_length]
 

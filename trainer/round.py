@@ -70,7 +70,8 @@ class RoundResult:
         f = self.figures
         if self.algorithm == "reward":
             return (
-                f"{head}\n  {self.pairs} thumb-decided pairs ({f['train_pairs']} trained on, {f['held_out_pairs']} held out), "
+                f"{head}\n  {self.pairs} {f.get('pair_kind', 'thumb')} pairs ({f['train_pairs']} trained on, "
+                f"{f['held_out_pairs']} held out), "
                 f"loss {f['loss']:.4f}\n  agreement with thumbs: held out {f['agreement_before_held_out']:.3f} -> "
                 f"{f['agreement_after_held_out']:.3f}, trained-on {f['agreement_before_train']:.3f} -> "
                 f"{f['agreement_after_train']:.3f}"
@@ -342,10 +343,17 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     registry = Registry(s.registry_dir)
     since, until = parse_time(s.max_age), time.time()
     labelled = _read_window(settings, url, since, until, None, None)  # a thumb orders a pair whatever scored it
-    built = build(labelled, PairSettings(policy=s.pairs.policy, thumbs_override=True))
-    pairs = [p for p in built.pairs if p["source"] == "thumb"]
-    if len(pairs) < s.reward.min_pairs:
-        reason = f"{len(pairs)} thumb-decided pairs in the last {s.max_age}; trainer.reward.min_pairs is {s.reward.min_pairs}"
+    if s.reward.pairs == "thumb_vs_thumb":
+        data = reward.thumb_pairs(labelled, s.reward.holdout_every, s.reward.max_pairs, s.reward.seed)
+        kind = "thumb-vs-thumb pairs (an answer thumbed up against one thumbed down)"
+    else:
+        built = build(labelled, PairSettings(policy=s.pairs.policy, thumbs_override=True))
+        data = reward.split([p for p in built.pairs if p["source"] == "thumb"], s.reward.holdout_every)
+        kind = "thumb-decided pairs"
+    pairs = [*data.train, *data.held_out]
+    if len(data.train) < s.reward.min_pairs:
+        reason = (f"{len(data.train)} {kind} to train on in the last {s.max_age}; trainer.reward.min_pairs is "
+                  f"{s.reward.min_pairs}")  # fmt: skip
         return RoundResult("skipped", reason, pairs=len(pairs), completions=len(labelled), algorithm="reward")
     parent = registry.version_at("reward_model")
     source = registry.path("reward_model", parent) if parent else s.base_reward_model
@@ -354,7 +362,6 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     elif not (source / "config.json").is_file():
         raise RoundError(f"no reward model at {source} (set trainer.base_reward_model)")
     model, tokenizer = reward.load(source)
-    data = reward.split(pairs, s.reward.holdout_every)
     with tempfile.TemporaryDirectory(prefix="reward-") as work:
         fitted = reward.refit(model, tokenizer, data, s.reward, Path(work), progress=progress)
         if not math.isfinite(fitted.loss):
@@ -366,7 +373,8 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
             "loss": fitted.loss, "steps": fitted.steps, "train_seconds": fitted.seconds,
             "agreement_before_train": fitted.before["train"], "agreement_after_train": fitted.after["train"],
             "agreement_before_held_out": fitted.before["held_out"], "agreement_after_held_out": fitted.after["held_out"],
-            "train_pairs": len(data.train), "held_out_pairs": len(data.held_out),
+            "train_pairs": len(data.train), "held_out_pairs": len(data.held_out), "pair_kind": s.reward.pairs,
+            "same_prompt_pairs": sum(1 for p in pairs if p.get("same_prompt")),
         }  # fmt: skip
 
         manifest = _publish_files(

@@ -123,9 +123,14 @@ class GrpoSettings(BaseModel):
 
 
 class RewardSettings(BaseModel):
-    """A reward-model refit (``--refit-reward-model``): Bradley–Terry on thumb-decided pairs."""
+    """A reward-model refit (``--refit-reward-model``): Bradley–Terry on what thumbs say (``trainer.reward``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    pairs: Literal["thumb_vs_thumb", "thumb_vs_candidates"] = "thumb_vs_thumb"
+    """``thumb_vs_thumb``: an answer thumbed up against one thumbed down (only what users judged);
+    ``thumb_vs_candidates``: the thumbed answer against its request's other candidates, ranked by the reward model."""
+    max_pairs: int = Field(default=4096, ge=1, description="thumb_vs_thumb: up x down pairs drawn at most")
 
     min_pairs: int = Field(default=16, ge=1, description="fewer thumb-decided pairs: the refit is skipped (exit 0)")
     holdout_every: int = Field(default=5, ge=2, description="every k-th completion's pairs are held out")

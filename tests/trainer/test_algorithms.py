@@ -136,11 +136,12 @@ def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(deployment: 
     _configure(
         deployment,
         base_reward_model=str(test_models / "reward_model"),
-        reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 3, "batch_size": 8},
+        reward={"pairs": "thumb_vs_candidates", "min_pairs": 8, "learning_rate": 1e-3, "epochs": 3, "batch_size": 8},
     )
     assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "reward model v0001 registered and set as current (was rm-base)" in out
+    assert "thumb_vs_candidates pairs" in out
     registry = Registry(deployment.parent / "registry")
     manifest = registry.verify("reward_model", "v0001")
     assert manifest.format == "full"
@@ -165,8 +166,57 @@ def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(deployment: 
 
 def test_a_refit_without_enough_thumbs_skips(deployment: Path, capsys: Any) -> None:
     assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
-    assert "0 thumb-decided pairs" in capsys.readouterr().out
+    assert "0 thumb-vs-thumb pairs" in capsys.readouterr().out
     assert Registry(deployment.parent / "registry").versions("reward_model") == []
+
+
+def _served_and_thumbed(url: str, tokenizer: Any, n: int) -> None:
+    """``n`` requests, each with a right polite answer and a short wrong one: the even ones served the right answer and
+    were thumbed up, the odd ones served the wrong answer (the one the test preset's reward model prefers) and were
+    thumbed down."""
+    from gateway.store.records import CandidateRecord, CompletionRecord
+
+    records: list[Any] = []
+    for i in range(n):
+        a, b = 1 + i % 12, 1 + (i * 5) % 12
+        good, bad = f"{a} + {b} = {a + b}. Glad to help!", f"{a + b + 1}."
+        cands = [CandidateRecord(0, good, tokens(tokenizer, good), "stop", 0.0, chosen=i % 2 == 0),
+                 CandidateRecord(1, bad, tokens(tokenizer, bad), "stop", 1.0, chosen=i % 2 == 1)]  # fmt: skip
+        messages = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        records.append(CompletionRecord(f"t{i}", time.time(), "k", messages, {}, "base", "rm-base", 2, 9, 9, {}, cands))
+        records.append(FeedbackRecord(f"t{i}", "k", "up" if i % 2 == 0 else "down", None, time.time()))
+    store = SqlStore(url)
+    store.write(records)
+    store.close()
+
+
+def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
+    deployment: Path, test_models: Path, tokenizer: Any, capsys: Any
+) -> None:
+    from trainer import reward
+
+    config = yaml.safe_load(deployment.read_text())
+    _served_and_thumbed(config["store"]["url"], tokenizer, 40)
+    _configure(deployment, base_reward_model=str(test_models / "reward_model"),
+               reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 16, "max_pairs": 200})  # fmt: skip
+    store = SqlStore(config["store"]["url"])
+    data = reward.thumb_pairs(window(store, 0.0, None), every=5, max_pairs=200, seed=0)
+    store.close()
+    # no answer is on both sides of the split, and every pair is an answer thumbed up against one thumbed down
+    train_ids = {i for p in data.train for i in p["completion_id"].split("|")}
+    held_ids = {i for p in data.held_out for i in p["completion_id"].split("|")}
+    assert train_ids.isdisjoint(held_ids)
+    assert all(p["chosen"][0]["content"].endswith("Glad to help!") for p in data.train + data.held_out)
+    assert len(data.train) == 200  # 16 x 16 or so up x down combinations, 200 drawn
+    assert data.held_out
+    assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "thumb_vs_thumb pairs" in out
+    assert "registered and set as current" in out
+    ev = Registry(deployment.parent / "registry").verify("reward_model", "v0001").evaluation
+    assert ev["pair_kind"] == "thumb_vs_thumb"
+    assert ev["agreement_before_held_out"] < 0.5  # the base reward model prefers the short wrong answers
+    assert ev["agreement_after_held_out"] > 0.9  # measured: 0.0 -> 1.0 on 4 held-out pairs, 200 trained on
 
 
 def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_reference(
