@@ -8,8 +8,9 @@ replica's), what a decision does (``promote``: the canary becomes current; ``rol
 the canary pointer is cleared; gateways then follow the pointers), and where it is
 recorded: one JSON line per look in ``<registry>/policy/gate.jsonl`` (why, with the
 figures), the log, and the metrics (``bon_canary_*``). A person can promote or roll back
-through the same lock (``decide_by_hand``). Does not know the statistics (``gateway.gate``)
-or how pointers are followed (``gateway.swap``).
+through the same lock (``decide_by_hand``). It also exports the trainer's reward-hacking
+watch (``versioning.watch``) as ``bon_watch_firing`` and lets an admin clear it. Does not
+know the statistics (``gateway.gate``) or how pointers are followed (``gateway.swap``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from gateway.gate import ArmTotals, Decision, GateRules, Plan, Primary, decide, plan, primary_for
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
+from versioning import watch
 from versioning.lock import LockHeld, gate_lock
 from versioning.registry import Pointer, Registry, RegistryError
+from versioning.watch import WatchState
 
 log = logging.getLogger("gateway.canary")
 DECISIONS = "gate.jsonl"
@@ -135,6 +138,10 @@ class CanaryGate:
         self.trial: Trial | None = None
 
     @property
+    def registry_root(self) -> Path:
+        return self._registry.root
+
+    @property
     def automatic(self) -> bool:
         """Whether ``run`` has anything to do: the store's totals are readable (``canary.auto`` off still records looks)."""
         return self._store is not None
@@ -151,6 +158,7 @@ class CanaryGate:
     def check(self) -> Look | None:
         """One poll: if a trial has reached a new look, decide (and apply, with ``auto``); the look, else None."""
         self._export_kl()
+        self._metrics.watch_firing.set(watch.read(self._registry.root).firing)
         if self._registry.pointer("policy", "canary") is None:
             return None
         try:
@@ -231,6 +239,13 @@ class CanaryGate:
         )  # fmt: skip
         self._apply(record)
         return record
+
+    def clear_watch(self, reason: str) -> WatchState:
+        """The admin's clear of the reward-hacking watch: training rounds resume (``versioning.watch``)."""
+        state = watch.clear(self._registry.root, "admin", reason)
+        self._metrics.watch_firing.set(0)
+        log.warning("reward-hacking watch cleared by admin about %s: %s", state.cleared_for or "-", reason)
+        return state
 
     # ---- effects ----
     def _apply(self, record: Look) -> None:

@@ -6,7 +6,7 @@ and length, its margin over the runner-up and over the mean, candidates per requ
 thumbs by value and policy version, the log's records written/spooled, its queue and
 spool depth and write errors, errors returned by type, the versions served and hot-swaps, the
 canary trial (its version, answers and thumbs per arm, what it needs, the gate's decisions and reward interval) and
-each served version's KL to the starting policy. Does not serve them. ``scrape``/``sample``
+each served version's KL to the starting policy, and the reward-hacking watch. Does not serve them. ``scrape``/``sample``
 read any Prometheus endpoint back (the loop, the benchmarks and the tests use them).
 
 Several worker processes (``workers: N``): prometheus-client's multiprocess mode, chosen by
@@ -185,6 +185,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.watch_firing = Gauge(
+            f"{p}watch_firing", "1 while the trainer's reward-hacking watch fires (training rounds pause)", registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.policy_kl = Gauge(
             f"{p}policy_kl_nats",
             "KL to the starting policy, nats per response (the trainer's evaluation of each served version)",

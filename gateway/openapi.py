@@ -21,6 +21,7 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
     ("/v1/feedback", "post"): (FeedbackRequest, True),
     ("/admin/policy/promote", "post"): (AdminAction, False),
     ("/admin/policy/rollback", "post"): (AdminAction, False),
+    ("/admin/watch/clear", "post"): (AdminAction, False),
 }
 """(path, method) → the body's model, and whether a body is required."""
 

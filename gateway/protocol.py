@@ -107,7 +107,7 @@ class FeedbackRequest(BaseModel):
 
 
 class AdminAction(BaseModel):
-    """``POST /admin/policy/promote|rollback`` (the body is optional)."""
+    """``POST /admin/policy/promote|rollback`` and ``/admin/watch/clear`` (the body is optional)."""
 
     model_config = ConfigDict(extra="forbid")
 

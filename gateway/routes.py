@@ -2,7 +2,7 @@
 
 ``/v1/chat/completions`` (routes → ``service`` → generate → score → select → ``responses``,
 the record logged by the service), ``/v1/feedback``, ``/v1/models``, the admin endpoints
-(``/admin/policy``, ``/promote``, ``/rollback``), ``/health``, ``/ready`` and ``/metrics``.
+(``/admin/policy``, ``/promote``, ``/rollback``, ``/admin/watch/clear``), ``/health``, ``/ready`` and ``/metrics``.
 Knows request parsing, cancelling the work when a client goes away (which aborts the vLLM
 request) and the access log line; errors are raised as ``GatewayError`` and turned into
 OpenAI error JSON by the app's one handler.
@@ -45,6 +45,7 @@ from gateway.quotas import Ticket
 from gateway.service import Plan
 from gateway.state import Admin, FeedbackKeyId, GatewayState, KeyId, State
 from gateway.store.records import FeedbackRecord
+from versioning import watch
 
 log = structlog.get_logger("gateway")
 router = APIRouter()
@@ -202,6 +203,7 @@ async def policy_status(state: State) -> dict[str, Any]:
         "canary_auto": state.settings.canary.auto,
         "last_look": asdict(gate.last) if gate is not None and gate.last is not None else None,
         "trial": asdict(gate.trial) if gate is not None and gate.trial is not None and swapper and swapper.canary else None,
+        "watch": asdict(watch.read(gate.registry_root)) if gate is not None else None,
     }
 
 
@@ -215,6 +217,17 @@ async def promote(request: Request, state: State) -> dict[str, Any]:
 async def rollback(request: Request, state: State) -> dict[str, Any]:
     """The canary is dropped; without one, current goes back to the version it replaced."""
     return await _decide_by_hand(request, state, "rollback")
+
+
+@router.post("/admin/watch/clear", dependencies=[Admin])
+async def clear_watch(request: Request, state: State) -> dict[str, Any]:
+    """Clear the reward-hacking watch: scheduled training rounds resume (it fires again only about a newer version)."""
+    if state.gate is None:
+        raise Conflict("hot-swap is disabled on this gateway (swap.enabled: false): there is no registry to clear it in")
+    raw = await _read(request, state.settings.limits.max_body_bytes)
+    body = _validate(request, raw, AdminAction) if raw else AdminAction()
+    cleared = await asyncio.to_thread(state.gate.clear_watch, body.reason or "cleared by hand")
+    return {"object": "watch", **asdict(cleared)}
 
 
 @router.get("/health")

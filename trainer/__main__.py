@@ -5,6 +5,7 @@ Subcommands:
   registry       init|list|show|promote|rollback versions and the current/canary pointers
   run            one training round: the log's window -> pairs -> DPO/KTO/PPO -> a registered version
   schedule       run a round every --every (a local stand-in for the Kubernetes CronJob)
+  watch          status|check|clear the reward-hacking watch (rounds pause while it fires)
 
 The toy world's commands (bootstrap, evaluate-loop) are ``python -m toyworld``'s: the
 trainer does not know the toy world. Errors a user can fix print one line and exit non-zero, never a traceback.
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "--refit-reward-model", action="store_true",
         help="instead of a policy round: refit the reward model on thumb-decided pairs (a new reward-model version)",
     )  # fmt: skip
+    watch = sub.add_parser("watch", help="the reward-hacking watch: status, check now, or clear (rounds pause while it fires)")
+    watch.add_argument("action", choices=["status", "check", "clear"], nargs="?", default="status")
+    watch.add_argument("--config", type=Path, default=Path("configs/local.yaml"), help="the deployment's YAML settings")
+    watch.add_argument("--registry", type=Path, default=None, help="override trainer.registry_dir")
+    watch.add_argument("--db", default=None, help="override store.url (a SQLAlchemy URL)")
+    watch.add_argument("--reason", default=None, help="clear: why (recorded)")
     sub.choices["schedule"].add_argument("--every", default="10m", help="interval between round starts (10m, 1h)")
     sub.choices["schedule"].add_argument("--rounds", type=int, default=None, help="stop after this many rounds")
     return parser
@@ -235,6 +242,36 @@ def _registry(args: argparse.Namespace) -> int:
         return 1
 
 
+def _watch(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from gateway.settings import ConfigError
+    from trainer.metrics import write_watch
+    from trainer.round import RoundError, check_watch
+    from versioning import watch
+    from versioning.lock import LockHeld
+
+    command = f"{PROG} watch"
+    try:
+        settings = _round_settings(argparse.Namespace(**{"min_pairs": None, "publish_to": None, **vars(args)}))
+        root = settings.trainer.registry_dir
+        if not root.is_dir():
+            raise RoundError(f"no registry at {root} (set trainer.registry_dir or --registry)")
+        if args.action == "clear":
+            state = watch.clear(root, "admin", args.reason or "cleared by hand")
+        elif args.action == "check":
+            state = check_watch(settings)
+        else:
+            state = watch.read(root)
+    except (ConfigError, RoundError, LockHeld) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
+    write_watch(state, settings.trainer.metrics_file or root / "metrics" / "trainer.prom")
+    print(json.dumps(asdict(state), indent=1))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -285,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "schedule":
         return _schedule(args)
+    if args.command == "watch":
+        return _watch(args)
     raise AssertionError(args.command)
 
 

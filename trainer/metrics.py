@@ -20,6 +20,7 @@ from versioning.registry import Kind, Registry
 
 if TYPE_CHECKING:
     from trainer.round import RoundResult
+    from versioning.watch import WatchState
 
 log = logging.getLogger("trainer.metrics")
 OUTCOMES = ("trained", "skipped", "failed")
@@ -63,6 +64,27 @@ def collect(result: RoundResult, registry: Registry | None) -> CollectorRegistry
     return metrics
 
 
+def watch_metrics(state: WatchState) -> CollectorRegistry:
+    """``trainer_watch_firing`` and, per check of the last evaluation, ``trainer_watch_check_fired{check}``."""
+    metrics = CollectorRegistry()
+    Gauge("trainer_watch_firing", "1 while the reward-hacking watch fires (rounds pause)", registry=metrics).set(state.firing)
+    fired = Gauge("trainer_watch_check_fired", "1 when the check fired at the watch's last evaluation", ["check"],
+                  registry=metrics)  # fmt: skip
+    for check in state.checks:
+        fired.labels(str(check.get("name"))).set(1 if check.get("fired") else 0)
+    return metrics
+
+
+def write_watch(state: WatchState, round_textfile: Path) -> None:
+    """The watch's metrics in ``watch.prom`` beside the round's textfile (a failure is logged)."""
+    target = round_textfile.with_name("watch.prom")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_to_textfile(str(target), watch_metrics(state))
+    except OSError as exc:
+        log.warning("cannot write the watch's metrics to %s: %s", target, exc)
+
+
 def report(result: RoundResult, registry: Registry | None, textfile: Path | None, pushgateway: str | None) -> None:
     """Write the textfile and push; a metrics failure is logged, never turned into a failed round. A refit
     writes ``reward_refit.prom`` beside the round's textfile and pushes under its own job."""
@@ -76,6 +98,10 @@ def report(result: RoundResult, registry: Registry | None, textfile: Path | None
             write_to_textfile(str(textfile), metrics)
         except OSError as exc:
             log.warning("cannot write round metrics to %s: %s", textfile, exc)
+        if registry is not None and registry.root.is_dir():
+            from versioning import watch
+
+            write_watch(watch.read(registry.root), textfile)
     if pushgateway:
         try:
             push_to_gateway(pushgateway, job="bon-trainer-reward" if refit else "bon-trainer", registry=metrics, timeout=10)

@@ -39,8 +39,10 @@ from trainer.export import parse_time, window
 from trainer.history import Window, thumbs_by_version, weigh
 from trainer.pairs import build, thumbed, weighted
 from trainer.settings import TrainerSettings
+from versioning import watch as watch_state
 from versioning.lock import round_lock
 from versioning.registry import Kind, Manifest, Registry, RegistryError
+from versioning.watch import WatchState
 
 log = logging.getLogger("trainer.round")
 Outcome = Literal["trained", "skipped", "failed"]
@@ -161,6 +163,13 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
     parent, policy_version = policy_label(settings, registry)
     rm_version = rm_label(settings, registry)
     until = time.time()
+    watching = _watch(settings, url, registry, parent, rm_version, until)
+    if watching.firing:
+        return RoundResult("skipped", f"the reward-hacking watch is firing about {watching.version} (since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(watching.since or 0))} UTC): "
+                           f"{'; '.join(watching.reasons)}. Training pauses until a reward-model refit restores its agreement "
+                           "with thumbs or an admin clears it (python -m trainer watch clear, POST /admin/watch/clear)",
+                           parent=parent)  # fmt: skip
     history = s.history
     spec = Window(policy_version, s.base_policy_version, parse_time(s.max_age, until), history.versions,
                   parse_time(history.max_age or s.max_age, until), history.decay)  # fmt: skip
@@ -294,6 +303,46 @@ def _train(
     )  # fmt: skip
 
 
+def _watch(settings: TrainerSettings, url: str, registry: Registry, current: str | None, rm_version: str,
+           until: float) -> WatchState:  # fmt: skip
+    """The reward-hacking watch before a round: a firing watch stays firing until cleared; otherwise the current version
+    is checked against its parent on what each served in the window, and a check that fires is written down."""
+    from trainer import watch
+
+    state = watch_state.read(registry.root)
+    s = settings.trainer
+    if state.firing or not s.watch.enabled or current is None or state.cleared_for == current:
+        return state
+    manifest = registry.manifest("policy", current)
+    parent = manifest.parent or s.base_policy_version
+    since = parse_time(s.max_age, until)
+    stats = {v: watch.stats(v, _read_window(settings, url, since, until, v, None)) for v in (current, parent)}
+    kl = (finite(manifest.evaluation.get("kl_to_reference")), finite(manifest.evaluation.get("kl_to_reference_stderr")))
+    evaluation = watch.Evaluation(current, parent, watch.checks(stats[current], stats[parent], rm_version, s.watch, kl))
+    state.checks, state.checked_at = evaluation.as_dicts(), evaluation.at
+    if evaluation.fired:
+        state.firing, state.version, state.parent, state.since = True, current, parent, evaluation.at
+        state.reasons = [f"{c.name}: {c.detail}" for c in evaluation.fired]
+        log.warning("reward-hacking watch fired about %s (vs %s): %s", current, parent, "; ".join(state.reasons))
+    watch_state.write(registry.root, state)
+    return state
+
+
+def check_watch(settings: TrainerSettings) -> WatchState:
+    """The watch's check on its own (``python -m trainer watch check``), under the round lock."""
+    s = settings.trainer
+    if not s.registry_dir.is_dir():
+        raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
+    url = settings.store.database_url()
+    with round_lock(s.registry_dir, url):
+        registry = Registry(s.registry_dir)
+        return _watch(settings, url, registry, registry.version_at("policy"), rm_label(settings, registry), time.time())
+
+
+def finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
     """The settings with every policy algorithm's learning rate times ``factor`` (the KL budget's back-off)."""
     if factor == 1.0:
@@ -392,6 +441,11 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     else:
         registry.set_pointer("reward_model", "current", manifest.version, reason=f"agreement {before:.3f} -> {after:.3f}")
         reason = f"reward model {manifest.version} registered and set as current (was {label})"
+        watching = watch_state.read(registry.root)
+        if watching.firing and after >= s.watch.min_agreement:
+            watch_state.clear(registry.root, f"refit {manifest.version}", f"held-out agreement with thumbs {before:.3f} -> "
+                              f"{after:.3f}")  # fmt: skip
+            reason += f"; it restores agreement with thumbs ({after:.3f}), so the reward-hacking watch is cleared"
     _retain(registry, "reward_model", s.keep_versions)
     return RoundResult("trained", reason, version=manifest.version, parent=parent, pairs=len(pairs),
                        completions=len(labelled), figures=figures, algorithm="reward")  # fmt: skip

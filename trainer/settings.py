@@ -175,6 +175,23 @@ class ThumbHistorySettings(BaseModel):
     """A thumb served k versions ago counts ``decay ** k`` (DPO: as a repetition, its fraction drawn per completion)."""
 
 
+class WatchSettings(BaseModel):
+    """The reward-hacking watch (``trainer.watch``): checks before each round, which pauses while it fires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="family-wise, split over the checks (Bonferroni)")
+    min_answers: int = Field(default=50, ge=2, description="answers per version before length, refusal or reward checks")
+    min_thumbs: int = Field(default=20, ge=2, description="thumbs per version before the thumbs-up rate counts")
+    min_each_thumb: int = Field(default=5, ge=2, description="thumbs up and thumbs down before agreement counts")
+    min_agreement: float = Field(default=0.5, ge=0, le=1)
+    """The reward model's agreement with thumbs (AUC) significantly below this fires (0.5: no better than chance)."""
+    max_length_growth: float = Field(default=1.3, gt=1, description="answers this many times the parent's fire")
+    refusal_margin: float = Field(default=0.05, ge=0, description="a refusal rate rise beyond this fires")
+    max_kl: float | None = Field(default=None, gt=0, description="KL to the reference beyond this fires; None: unchecked")
+
+
 class TrainerSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -218,6 +235,7 @@ class TrainerSection(BaseModel):
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     kl_budget: KlBudgetSettings = Field(default_factory=KlBudgetSettings)
     history: ThumbHistorySettings = Field(default_factory=ThumbHistorySettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
 
     @model_validator(mode="before")
     @classmethod

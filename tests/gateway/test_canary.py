@@ -21,6 +21,7 @@ from gateway.canary import DECISIONS, CanaryGate, NoCanary
 from gateway.gate import ArmTotals
 from gateway.metrics import Metrics
 from gateway.settings import CanarySettings
+from versioning import watch
 from versioning.lock import gate_lock
 from versioning.registry import Pointer, Registry
 
@@ -144,6 +145,17 @@ def test_a_version_trained_mainly_on_thumbs_is_judged_on_thumbs_with_its_plan_sh
     assert look.action == "promote"
     assert at(registry, "current") == canary
     assert looks(registry)[-1]["primary"] == "thumbs"
+
+
+def test_the_watch_is_exported_at_each_poll(trial: tuple[Registry, str, str]) -> None:
+    registry, _current, _canary = trial
+    metrics = Metrics()
+    g = gate(registry, TotalsStore(), metrics)
+    g.check()
+    assert metrics.registry.get_sample_value("bon_watch_firing") == 0
+    watch.write(registry.root, watch.WatchState(firing=True, version="v0002"))
+    g.check()
+    assert metrics.registry.get_sample_value("bon_watch_firing") == 1
 
 
 def test_no_look_is_taken_while_the_current_arm_is_short(trial: tuple[Registry, str, str]) -> None:
@@ -313,6 +325,18 @@ def test_admin_endpoints_need_the_admin_token(
     assert bad.json()["error"]["param"] == "force"
     unknown = client.post("/admin/policy/delete", headers=auth)
     assert unknown.status_code == 404
+
+    # the reward-hacking watch: shown in the status, cleared by an admin (a client key may not)
+    watch.write(registry.root, watch.WatchState(firing=True, version=canary, reasons=["length: answers 1.6x"]))
+    assert client.get("/admin/policy", headers=auth).json()["watch"]["reasons"] == ["length: answers 1.6x"]
+    assert client.post("/admin/watch/clear", headers={"authorization": f"Bearer {CLIENT_KEY}"}).status_code == 403
+    assert watch.read(registry.root).firing
+    cleared = client.post("/admin/watch/clear", headers=auth, json={"reason": "longer answers are wanted"})
+    assert cleared.status_code == 200
+    assert cleared.json()["object"] == "watch"
+    assert cleared.json()["cleared_reason"] == "longer answers are wanted"
+    assert not watch.read(registry.root).firing
+    assert watch.read(registry.root).cleared_for == canary
 
 
 def test_without_a_token_admin_answers_on_loopback_only(make_client: Callable[..., TestClient], tmp_path: Path) -> None:

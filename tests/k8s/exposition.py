@@ -57,6 +57,7 @@ def exposition() -> dict[str, Sample]:
         metrics.canary_answers.labels(arm).set(200)
         metrics.canary_thumbs.labels(arm).set(40)
     metrics.canary_needed.labels("thumbs", "thumbs").set(500)
+    metrics.watch_firing.set(1)
     for bound in ("estimate", "low", "high"):
         metrics.canary_reward_diff.labels(bound).set(-0.1)
     metrics.policy_kl.labels("v2", "canary").set(0.4)

@@ -47,6 +47,7 @@ REQUIRED: dict[str, set[str]] = {
     "canary decisions": {"bon_canary_decisions_total"},
     "canary answers": {"bon_canary_answers"},
     "canary thumbs and the sample needed": {"bon_canary_thumbs", "bon_canary_needed"},
+    "reward-hacking watch": {"bon_watch_firing"},
     "canary reward difference": {"bon_canary_reward_diff"},
     "KL to the starting policy": {"bon_policy_kl_nats", "bon_policy_kl_stderr_nats"},
 }

@@ -17,6 +17,7 @@ from tests.trainer.rounds import logp, pair, tokens, write_log
 from trainer.__main__ import main
 from trainer.export import window
 from trainer.pairs import build
+from versioning import watch as state
 from versioning.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -209,10 +210,15 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     assert all(p["chosen"][0]["content"].endswith("Glad to help!") for p in data.train + data.held_out)
     assert len(data.train) == 200  # 16 x 16 or so up x down combinations, 200 drawn
     assert data.held_out
+    root = deployment.parent / "registry"
+    state.write(root, state.WatchState(firing=True, version="v0003", reasons=["agreement: fell"]))  # as a round would
     assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "thumb_vs_thumb pairs" in out
     assert "registered and set as current" in out
+    assert "the reward-hacking watch is cleared" in out
+    cleared = state.read(root)
+    assert (cleared.firing, cleared.cleared_by, cleared.cleared_for) == (False, "refit v0001", "v0003")
     ev = Registry(deployment.parent / "registry").verify("reward_model", "v0001").evaluation
     assert ev["pair_kind"] == "thumb_vs_thumb"
     assert ev["agreement_before_held_out"] < 0.5  # the base reward model prefers the short wrong answers
