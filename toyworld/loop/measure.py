@@ -48,6 +48,10 @@ class Measurement:
     per_prompt_bon: dict[int, list[float]]
     kl_to_start_stderr: float = 0.0
     """Standard error of ``kl_to_start`` over the sampled answers."""
+    per_prompt_rm: list[float] | None = None
+    """Mean reward-model score of the samples, per held-out prompt (paired comparisons of the score)."""
+    per_prompt_len: list[float] | None = None
+    """Mean answer length in tokens, per held-out prompt."""
     rm_accuracy: Estimate | None = None
     """The serving reward model's pairwise accuracy against gold on this version's own samples (pairs of one prompt's
     samples whose gold differs; bootstrap interval over prompts): the early warning that it no longer tells better
@@ -57,13 +61,13 @@ class Measurement:
 async def sample(
     session: aiohttp.ClientSession, url: str, api_key: str, model: str, prompts: Sequence[str], samples: int,
     max_tokens: int, concurrency: int,
-) -> tuple[list[list[str]], list[list[float]], set[str], float]:  # fmt: skip
-    """Per prompt: the samples' texts and rewards; the versions that answered; mean tokens per sample."""
+) -> tuple[list[list[str]], list[list[float]], set[str], list[float]]:  # fmt: skip
+    """Per prompt: the samples' texts and rewards; the versions that answered; per prompt, mean tokens per sample."""
     headers = {"authorization": f"Bearer {api_key}"}
     texts: list[list[str]] = [[] for _ in prompts]
     rewards: list[list[float]] = [[] for _ in prompts]
     versions: set[str] = set()
-    tokens: list[float] = []
+    tokens: list[float] = [0.0 for _ in prompts]
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(i: int, prompt: str) -> None:
@@ -79,17 +83,17 @@ async def sample(
         for candidate in data["candidates"]:
             texts[i].append(candidate["text"])
             rewards[i].append(float(candidate["reward"]))
-        tokens.append(data["usage"]["completion_tokens"] / samples)
+        tokens[i] = data["usage"]["completion_tokens"] / samples
 
     await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    return texts, rewards, versions, fmean(tokens)
+    return texts, rewards, versions, tokens
 
 
 def summarise(
     version: str, rm_version: str, prompts: Sequence[str], texts: list[list[str]], rewards: list[list[float]],
-    mean_len: float, kl: tuple[float, float],
+    lengths: Sequence[float], kl: tuple[float, float],
 ) -> Measurement:  # fmt: skip
-    """``kl``: KL to the starting policy and its standard error (``kl_to_start``)."""
+    """``lengths``: per prompt, the samples' mean tokens; ``kl``: KL to the starting policy and its standard error."""
     golds = [[gold_reward(p, t) for t in answers] for p, answers in zip(prompts, texts, strict=True)]
     samples = min(len(g) for g in golds)
     ns = [n for n in BON_NS if n <= samples]
@@ -101,8 +105,8 @@ def summarise(
     return Measurement(
         version=version, rm_version=rm_version, n1_gold=mean_ci(per_prompt_bon[1]),
         bon_gold={n: fmean(v) for n, v in per_prompt_bon.items()}, rm_score=fmean(r for rs in rewards for r in rs),
-        kl_to_start=kl[0], mean_len=mean_len, per_prompt_n1=per_prompt_bon[1], per_prompt_bon=per_prompt_bon,
-        kl_to_start_stderr=kl[1], rm_accuracy=accuracy,
+        kl_to_start=kl[0], mean_len=fmean(lengths), per_prompt_n1=per_prompt_bon[1], per_prompt_bon=per_prompt_bon,
+        kl_to_start_stderr=kl[1], per_prompt_rm=[fmean(r) for r in rewards], per_prompt_len=list(lengths), rm_accuracy=accuracy,
     )  # fmt: skip
 
 

@@ -4,8 +4,9 @@ Knows how runs (one arm, one seed: the start measurement and one per round) beco
 the issue asks for (``start_bon_gold``, ``rounds``, ``final_n1_gold``, ``arm``,
 ``thumb_rate``, ``seeds``, ``goals``, ``warnings``), how goals are judged (differences paired
 per seed and held-out prompt, a normal 95% interval over those units), what counts as a
-warning sign (reward-model score up while gold falls: the reward model is being gamed;
-answers much longer; KL beyond a bound) and how to draw it. Does no sampling or training.
+warning sign, each on evidence (reward-model score up while gold falls, both significant:
+the reward model is being gamed; answers significantly longer; KL beyond a bound; the
+trainer's watch firing) and how to draw it. Does no sampling or training.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from toyworld.loop.measure import Measurement
 from toyworld.loop.trials import Judged, agreement
 from toyworld.loop.user import Traffic
 
-HACKING_GOLD_DROP = 0.01
-"""A round whose mean N=1 gold falls by more than this while its reward-model score rises is flagged."""
 LENGTH_GROWTH = 1.3
 KL_WARNING = 8.0
 
@@ -45,6 +44,8 @@ class RoundRecord:
     and figures, and the gold of what each arm served (``loop.trials``)."""
     thumbs_used: int = 0
     """Thumbed completions the round's training read (its own version's and, with ``trainer.history``, earlier ones')."""
+    watch: dict[str, Any] | None = None
+    """The trainer's reward-hacking watch after the round (``versioning.watch``: firing, version, reasons, checks)."""
 
 
 @dataclass
@@ -99,6 +100,7 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "gate": [r.gate["action"] for r in at if r.gate is not None],
             "gate_primary": [r.gate.get("primary") or "reward" for r in at if r.gate is not None],
             "gate_agrees_with_gold": [(r.gate.get("gold") or {}).get("agrees") for r in at if r.gate is not None],
+            "watch_firing": sum(1 for r in at if r.watch and r.watch.get("firing")),
         })  # fmt: skip
     start_n1, start_ci = _pooled([run.start.per_prompt_n1 for run in runs])
     return {
@@ -161,20 +163,24 @@ def goals(runs: Sequence[Run]) -> dict[str, Any]:
 
 
 def warnings(runs: Sequence[Run]) -> list[str]:
+    """Warning signs, each on evidence: the reward-model score rose while gold fell (both paired per held-out prompt
+    against the round before, each 95% interval excluding 0); answers significantly longer than ``LENGTH_GROWTH`` x the
+    start's; KL beyond ``KL_WARNING`` by two standard errors; a refused or skipped round; the trainer's watch firing."""
     found = []
     for run in runs:
         previous = run.start
         for record in run.rounds:
             m = record.measurement
             where = f"{run.arm} seed {run.seed} round {record.round}"
-            if m.rm_score > previous.rm_score and m.n1_gold.mean < previous.n1_gold.mean - HACKING_GOLD_DROP:
-                found.append(
-                    f"{where}: reward-model score rose ({previous.rm_score:.3f} -> {m.rm_score:.3f}) while N=1 gold fell "
-                    f"({previous.n1_gold.mean:.3f} -> {m.n1_gold.mean:.3f}): the reward model is being gamed"
-                )
-            if m.mean_len > LENGTH_GROWTH * run.start.mean_len:
-                found.append(f"{where}: answers grew to {m.mean_len:.1f} tokens from {run.start.mean_len:.1f} at the start")
-            if m.kl_to_start > KL_WARNING:
+            gamed = _gamed(previous, m)
+            if gamed is not None:
+                found.append(f"{where}: reward-model score rose {gamed[0]} while N=1 gold fell {gamed[1]} (paired per "
+                             "prompt): the reward model is being gamed")  # fmt: skip
+            longer = _longer(run.start, m)
+            if longer is not None:
+                found.append(f"{where}: answers grew to {m.mean_len:.1f} tokens from {run.start.mean_len:.1f} at the start "
+                             f"({longer})")  # fmt: skip
+            if m.kl_to_start - 2 * m.kl_to_start_stderr > KL_WARNING:
                 found.append(f"{where}: KL to the starting policy {m.kl_to_start:.2f} ± {m.kl_to_start_stderr:.2f} nats "
                              f"exceeds {KL_WARNING}")  # fmt: skip
             if record.outcome == "refused" and record.gate is not None:
@@ -182,8 +188,39 @@ def warnings(runs: Sequence[Run]) -> list[str]:
                              f"{record.policy_version} kept serving")  # fmt: skip
             elif record.outcome != "trained":
                 found.append(f"{where}: the round was {record.outcome}; {record.policy_version} kept serving")
+            if record.watch and record.watch.get("firing"):
+                found.append(f"{where}: the reward-hacking watch fired about {record.watch.get('version')}: "
+                             f"{'; '.join(record.watch.get('reasons', []))}")  # fmt: skip
             previous = m
     return found
+
+
+def _significant(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float] | None:
+    """Mean of a − b with its 95% interval, when it excludes 0 (None otherwise, or without data)."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    estimate = mean_ci([x - y for x, y in zip(a, b, strict=True)])
+    low, high = estimate.ci95
+    return (estimate.mean, low, high) if low > 0 or high < 0 else None
+
+
+def _gamed(before: Measurement, after: Measurement) -> tuple[str, str] | None:
+    if before.per_prompt_rm is None or after.per_prompt_rm is None:
+        return None
+    rm = _significant(after.per_prompt_rm, before.per_prompt_rm)
+    gold = _significant(after.per_prompt_n1, before.per_prompt_n1)
+    if rm is None or gold is None or rm[0] < 0 or gold[0] > 0:
+        return None
+    return f"{rm[0]:+.3f} [{rm[1]:+.3f}, {rm[2]:+.3f}]", f"{gold[0]:+.3f} [{gold[1]:+.3f}, {gold[2]:+.3f}]"
+
+
+def _longer(start: Measurement, now: Measurement) -> str | None:
+    if start.per_prompt_len is None or now.per_prompt_len is None:
+        return None
+    grown = _significant(now.per_prompt_len, [LENGTH_GROWTH * x for x in start.per_prompt_len])
+    if grown is None or grown[0] < 0:
+        return None
+    return f"{grown[0]:+.1f} [{grown[1]:+.1f}, {grown[2]:+.1f}] tokens beyond {LENGTH_GROWTH}x, paired per prompt"
 
 
 def _measurement_dict(m: Measurement) -> dict[str, Any]:
@@ -206,6 +243,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
                 **_measurement_dict(r.measurement),
                 "pairs_used": r.pairs_used,
                 "thumbs_used": r.thumbs_used,
+                "watch": r.watch,
                 "outcome": r.outcome,
                 "answers": r.traffic.sent,
                 "failed": r.traffic.failed,

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from toyworld.loop.processes import (
 from toyworld.loop.report import RoundRecord, Run
 from toyworld.loop.trials import judge, served_gold
 from toyworld.loop.user import Judgement, SimulatedUser, Traffic
+from versioning import watch
 from versioning.registry import Kind, Pointer, Registry
 
 API_KEY = "sk-simulated-user"
@@ -230,7 +231,8 @@ class Loop:
         if arm in THUMB_ARMS and self.o.refit_every and k % self.o.refit_every == 0 and k < self.o.rounds:
             refit = await self._refit(run_dir, config, gateway)  # the next round's traffic is scored by the refit model
         self.o.log(f"{arm} seed {seed} round {k}: {output.strip().splitlines()[0] if output.strip() else outcome}")
-        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate, thumbs_used)
+        watching = asdict(watch.read(registry.root))
+        return RoundRecord(k, measured, version, pairs, outcome, traffic, refit, seconds, gate, thumbs_used, watching)
 
     async def _trial(
         self, gateway: GatewayProcess, run_dir: Path, user: SimulatedUser, stream: Iterator[str], trial: str
@@ -295,7 +297,7 @@ class Loop:
     async def _measure(
         self, session: aiohttp.ClientSession, url: str, run_dir: Path, heldout: list[str], seed: int
     ) -> measure.Measurement:
-        texts, rewards, versions, mean_len = await measure.sample(
+        texts, rewards, versions, lengths = await measure.sample(
             session, url, API_KEY, self.model_alias, heldout, self.o.samples, self.o.max_tokens, self.o.concurrency
         )
         if len(versions) != 1:
@@ -303,7 +305,7 @@ class Loop:
         version = versions.pop()
         version_dir = None if version == "base" else run_dir / "registry" / "policy" / "versions" / version
         kl = await asyncio.to_thread(measure.kl_to_start, self.base_policy, version_dir, heldout, self.o.max_tokens, seed)
-        return measure.summarise(version, self._served_rm(url) or "?", heldout, texts, rewards, mean_len, kl)
+        return measure.summarise(version, self._served_rm(url) or "?", heldout, texts, rewards, lengths, kl)
 
     # ---- processes ----
     # ---- the run's config ----

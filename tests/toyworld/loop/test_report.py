@@ -18,10 +18,13 @@ from toyworld.loop.user import Traffic
 
 
 def measurement(n1: list[float], *, bon2: list[float] | None = None, bon4: list[float] | None = None, rm: float = 0.0,
-                length: float = 10.0, kl: float = 0.0, version: str = "base") -> Measurement:  # fmt: skip
+                length: float = 10.0, kl: float = 0.0, version: str = "base", spread: float = 0.0) -> Measurement:  # fmt: skip
+    """Per-prompt RM scores and lengths at ``rm`` and ``length``, alternating by ``spread`` around them."""
     per = {1: n1, 2: bon2 or n1, 4: bon4 or n1}
     bon = {n: sum(v) / len(v) for n, v in per.items()}
-    return Measurement(version, "rm-base", mean_ci(n1), bon, rm, kl, length, n1, per, kl_to_start_stderr=kl / 10)
+    wobble = [spread * (1 if i % 2 else -1) for i in range(len(n1))]
+    return Measurement(version, "rm-base", mean_ci(n1), bon, rm, kl, length, n1, per, kl_to_start_stderr=kl / 10,
+                       per_prompt_rm=[rm + w for w in wobble], per_prompt_len=[length + 10 * w for w in wobble])  # fmt: skip
 
 
 def record(k: int, m: Measurement, outcome: str = "trained") -> RoundRecord:
@@ -33,11 +36,14 @@ def test_summarise_scores_gold_and_picks_by_reward() -> None:
     texts = ["It is 5.", "It is 7.", "It is 5, thank you for asking, I hope this helps you a lot today.", "9"]
     rewards = [0.0, 1.0, 2.0, 0.5]
     gold = [gold_reward(prompt, t) for t in texts]
-    m = summarise("v0001", "rm-base", [prompt], [texts], [rewards], 4.0, (0.3, 0.02))
+    m = summarise("v0001", "rm-base", [prompt], [texts], [rewards], [4.0], (0.3, 0.02))
     assert m.bon_gold[1] == pytest.approx(sum(gold) / 4)
     assert m.bon_gold[2] == pytest.approx((gold[1] + gold[2]) / 2)  # the RM's picks in groups (0, 1) and (2, 3)
     assert m.bon_gold[4] == pytest.approx(gold[2])
     assert m.rm_score == pytest.approx(0.875)
+    assert m.per_prompt_rm is not None
+    assert m.per_prompt_rm[0] == pytest.approx(0.875)
+    assert (m.mean_len, m.per_prompt_len) == (4.0, [4.0])
     assert (m.kl_to_start, m.kl_to_start_stderr) == (0.3, 0.02)
     assert len(set(gold)) > 1  # the texts differ in gold, so the picks above are tested
     # the reward model's accuracy on these samples: pairs whose gold differs, ordered alike by reward and gold
@@ -69,18 +75,23 @@ def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
     assert goals([noisy])["n1_vs_start_bon2"]["met"]  # a lower mean within noise is not a fall
 
 
-def test_warnings_flag_reward_hacking_length_kl_and_refusals() -> None:
-    start = measurement([0.6, 0.6], rm=1.0, length=10.0)
-    gamed = measurement([0.5, 0.5], rm=1.5, length=20.0, kl=9.0, version="v0001")
+def test_warnings_flag_reward_hacking_length_kl_and_refusals_on_evidence() -> None:
+    start = measurement([0.6, 0.62, 0.58, 0.6], rm=1.0, length=10.0, spread=0.01)
+    gamed = measurement([0.5, 0.52, 0.48, 0.5], rm=1.5, length=20.0, kl=12.0, version="v0001", spread=0.01)
+    watched = {"firing": True, "version": "v0001", "reasons": ["length: answers 2.0x"]}
     run = Run("rm", 3, 0.0, start, [record(1, gamed), RoundRecord(2, gamed, "v0001", 80, "refused", Traffic(),
-                                                                   gate={"reason": "reward fell"})])  # fmt: skip
+                                                                   gate={"reason": "reward fell"}, watch=watched)])  # fmt: skip
     found = warnings([run])
-    assert any("being gamed" in w and "round 1" in w for w in found)
+    assert any("being gamed" in w and "round 1" in w and "paired per prompt" in w for w in found)
     assert any("grew" in w for w in found)
-    assert any("KL to the starting policy 9.00 ± 0.90 nats" in w for w in found)
+    assert any("KL to the starting policy 12.00 ± 1.20 nats" in w for w in found)  # 9.0 ± 0.9 would be within 2 s.e.
     assert any("refused" in w and "reward fell" in w for w in found)
-    honest = Run("rm", 3, 0.0, start, [record(1, measurement([0.7, 0.7], rm=1.5))])
+    assert any("watch fired about v0001: length: answers 2.0x" in w for w in found)
+    honest = Run("rm", 3, 0.0, start, [record(1, measurement([0.7, 0.72, 0.68, 0.7], rm=1.5, spread=0.01))])
     assert warnings([honest]) == []
+    # what the old rule flagged: the score up a little, gold down 0.02, both within noise: no warning now
+    noisy = measurement([0.7, 0.5, 0.62, 0.5], rm=1.02, length=10.5, spread=0.3)
+    assert warnings([Run("rm", 3, 0.0, start, [record(1, noisy)])]) == []
 
 
 def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None:
