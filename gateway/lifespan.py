@@ -33,7 +33,7 @@ from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.reward_follow import RewardModelFollower
-from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer
+from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer, with_length_term
 from gateway.service import ChatService
 from gateway.settings import ApiKey, GatewaySettings
 from gateway.state import GatewayState
@@ -227,11 +227,7 @@ async def _shut_down(
 
 
 def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer:
-    s = settings.scorer
-    if s.kind == "remote":
-        assert s.remote_url is not None  # checked by the settings
-        return RemotePoolingScorer(session, s.remote_url, s.remote_model, s.model_dir, s.version)
-    return LocalRewardModel(s.model_dir, s.version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
+    return scorer_factory(settings, session)(settings.scorer.model_dir, settings.scorer.version)
 
 
 def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) -> Callable[[Path, str], Scorer]:
@@ -240,7 +236,7 @@ def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) ->
     Local: the version's weights in this process. Remote: the pooling server must serve the version under its
     name (``--served-model-name v0003``: a rollout of the pooling server, which the gateway does not start);
     until it lists that name, the follower retries and the old version keeps scoring. Its tokenizer is the
-    version directory's."""
+    version directory's. With ``scorer.length_weight``, each gets the length term (``gateway.score.LengthTerm``)."""
     s = settings.scorer
     if s.kind == "remote":
         assert s.remote_url is not None  # checked by the settings
@@ -248,10 +244,16 @@ def scorer_factory(settings: GatewaySettings, session: aiohttp.ClientSession) ->
 
         def remote(path: Path, version: str) -> Scorer:
             model = s.remote_model if version == s.version else version
-            return RemotePoolingScorer(session, url, model, path, version, require_listed=version != s.version)
+            scorer = RemotePoolingScorer(session, url, model, path, version, require_listed=version != s.version)
+            return with_length_term(scorer, s.length_weight)
 
         return remote
-    return lambda path, version: LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
+
+    def local(path: Path, version: str) -> Scorer:
+        scorer = LocalRewardModel(path, version, s.device, s.threads, s.max_batch, s.batch_wait_ms, s.max_length)
+        return with_length_term(scorer, s.length_weight)
+
+    return local
 
 
 def _writer(settings: GatewaySettings, metrics: Metrics, store: Store | None, slot: Slot | None) -> LogWriter:

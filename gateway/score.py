@@ -53,6 +53,35 @@ class Scorer(Protocol):
     async def close(self) -> None: ...
 
 
+class LengthTerm:
+    """A scorer's rewards plus ``weight`` × each answer's length in words (``scorer.length_weight``): negative, a length
+    penalty; positive, a planted length bias (what the reward-hacking watch is tested against). The version label is
+    the inner scorer's: the term is the deployment's setting, and the trainer's windows follow the reward model's
+    versions."""
+
+    def __init__(self, inner: Scorer, weight: float) -> None:
+        self.inner = inner
+        self.weight = weight
+        self.version = inner.version
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
+        rewards = await self.inner.score(conversations, background=background)
+        return [r + self.weight * len(c.answer.split()) for r, c in zip(rewards, conversations, strict=True)]
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def with_length_term(scorer: Scorer, weight: float) -> Scorer:
+    return LengthTerm(scorer, weight) if weight else scorer
+
+
 def render(tokenizer: Any, conversation: Conversation) -> str:
     """A conversation and its answer as the reward model reads it: its own chat template, not tokenized."""
     messages = [*conversation.messages, {"role": "assistant", "content": conversation.answer}]

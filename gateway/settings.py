@@ -133,6 +133,9 @@ class ScorerSettings(BaseModel):
     overlap: bool = True
     """Score each candidate as soon as vLLM finishes it (the N samples are streamed), so the reward model works while
     the slower candidates are still decoding; the choice is the same as scoring all of them at the end."""
+    length_weight: float = 0.0
+    """Added to every reward: this × the answer's length in words. Negative: a length penalty; positive: a planted
+    length bias (how the reward-hacking watch is shown to fire). 0: the reward model's score alone."""
     degrade_above_ms: float | None = Field(default=None, gt=0)
     """When the reward model's recent pace would take longer than this for a request's N, N is lowered to fit (not
     below n), tagged ``x-bon-degraded: scorer_slow`` and counted (``gateway.degrade``). None: never."""

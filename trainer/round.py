@@ -164,7 +164,7 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
     rm_version = rm_label(settings, registry)
     until = time.time()
     watching = _watch(settings, url, registry, parent, rm_version, until)
-    if watching.firing:
+    if watching.firing and s.watch.pause:
         return RoundResult("skipped", f"the reward-hacking watch is firing about {watching.version} (since "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(watching.since or 0))} UTC): "
                            f"{'; '.join(watching.reasons)}. Training pauses until a reward-model refit restores its agreement "

@@ -181,6 +181,8 @@ class WatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    pause: bool = True
+    """Rounds skip while the watch fires; off: it records, alerts and shows, and rounds go on (observe only)."""
     alpha: float = Field(default=0.05, gt=0, lt=1, description="family-wise, split over the checks (Bonferroni)")
     min_answers: int = Field(default=50, ge=2, description="answers per version before length, refusal or reward checks")
     min_thumbs: int = Field(default=20, ge=2, description="thumbs per version before the thumbs-up rate counts")

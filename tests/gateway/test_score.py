@@ -118,3 +118,18 @@ def test_closing_fails_the_requests_still_waiting(test_models: Path) -> None:
     results = asyncio.run(go())
     assert all(isinstance(r, ScorerFailed | list) for r in results)
     assert any(isinstance(r, ScorerFailed) and "closed" in str(r) for r in results)
+
+
+def test_a_length_term_adds_weight_times_words_and_keeps_the_version() -> None:
+    from tests.gateway.fakes import FakeScorer
+
+    inner = FakeScorer({"short": 1.0, "a much longer answer here": 1.0})
+    assert score.with_length_term(inner, 0.0) is inner
+    biased = score.with_length_term(inner, 0.25)
+    assert biased.version == inner.version
+    conversations = [Conversation([], "short"), Conversation([], "a much longer answer here")]
+    assert asyncio.run(biased.score(conversations)) == [1.25, 2.25]  # 1 word, 5 words
+    penalised = score.with_length_term(inner, -0.1)
+    rewards = asyncio.run(penalised.score(conversations))
+    assert rewards == pytest.approx([0.9, 0.5])
+    assert asyncio.run(biased.ready())

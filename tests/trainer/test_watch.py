@@ -152,6 +152,14 @@ def test_a_round_pauses_while_the_watch_fires_and_resumes_once_an_admin_clears_i
     out = capsys.readouterr().out
     assert "watch" not in out
     assert "trainer.min_pairs is 1000" in out
+    # observe only: it fires and records, and the round goes on
+    config = yaml.safe_load(grown.read_text())
+    config["trainer"]["watch"] = {"pause": False}
+    grown.write_text(yaml.safe_dump(config))
+    state.write(root, state.WatchState())
+    assert main(["run", "--config", str(grown), "--quiet"]) == 0
+    assert "trainer.min_pairs is 1000" in capsys.readouterr().out
+    assert state.read(root).firing
     # disabled: not checked at all
     config = yaml.safe_load(grown.read_text())
     config["trainer"]["watch"] = {"enabled": False}
