@@ -83,6 +83,7 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
         at = [run.rounds[k] for run in runs]
         n1, ci = _pooled([r.measurement.per_prompt_n1 for r in at])
         versions = sorted({r.policy_version for r in at})
+        thumbs, ups = sum(r.traffic.thumbs for r in at), sum(r.traffic.thumbs_up for r in at)
         rounds.append({
             "round": k + 1, "n1_gold": n1, "n1_gold_ci95": ci,
             "bon_gold": {str(n): _r(fmean(r.measurement.bon_gold[n] for r in at)) for n in ns},
@@ -92,7 +93,8 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "mean_len": _r(fmean(r.measurement.mean_len for r in at)),
             "pairs_used": _r(fmean(r.pairs_used for r in at)),
             "policy_version": versions[0] if len(versions) == 1 else versions,
-            "thumbs": sum(r.traffic.thumbs for r in at),
+            "thumbs": thumbs,
+            "thumbs_up_rate": _r(ups / thumbs) if thumbs else None,
             "thumbs_used": _r(fmean(r.thumbs_used for r in at)),
             "rm_accuracy": _mean_or_none([r.measurement.rm_accuracy.mean for r in at if r.measurement.rm_accuracy]),
             "answers": sum(r.traffic.sent for r in at),

@@ -143,3 +143,4 @@ def test_arm_report_counts_the_gates_agreement_with_gold_over_its_trials() -> No
     assert [r["gate_primary"] for r in report["rounds"]] == [["thumbs"]] * 3
     assert [r["gate_agrees_with_gold"] for r in report["rounds"]] == [[True], [None], [False]]
     assert report["rounds"][0]["thumbs_used"] == 40
+    assert report["rounds"][0]["thumbs_up_rate"] is None  # the constructed traffic has no thumbs
