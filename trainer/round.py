@@ -4,10 +4,10 @@ Knows the round's order and its rules:
 - the data window is what the *current* policy version served, scored by the *current*
   reward-model version (rewards of two reward models are never compared), within a
   staleness bound; a thumbed completion is kept whatever scored it (its thumb decides), and
-  with ``trainer.history`` thumbed completions of earlier versions too, weighted by age
-  (``trainer.history``, the module); the manifest records the thumbs read per version and the share of
-  thumb-decided training rows (the canary gate judges a version trained mainly on thumbs by
-  thumbs);
+  with the ``trainer.history`` settings thumbed completions of earlier versions too, weighted
+  by age; the manifest records the thumbs read per version and the share of thumb-decided
+  training rows (the canary gate judges a version trained mainly on thumbs by thumbs);
+- first, the reward-hacking watch (``trainer.watch``): while it fires, the round skips;
 - too few pairs is a skipped round, not a failure (a quiet night is not a failed CronJob);
 - the new adapter starts from its parent's adapter; the reference is the base policy;
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and

@@ -12,8 +12,9 @@ at ``alpha / checks`` (Bonferroni), never on a point estimate:
 - ``agreement``: the reward model's agreement with thumbs on this version's answers is
   below ``min_agreement`` (interval entirely below), or fell from the parent's (the
   difference's interval below 0);
-- ``length``: answers grew more than ``max_length_growth`` × the parent's (the ratio's
-  interval entirely above);
+- ``length``: the policy's samples (every candidate, averaged per request: the reward
+  model's picks would hide a drift it causes) grew more than ``max_length_growth`` × the
+  parent's (the ratio's interval entirely above);
 - ``refusals``: the refusal rate rose by more than ``refusal_margin`` (interval above);
 - ``kl``: the trainer's KL to the reference (the manifest) minus its standard errors above
   ``max_kl``.
@@ -50,6 +51,8 @@ class VersionStats:
     version: str
     answers: int = 0
     lengths: list[float] = field(default_factory=list)
+    """Per request, the mean length of all its candidates: the policy's own samples, not the reward model's picks (a
+    reward model biased to length picks long answers from any policy, hiding the policy's drift)."""
     refusals: int = 0
     ups: int = 0
     downs: int = 0
@@ -70,7 +73,7 @@ def stats(version: str, labelled: Iterable[Labelled]) -> VersionStats:
         if record.status != "ok" or record.policy_version != version or chosen is None:
             continue
         out.answers += 1
-        out.lengths.append(float(chosen.token_count))
+        out.lengths.append(fmean(float(c.token_count) for c in record.candidates))
         out.refusals += bool(REFUSAL.search(chosen.text))
         rm = record.rm_version or "none"
         if chosen.reward is not None:
@@ -171,7 +174,8 @@ def _length(current: VersionStats, parent: VersionStats, s: WatchSettings, z: fl
                            + variance(parent.lengths) / (len(parent.lengths) * b * b))  # fmt: skip
     interval = _interval(ratio, se, z)
     fired = interval[1] > s.max_length_growth
-    return Check("length", fired, f"answers {_fmt(interval)} x the parent's (limit {s.max_length_growth})", *interval)
+    return Check("length", fired, f"samples {_fmt(interval)} x as long as the parent's (limit {s.max_length_growth})",
+                 *interval)  # fmt: skip
 
 
 def _refusals(current: VersionStats, parent: VersionStats, s: WatchSettings, z: float) -> Check:

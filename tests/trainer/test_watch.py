@@ -93,7 +93,7 @@ def test_stats_read_what_a_version_served() -> None:
     ]
     v = stats("v1", labelled)
     assert (v.answers, v.refusals, v.ups, v.downs) == (2, 1, 1, 1)
-    assert v.lengths == [3.0, 3.0]
+    assert v.lengths == [2.0, 2.0]  # per request, the mean of its candidates' lengths (3 and 1 tokens)
     assert v.rewards == {"rm": [1.0, 0.2]}
     assert v.thumbed == {"rm": ([1.0], [0.2])}
 
@@ -134,7 +134,7 @@ def test_a_round_pauses_while_the_watch_fires_and_resumes_once_an_admin_clears_i
     assert main(["run", "--config", str(grown), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "round skipped: the reward-hacking watch is firing about v0001" in out
-    assert "length: answers" in out
+    assert "length: samples" in out
     root = grown.parent / "registry"
     assert state.read(root).firing
     assert "trainer_watch_firing 1.0" in (root / "metrics" / "watch.prom").read_text()
