@@ -71,6 +71,8 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         if admitted:
             state.in_flight -= 1
             state.metrics.in_flight.dec()
+        if held is not None and state.swapper is not None:
+            state.swapper.release(held)
         if ticket is not None:
             used = plan.used_tokens if plan is not None else None
             # a request that failed before generating gets its tokens back; one whose client left is charged in full
@@ -94,6 +96,8 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
 
     streaming: AsyncIterator[bytes] | None = None
     ticket: Ticket | None = None
+    held: str | None = None
+    """The version this request runs on, held by the hot-swap until it is over (it is not unloaded meanwhile)."""
     try:
         cap = state.settings.limits.max_in_flight
         if cap and state.in_flight >= cap:
@@ -103,6 +107,9 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         state.metrics.in_flight.inc()
         body = await _parse(request, ChatCompletionRequest, state.settings.limits.max_body_bytes)
         plan = state.service.plan(body, key_id, state.in_flight)
+        if state.swapper is not None:
+            held = plan.policy_version
+            state.swapper.hold(held)
         ticket = state.quotas.admit(key_id, plan.n_candidates, plan.max_tokens)
         headers.update(state.quotas.headers(key_id))
         headers["x-policy-version"] = plan.policy_version

@@ -2,9 +2,10 @@
 
 Knows each version's format (lora, full), when each stopped being routed, the rollback
 target (the LoRA version routed before the current one, kept loaded while there is room),
-the drain period after which no request can still be using an unrouted version
-(``swap.drain_s``), and which versions hold an adapter slot (``swap.max_live_adapters``
-bounds them). Bookkeeping on a monotonic clock only: it loads and unloads nothing
+this gateway's requests in flight per version, the drain after which no request can still
+be using an unrouted version (``swap.drain_s`` passed, and none of this gateway's requests
+still on it), and which versions hold an adapter slot (``swap.max_live_adapters`` bounds
+them). Bookkeeping on a monotonic clock only: it loads and unloads nothing
 (``gateway.placement``) and follows no pointer (``gateway.swap``).
 """
 
@@ -24,6 +25,20 @@ class Slots:
     """Version → when it stopped being routed (still loaded, draining)."""
     previous: str | None = None
     """The rollback target: the last LoRA version routed before the current one."""
+    using: dict[str, int] = field(default_factory=dict)
+    """Version → this gateway's requests in flight on it (a version is not drained while one still runs)."""
+
+    def begin(self, version: str) -> None:
+        """A request of this gateway starts on ``version``."""
+        self.using[version] = self.using.get(version, 0) + 1
+
+    def end(self, version: str) -> None:
+        """That request is over (answered, failed, or its client left)."""
+        left = self.using.get(version, 0) - 1
+        if left > 0:
+            self.using[version] = left
+        else:
+            self.using.pop(version, None)
 
     def prepared(self, version: str, kind: str) -> None:
         """``version`` (format ``kind``) is loaded and verified, about to be routed."""
@@ -49,8 +64,11 @@ class Slots:
         self.retired.pop(version, None)
 
     def drained(self, version: str) -> bool:
-        """Whether ``version`` is unrouted and requests that may use it are done (never true for a routed one)."""
-        return version in self.retired and time.monotonic() - self.retired[version] >= self.drain_s
+        """Whether ``version`` is unrouted and requests that may use it are done (never true for a routed one): the
+        drain period has passed (other replicas' requests) and none of this gateway's requests still runs on it."""
+        return (
+            version in self.retired and time.monotonic() - self.retired[version] >= self.drain_s and not self.using.get(version)
+        )
 
     def unneeded(self) -> list[str]:
         """Drained versions other than the rollback target (it stays loaded while there is room)."""

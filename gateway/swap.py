@@ -137,6 +137,13 @@ class Swapper:
             await self._add_backends(self.route)
         await self._sync_canary()
 
+    def hold(self, version: str) -> None:
+        """A request starts on ``version``: it is not taken off (unloaded, its instance stopped) until ``release``."""
+        self.slots.begin(version)
+
+    def release(self, version: str) -> None:
+        self.slots.end(version)
+
     def route_for(self, key: str) -> Route:
         """The route of a request with this sticky key (its ``user``, else its API key)."""
         canary = self.canary

@@ -465,6 +465,32 @@ def test_a_rolled_back_canary_stops_answering_then_is_unloaded_after_drain(tmp_p
     run(test)
 
 
+def test_a_version_with_a_request_in_flight_is_not_taken_off_until_the_request_is_over(tmp_path: Path) -> None:
+    """drain_s 0 and a request still running on a version no longer routed (nor the rollback target): it stays loaded
+    until the request ends (the blue-green instance of a full version was stopped under a request in flight: it failed)."""
+
+    async def test() -> None:
+        registry = Registry(tmp_path)
+        fake = FakeVLLM()
+        async with serving(fake) as backend, aiohttp.ClientSession() as session:
+            swapper = Swapper(session, [backend], "base", SwapSettings(drain_s=0, max_live_adapters=3), tmp_path, Metrics())
+            v1 = publish(registry, 1)
+            await swapper.sync()
+            swapper.hold(v1)  # a request planned on v1 is still running
+            publish(registry, 2)
+            await swapper.sync()  # v2 routed; v1 is the rollback target
+            v3 = publish(registry, 3)
+            await swapper.sync()  # v3 routed; v2 the rollback target; v1 neither, drained but for its request
+            await swapper.sync()
+            assert swapper.route.version == v3
+            assert f"policy@{v1}" not in fake.unloaded
+            swapper.release(v1)
+            await swapper.sync()
+            assert fake.unloaded == [f"policy@{v1}"]
+
+    run(test)
+
+
 def test_a_backend_that_fails_to_verify_the_canary_is_retried_during_the_trial(tmp_path: Path) -> None:
     async def test() -> None:
         registry = Registry(tmp_path)
