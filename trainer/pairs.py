@@ -148,7 +148,7 @@ def _reward(c: CandidateRecord) -> float:
     return c.reward if c.reward is not None else float("-inf")
 
 
-def _assistant(text: str) -> list[dict[str, str]]:
+def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
@@ -162,8 +162,8 @@ def _pair(
     margin = chosen.reward - rejected.reward if chosen.reward is not None and rejected.reward is not None else None
     return {
         "prompt": _prompt(record),
-        "chosen": _assistant(chosen.text),
-        "rejected": _assistant(rejected.text),
+        "chosen": assistant(chosen.text),
+        "rejected": assistant(rejected.text),
         "chosen_reward": chosen.reward,
         "rejected_reward": rejected.reward,
         "margin": margin,
@@ -180,7 +180,7 @@ def _pair(
 def _unpaired(record: CompletionRecord, answer: CandidateRecord, thumb: FeedbackRecord) -> dict[str, Any]:
     return {
         "prompt": _prompt(record),
-        "completion": _assistant(answer.text),
+        "completion": assistant(answer.text),
         "label": thumb.thumb == "up",
         "reward": answer.reward,
         "thumb": thumb.thumb,

@@ -32,6 +32,7 @@ from typing import Any
 
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.adapter import fit, trainer_args
+from trainer.pairs import assistant
 from trainer.settings import RewardSettings
 
 Labelled = tuple[CompletionRecord, FeedbackRecord | None]
@@ -74,8 +75,8 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: 
         if len(combos) > limit:
             combos = rng.sample(combos, limit)
         return [
-            {"prompt": u["prompt"], "rejected_prompt": d["prompt"], "chosen": _assistant(u["text"]),
-             "rejected": _assistant(d["text"]), "completion_id": f"{u['id']}|{d['id']}", "source": "thumb",
+            {"prompt": u["prompt"], "rejected_prompt": d["prompt"], "chosen": assistant(u["text"]),
+             "rejected": assistant(d["text"]), "completion_id": f"{u['id']}|{d['id']}", "source": "thumb",
              "same_prompt": u["prompt"] == d["prompt"]}
             for u, d in combos
         ]  # fmt: skip
@@ -85,10 +86,6 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: 
 
 def _messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-
-
-def _assistant(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": text}]
 
 
 def _ids(tokenizer: Any, pair: dict[str, Any], side: str, max_length: int) -> list[int]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.canary import finite
 from trainer import groups
 from trainer.algorithms import ALGORITHMS, DISTRIBUTED, TABLE, RoundData
 from trainer.distributed import Team
@@ -337,10 +338,6 @@ def check_watch(settings: TrainerSettings) -> WatchState:
     with round_lock(s.registry_dir, url):
         registry = Registry(s.registry_dir)
         return _watch(settings, url, registry, registry.version_at("policy"), rm_label(settings, registry), time.time())
-
-
-def finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
