@@ -31,7 +31,15 @@ BODY = {"model": "toy-bon", "messages": [{"role": "user", "content": "What is 3 
 def _children(pid: int) -> list[int]:
     """The gateway's worker processes (not multiprocessing's resource tracker, also a child)."""
     kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    return [k for k in kids if b"spawn_main" in _cmdline(k)]
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it is gone (a killed worker can be reaped between the listing and the read)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def _metrics_dir(worker: int) -> Path:
