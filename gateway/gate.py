@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
 
+from gateway.intervals import Interval, two_proportions, welch
+
 Action = Literal["promote", "rollback", "wait"]
 Primary = Literal["reward", "thumbs"]
 THUMBS_MAINLY = 0.5
@@ -89,13 +91,6 @@ class GateRules:
     primary: Literal["auto", "reward", "thumbs"] = "auto"
     power: float = 0.8
     guard_reward_margin: float = 0.3
-
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
 
 
 @dataclass(frozen=True)
@@ -178,19 +173,13 @@ def look_number(canary_n: int, rules: GateRules) -> int:
 
 
 def reward_interval(current: ArmTotals, canary: ArmTotals, z: float) -> Interval:
-    """Welch: (canary − current) mean reward ± z · sqrt(s²/n + s²/n)."""
-    diff = canary.reward_mean - current.reward_mean
-    half = z * math.sqrt(canary.reward_var / canary.n + current.reward_var / current.n)
-    return Interval(diff, diff - half, diff + half)
+    """Welch on (canary − current) mean chosen reward."""
+    return welch(canary.reward_mean, canary.reward_var, canary.n, current.reward_mean, current.reward_var, current.n, z)
 
 
 def up_rate_interval(current: ArmTotals, canary: ArmTotals, z: float) -> Interval:
-    """Wald interval on the difference of two proportions (canary − current), with a +1/+2 (Agresti–Caffo) correction."""
-    p1 = (canary.thumbs_up + 1) / (canary.thumbs + 2)
-    p0 = (current.thumbs_up + 1) / (current.thumbs + 2)
-    half = z * math.sqrt(p1 * (1 - p1) / (canary.thumbs + 2) + p0 * (1 - p0) / (current.thumbs + 2))
-    diff = p1 - p0
-    return Interval(diff, diff - half, diff + half)
+    """(canary − current) thumbs-up rate, Agresti–Caffo."""
+    return two_proportions(canary.thumbs_up, canary.thumbs, current.thumbs_up, current.thumbs, z)
 
 
 def decide(

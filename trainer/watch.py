@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist, fmean, variance
 from typing import Any
 
+from gateway.intervals import Interval, two_proportions, welch_samples
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.settings import WatchSettings
 
@@ -111,14 +112,6 @@ def auc(ups: Sequence[float], downs: Sequence[float]) -> tuple[float, float]:
     return a, math.sqrt(max(var, 0.0))
 
 
-def _interval(estimate: float, se: float, z: float) -> tuple[float, float, float]:
-    return estimate, estimate - z * se, estimate + z * se
-
-
-def _fmt(interval: tuple[float, float, float]) -> str:
-    return f"{interval[0]:+.3f} [{interval[1]:+.3f}, {interval[2]:+.3f}]"
-
-
 def checks(
     current: VersionStats, parent: VersionStats, rm_version: str, settings: WatchSettings,
     kl: tuple[float | None, float | None] = (None, None),
@@ -139,11 +132,10 @@ def _reward_vs_thumbs(current: VersionStats, parent: VersionStats, rm: str, s: W
     if min(len(a), len(b)) < s.min_answers or min(current.thumbs, parent.thumbs) < s.min_thumbs:
         return Check("reward_vs_thumbs", False, f"too little data ({len(a)}/{len(b)} rewards by {rm}, "
                      f"{current.thumbs}/{parent.thumbs} thumbs)")  # fmt: skip
-    reward = _interval(fmean(a) - fmean(b), math.sqrt(variance(a) / len(a) + variance(b) / len(b)), z)
-    p1, p0 = (current.ups + 1) / (current.thumbs + 2), (parent.ups + 1) / (parent.thumbs + 2)
-    rate = _interval(p1 - p0, math.sqrt(p1 * (1 - p1) / (current.thumbs + 2) + p0 * (1 - p0) / (parent.thumbs + 2)), z)
-    fired = reward[1] > 0 and rate[2] < 0
-    return Check("reward_vs_thumbs", fired, f"reward {_fmt(reward)}, thumbs-up rate {_fmt(rate)}", *rate)
+    reward = welch_samples(a, b, z)
+    rate = two_proportions(current.ups, current.thumbs, parent.ups, parent.thumbs, z)
+    fired = reward.low > 0 and rate.high < 0
+    return _check("reward_vs_thumbs", fired, f"reward {reward.signed()}, thumbs-up rate {rate.signed()}", rate)
 
 
 def _agreement(current: VersionStats, parent: VersionStats, rm: str, s: WatchSettings, z: float) -> Check:
@@ -151,16 +143,16 @@ def _agreement(current: VersionStats, parent: VersionStats, rm: str, s: WatchSet
     if min(len(ups), len(downs)) < s.min_each_thumb:
         return Check("agreement", False, f"too few thumbed answers scored by {rm} ({len(ups)} up, {len(downs)} down)")
     a, se = auc(ups, downs)
-    mine = _interval(a, se, z)
-    if mine[2] < s.min_agreement:
-        return Check("agreement", True, f"the reward model orders thumbs {_fmt(mine)}, below {s.min_agreement}", *mine)
+    mine = Interval.around(a, se, z)
+    if mine.high < s.min_agreement:
+        return _check("agreement", True, f"the reward model orders thumbs {mine.signed()}, below {s.min_agreement}", mine)
     p_ups, p_downs = parent.thumbed.get(rm, ([], []))
     if min(len(p_ups), len(p_downs)) >= s.min_each_thumb:
         b, se_b = auc(p_ups, p_downs)
-        diff = _interval(a - b, math.sqrt(se * se + se_b * se_b), z)
-        if diff[2] < 0:
-            return Check("agreement", True, f"agreement with thumbs fell {_fmt(diff)} from the parent's {b:.3f}", *diff)
-    return Check("agreement", False, f"agreement with thumbs {_fmt(mine)}", *mine)
+        diff = Interval.around(a - b, math.sqrt(se * se + se_b * se_b), z)
+        if diff.high < 0:
+            return _check("agreement", True, f"agreement with thumbs fell {diff.signed()} from the parent's {b:.3f}", diff)
+    return _check("agreement", False, f"agreement with thumbs {mine.signed()}", mine)
 
 
 def _length(current: VersionStats, parent: VersionStats, s: WatchSettings, z: float) -> Check:
@@ -172,28 +164,31 @@ def _length(current: VersionStats, parent: VersionStats, s: WatchSettings, z: fl
     ratio = a / b  # the delta method on the ratio of two independent means
     se = ratio * math.sqrt(variance(current.lengths) / (len(current.lengths) * a * a)
                            + variance(parent.lengths) / (len(parent.lengths) * b * b))  # fmt: skip
-    interval = _interval(ratio, se, z)
-    fired = interval[1] > s.max_length_growth
-    return Check("length", fired, f"samples {_fmt(interval)} x as long as the parent's (limit {s.max_length_growth})",
-                 *interval)  # fmt: skip
+    interval = Interval.around(ratio, se, z)
+    fired = interval.low > s.max_length_growth
+    return _check("length", fired, f"samples {interval.signed()} x as long as the parent's (limit {s.max_length_growth})",
+                  interval)  # fmt: skip
 
 
 def _refusals(current: VersionStats, parent: VersionStats, s: WatchSettings, z: float) -> Check:
     if not _enough(current, parent, s):
         return Check("refusals", False, f"too little data ({current.answers}/{parent.answers} answers)")
-    p1, p0 = (current.refusals + 1) / (current.answers + 2), (parent.refusals + 1) / (parent.answers + 2)
-    diff = _interval(p1 - p0, math.sqrt(p1 * (1 - p1) / (current.answers + 2) + p0 * (1 - p0) / (parent.answers + 2)), z)
-    fired = diff[1] > s.refusal_margin
-    return Check("refusals", fired, f"refusal rate {_fmt(diff)} (margin {s.refusal_margin})", *diff)
+    diff = two_proportions(current.refusals, current.answers, parent.refusals, parent.answers, z)
+    fired = diff.low > s.refusal_margin
+    return _check("refusals", fired, f"refusal rate {diff.signed()} (margin {s.refusal_margin})", diff)
 
 
 def _kl(kl: tuple[float | None, float | None], s: WatchSettings, z: float) -> Check:
     estimate, se = kl
     if s.max_kl is None or estimate is None:
         return Check("kl", False, "no KL bound or estimate")
-    interval = _interval(estimate, se or 0.0, z)
-    fired = interval[1] > s.max_kl
-    return Check("kl", fired, f"KL to the reference {_fmt(interval)} nats (limit {s.max_kl})", *interval)
+    interval = Interval.around(estimate, se or 0.0, z)
+    fired = interval.low > s.max_kl
+    return _check("kl", fired, f"KL to the reference {interval.signed()} nats (limit {s.max_kl})", interval)
+
+
+def _check(name: str, fired: bool, detail: str, interval: Interval) -> Check:
+    return Check(name, fired, detail, interval.estimate, interval.low, interval.high)
 
 
 @dataclass

@@ -10,12 +10,11 @@ differ significantly, there is nothing to agree with. Reads the gold reward: eva
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from statistics import fmean, variance
 from typing import Any
 
+from gateway.intervals import welch_samples
 from toyworld.gold import gold_reward
 
 Z95 = 1.959964
@@ -35,22 +34,16 @@ class Judged:
         return {**asdict(self), "gold_diff": [round(x, 4) for x in self.gold_diff]}
 
 
-def welch(canary: Sequence[float], current: Sequence[float]) -> tuple[float, float, float]:
-    diff = fmean(canary) - fmean(current)
-    half = Z95 * math.sqrt(variance(canary) / len(canary) + variance(current) / len(current))
-    return diff, diff - half, diff + half
-
-
 def judge(action: str, canary: Sequence[float], current: Sequence[float]) -> Judged | None:
     """The gate's ``action`` against the arms' gold; None when an arm has fewer than two answers."""
     if min(len(canary), len(current)) < 2:
         return None
-    diff = welch(canary, current)
-    significant = diff[1] > 0 or diff[2] < 0
+    diff = welch_samples(canary, current, Z95)
+    significant = diff.low > 0 or diff.high < 0
     agrees = None
     if significant and action in ("promote", "rollback"):
-        agrees = (action == "promote") == (diff[0] > 0)
-    return Judged(len(canary), len(current), diff, significant, agrees)
+        agrees = (action == "promote") == (diff.estimate > 0)
+    return Judged(len(canary), len(current), (diff.estimate, diff.low, diff.high), significant, agrees)
 
 
 def served_gold(database_url: str, versions: Sequence[str], since: float, until: float) -> dict[str, list[float]]:

@@ -5,19 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from gateway.store.records import CandidateRecord, CompletionRecord
 from gateway.store.sql import SqlStore
 from toyworld.gold import gold_reward
-from toyworld.loop.trials import agreement, judge, served_gold, welch
-
-
-def test_welch_interval_by_hand() -> None:
-    diff, low, high = welch([1.0, 2.0, 3.0], [0.0, 0.0, 1.0, 1.0])
-    assert diff == pytest.approx(2.0 - 0.5)
-    half = 1.959964 * (1.0 / 3 + (1 / 3) / 4) ** 0.5  # sample variances 1 and 1/3
-    assert (low, high) == pytest.approx((1.5 - half, 1.5 + half))
+from toyworld.loop.trials import agreement, judge, served_gold
 
 
 def test_a_decision_agrees_only_with_a_significant_gold_difference_of_its_sign() -> None:
