@@ -109,6 +109,7 @@ def rules(settings: CanarySettings) -> GateRules:
         reward_margin=settings.reward_margin, min_thumbs=settings.min_thumbs, thumbs_margin=settings.thumbs_margin,
         max_length_ratio=settings.max_length_ratio, max_kl=settings.max_kl, primary=settings.primary,
         power=settings.power, guard_reward_margin=settings.guard_reward_margin,
+        planning_up_rate=settings.planning_up_rate,
     )  # fmt: skip
 
 

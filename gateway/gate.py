@@ -91,6 +91,7 @@ class GateRules:
     primary: Literal["auto", "reward", "thumbs"] = "auto"
     power: float = 0.8
     guard_reward_margin: float = 0.3
+    planning_up_rate: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,14 @@ def powered_n(rules: GateRules, variance_sum: float, margin: float) -> int | Non
 
 def plan(rules: GateRules, primary: Primary, current: ArmTotals, canary: ArmTotals) -> Plan:
     """The trial's schedule. Reward: looks at ``min_requests`` × 1, 2, 4, ... answers. Thumbs: the last look at the
-    powered count of thumbs per arm for rates of ½ (the largest variance), earlier ones at ½, ¼, ... of it."""
+    powered count of thumbs per arm for both rates at ``planning_up_rate`` (½ by default, the largest variance),
+    earlier ones at ½, ¼, ... of it."""
     if primary == "reward":
         looks_at = tuple(rules.min_requests * 2**k for k in range(rules.looks))
         powered = powered_n(rules, canary.reward_var + current.reward_var, rules.reward_margin)
         return Plan("reward", "answers", looks_at, powered, looks_at[-1])
-    last = powered_n(rules, 0.5, rules.thumbs_margin) or rules.min_thumbs
+    p = rules.planning_up_rate
+    last = powered_n(rules, 2 * p * (1 - p), rules.thumbs_margin) or rules.min_thumbs
     last = max(last, rules.min_thumbs)
     looks_at = tuple(max(rules.min_thumbs, math.ceil(last / 2 ** (rules.looks - 1 - k))) for k in range(rules.looks))
     answers, thumbs = current.n + canary.n, current.thumbs + canary.thumbs

@@ -113,6 +113,11 @@ class CanarySettings(BaseModel):
     sample the reward needs (shown in ``GET /admin/policy`` and ``bon_canary_needed``)."""
     guard_reward_margin: float = Field(default=0.3, ge=0)
     """Thumbs-primary trials: a reward drop significantly beyond this rolls back (reward-model units)."""
+    planning_up_rate: float = Field(default=0.5, gt=0, lt=1)
+    """The thumbs-up rate the thumbs schedule is sized for (variance p(1 − p) per arm): ½, the default, is the worst
+    case; set it from the current version's rate before a trial (e.g. 0.85 when answers are mostly liked) for a
+    schedule that many fewer thumbs reach. Only the power depends on it: every look's interval uses the observed
+    rates, so the error rate of a promotion holds whatever it is."""
 
 
 class ScorerSettings(BaseModel):

@@ -4,6 +4,7 @@ thumbs-primary design (its plan's power and error rate checked by simulation).""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -202,3 +203,32 @@ def test_thumbs_primary_waits_for_thumbs_rolls_back_a_loss_and_an_undecided_last
     assert middle.look == 3
     assert middle.action == "rollback"
     assert "not shown as good on thumbs" in middle.reason
+
+
+def test_a_planning_rate_near_the_observed_one_shrinks_the_schedule_and_keeps_power_and_error_rate() -> None:
+    """Sized for rates of 0.85 (variance 0.1275 per arm, not 0.25): about half the thumbs. Equal arms at 0.85 are
+    promoted at the last look with the plan's power; a canary at the margin (0.75), looked at at every look, at most
+    alpha/2 of the time, as with the worst-case plan: every look's interval uses the rates it observes."""
+    rules = replace(THUMBS, planning_up_rate=0.85)
+    schedule = plan(rules, "thumbs", ArmTotals(), ArmTotals())
+    # (2.394 + 0.842)^2 * 2 * 0.85 * 0.15 / 0.1^2 = 266.96
+    assert schedule.looks_at == (67, 134, 267)
+    rng = np.random.default_rng(1)
+    trials, last = 2000, schedule.looks_at[-1]
+    promoted = 0
+    for _ in range(trials):
+        up_current, up_canary = (int(x) for x in rng.binomial(last, 0.85, size=2))
+        current, canary = voted(0.0, 5 * last, up_current, last - up_current), voted(0.0, 5 * last, up_canary, last - up_canary)
+        promoted += decide(current, canary, rules, primary="thumbs").action == "promote"
+    assert 0.74 <= promoted / trials <= 0.86
+    wrongly = 0
+    for _ in range(trials):
+        current_votes, canary_votes = rng.random(last) < 0.85, rng.random(last) < 0.75
+        for at in schedule.looks_at:
+            up_current, up_canary = int(current_votes[:at].sum()), int(canary_votes[:at].sum())
+            current, canary = voted(0.0, 5 * at, up_current, at - up_current), voted(0.0, 5 * at, up_canary, at - up_canary)
+            action = decide(current, canary, rules, primary="thumbs").action
+            if action != "wait":
+                wrongly += action == "promote"
+                break
+    assert wrongly <= trials * rules.alpha / 2
