@@ -152,7 +152,8 @@ def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-def _prompt(record: CompletionRecord) -> list[dict[str, str]]:
+def prompt_of(record: CompletionRecord) -> list[dict[str, str]]:
+    """The request's messages as plain role/content dicts (what a pair's ``prompt`` holds)."""
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in record.messages]
 
 
@@ -161,7 +162,7 @@ def _pair(
 ) -> dict[str, Any]:
     margin = chosen.reward - rejected.reward if chosen.reward is not None and rejected.reward is not None else None
     return {
-        "prompt": _prompt(record),
+        "prompt": prompt_of(record),
         "chosen": assistant(chosen.text),
         "rejected": assistant(rejected.text),
         "chosen_reward": chosen.reward,
@@ -179,7 +180,7 @@ def _pair(
 
 def _unpaired(record: CompletionRecord, answer: CandidateRecord, thumb: FeedbackRecord) -> dict[str, Any]:
     return {
-        "prompt": _prompt(record),
+        "prompt": prompt_of(record),
         "completion": assistant(answer.text),
         "label": thumb.thumb == "up",
         "reward": answer.reward,

@@ -32,7 +32,7 @@ from typing import Any
 
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.adapter import fit, trainer_args
-from trainer.pairs import assistant
+from trainer.pairs import assistant, prompt_of
 from trainer.settings import RewardSettings
 
 Labelled = tuple[CompletionRecord, FeedbackRecord | None]
@@ -65,7 +65,7 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: 
         served = next((c for c in record.candidates if c.chosen), None)
         if thumb is None or served is None:
             continue
-        answer = {"id": record.id, "prompt": _messages(record.messages), "text": served.text}
+        answer = {"id": record.id, "prompt": prompt_of(record), "text": served.text}
         ups, downs = parts[held_out(record.id, every)]
         (ups if thumb.thumb == "up" else downs).append(answer)
     rng = random.Random(seed)
@@ -82,10 +82,6 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: 
         ]  # fmt: skip
 
     return Split(pairs(*parts[False], max_pairs), pairs(*parts[True], max(1, max_pairs // every)))
-
-
-def _messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 
 
 def _ids(tokenizer: Any, pair: dict[str, Any], side: str, max_length: int) -> list[int]:
