@@ -187,7 +187,7 @@ class CanaryGate:
         if look == 0 or look <= self._looked(canary.version):
             return None
         kl, kl_stderr = self._kl(canary.version)
-        decision = decide(base, arm, self._rules, kl, kl_stderr, primary)  # the same plan: it reaches the same look
+        decision = decide(base, arm, self._rules, kl, kl_stderr, primary, schedule)
         applied = self._settings.auto and decision.action != "wait"
         record = _look(canary.version, current, rm, decision, "gate", arm, base, (kl, kl_stderr), applied)
         self._apply(record)

@@ -192,11 +192,12 @@ def decide(
     canary_kl: float | None = None,
     canary_kl_stderr: float | None = None,
     primary: Primary = "reward",
+    schedule: Plan | None = None,
 ) -> Decision:
     """``canary_kl``: the canary's KL to the starting policy (the trainer's estimate, never negative) and its standard
     error, shown in the reason; the guardrail compares the estimate with ``max_kl``. ``primary``: what the trial is
-    judged on (``primary_for``)."""
-    schedule = plan(rules, primary, current, canary)
+    judged on (``primary_for``). ``schedule``: the trial's ``plan`` when the caller has it already."""
+    schedule = schedule or plan(rules, primary, current, canary)
     look = schedule.look(current, canary, rules.min_requests)
     if look == 0:
         if primary == "thumbs":
