@@ -137,29 +137,47 @@ def _judged(record: RoundRecord) -> Judged | None:
 
 
 def goals(runs: Sequence[Run]) -> dict[str, Any]:
-    """Both goals, for either arm: N=1 gold against the start's best-of-2 (every round, and never falling between
-    rounds) and the final round's N=1 gold against the start's best-of-4, paired per seed and prompt."""
+    """The loop's goals, for any arm, paired per seed and held-out prompt: N=1 gold against the start's best-of-2 from
+    round 1 (point estimates, and with the whole interval above), against its best-of-4 by round 3 and its best-of-8 by
+    round 5 (the stretch), each also needing that no round is significantly below the one before; and the final round
+    against the start's best-of-4."""
     out: dict[str, Any] = {}
     if not runs[0].rounds:
         return out
-    bon2 = [run.start.per_prompt_bon[2] for run in runs] if 2 in runs[0].start.per_prompt_bon else None
-    bon4 = [run.start.per_prompt_bon[4] for run in runs] if 4 in runs[0].start.per_prompt_bon else None
     rounds = len(runs[0].rounds)
     n1 = [[run.rounds[k].measurement.per_prompt_n1 for run in runs] for k in range(rounds)]
-    if bon2 is not None:
-        vs_bon2 = [_paired(n1[k], bon2) for k in range(rounds)]
-        previous = [[run.start.per_prompt_n1 for run in runs], *n1[:-1]]
-        changes = [_paired(n1[k], previous[k]) for k in range(rounds)]
+    previous = [[run.start.per_prompt_n1 for run in runs], *n1[:-1]]
+    changes = [_paired(n1[k], previous[k]) for k in range(rounds)]
+    never_fell = all(c["ci95"][1] >= 0 for c in changes)
+
+    def start_bon(n: int) -> list[dict[str, Any]] | None:
+        if n not in runs[0].start.per_prompt_bon:
+            return None
+        bon = [run.start.per_prompt_bon[n] for run in runs]
+        return [_paired(n1[k], bon) for k in range(rounds)]
+
+    vs_bon2, vs_bon4, vs_bon8 = start_bon(2), start_bon(4), start_bon(8)
+    if vs_bon2 is not None:
         out["n1_vs_start_bon2"] = {
             "by_round": vs_bon2,
             "change_from_previous_round": changes,
             "met": all(d["estimate"] >= 0 for d in vs_bon2) and all(c["ci95"][1] >= 0 for c in changes[1:]),
-            "rule": "every round's N=1 gold >= the start's best-of-2 (point estimate) and no round significantly below the "
-            "one before (the change's 95% interval reaches 0; a refused round re-measures the same version, whose point "
-            "estimate moves by sampling noise alone); intervals paired per seed and held-out prompt",
+            "met_with_interval": all(d["ci95"][0] > 0 for d in vs_bon2) and never_fell,
+            "rule": "every round's N=1 gold >= the start's best-of-2 (point estimate; met_with_interval: the whole 95% "
+            "interval above it, and round 1 not below the start either) and no round significantly below the one before "
+            "(the change's 95% interval reaches 0; a refused round re-measures the same version, whose point estimate "
+            "moves by sampling noise alone); intervals paired per seed and held-out prompt",
         }
-    if bon4 is not None:
-        final = _paired(n1[-1], bon4)
+    for n, by_round, at in ((4, vs_bon4, 3), (8, vs_bon8, 5)):
+        if by_round is not None:
+            reached = rounds >= at and by_round[at - 1]["estimate"] >= 0
+            out[f"n1_vs_start_bon{n}_by_round{at}"] = {
+                "by_round": by_round, "met": reached and never_fell,
+                "rule": f"round {at}'s N=1 gold >= the start's best-of-{n} (point estimate) and no round significantly "
+                "below the one before",
+            }  # fmt: skip
+    if vs_bon4 is not None:
+        final = vs_bon4[-1]
         out["final_n1_vs_start_bon4"] = {**final, "met": final["estimate"] >= 0, "rule": "final N=1 gold >= start best-of-4"}
     return out
 

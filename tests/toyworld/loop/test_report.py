@@ -75,6 +75,26 @@ def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
     assert goals([noisy])["n1_vs_start_bon2"]["met"]  # a lower mean within noise is not a fall
 
 
+def test_the_goals_by_round_three_and_five_need_the_round_and_no_fall() -> None:
+    start = measurement([0.5, 0.5], bon2=[0.6, 0.6], bon4=[0.7, 0.7])
+    climbing = [measurement([0.55, 0.56]), measurement([0.65, 0.66]), measurement([0.7, 0.71])]
+    run = Run("thumbs", 0, 0.2, start, [record(k + 1, m) for k, m in enumerate(climbing)])
+    g = goals([run])
+    assert g["n1_vs_start_bon4_by_round3"]["by_round"][2]["estimate"] == pytest.approx(0.005)
+    assert g["n1_vs_start_bon4_by_round3"]["met"]
+    assert not g["n1_vs_start_bon2"]["met"]  # round 1 (0.555) is below best-of-2 (0.6)
+    assert not g["n1_vs_start_bon2"]["met_with_interval"]
+    assert "n1_vs_start_bon8_by_round5" not in g  # the start was not measured at best-of-8 here
+    short = Run("thumbs", 0, 0.2, start, [record(k + 1, m) for k, m in enumerate(climbing[:2])])
+    assert not goals([short])["n1_vs_start_bon4_by_round3"]["met"]  # no round 3
+    dip = [measurement([0.75, 0.75, 0.75]), measurement([0.7, 0.7, 0.7]), measurement([0.8, 0.8, 0.8])]
+    low_start = measurement([0.5] * 3, bon2=[0.6] * 3, bon4=[0.7] * 3)
+    fell = Run("thumbs", 0, 0.2, low_start, [record(k + 1, m) for k, m in enumerate(dip)])
+    assert not goals([fell])["n1_vs_start_bon4_by_round3"]["met"]  # round 2 fell on every prompt
+    above = Run("rm", 0, 0.0, measurement([0.5] * 3, bon2=[0.6, 0.61, 0.6]), [record(1, measurement([0.7, 0.72, 0.71]))])
+    assert goals([above])["n1_vs_start_bon2"]["met_with_interval"]
+
+
 def test_warnings_flag_reward_hacking_length_kl_and_refusals_on_evidence() -> None:
     start = measurement([0.6, 0.62, 0.58, 0.6], rm=1.0, length=10.0, spread=0.01)
     gamed = measurement([0.5, 0.52, 0.48, 0.5], rm=1.5, length=20.0, kl=12.0, version="v0001", spread=0.01)
