@@ -3,6 +3,7 @@
 Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   evaluate-loop  rounds of traffic -> training -> hot-swap through a gateway, measured on the hidden gold reward
+  loop-report    one report from the runs of one or several evaluate-loop invocations
 
 The fourth floor: it may use the trainer, the gateway and the versioning floor; only loadtest imports it.
 Errors a user can fix print one line and exit non-zero, never a traceback.
@@ -14,7 +15,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from toyworld.loop.report import Run
 
 PROG = "python -m toyworld"
 
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         default="rm,thumbs",
         help="comma-separated: rm (reward model only), thumbs (+ simulated thumbs), grpo (thumbs, trained with --algo grpo)",
     )
-    loop.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds 0..K-1")
+    loop.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="runs per arm: K (seeds 0..K-1) or a list, e.g. 3,4")
     loop.add_argument(
         "--thumb-rate", type=float, default=0.2, help="thumbs and grpo arms: share of answers the simulated user thumbs"
     )
@@ -72,7 +76,22 @@ def _parser() -> argparse.ArgumentParser:
         "that arm's runs only, e.g. thumbs:trainer.pairs.from_reward_model=false; repeatable",
     )
     loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
+    again = sub.add_parser("loop-report", help="one report from evaluate-loop runs of one or several invocations")
+    again.add_argument("runs", type=Path, nargs="+", help="evaluate-loop --out directories, or single runs' directories")
+    again.add_argument("--out", type=Path, required=True, help="where report.json and loop.png go")
     return parser
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``K``: seeds 0..K-1; ``a,b,...``: those seeds."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count (3) or a list of seeds (3,4)") from None
+    seeds = tuple(range(values[0])) if len(values) == 1 and "," not in text else tuple(values)
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive count, or distinct seeds from 0")
+    return seeds
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -102,13 +121,11 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _evaluate_loop(args: argparse.Namespace) -> int:
-    import json
 
     import yaml
 
     from gateway.settings import ConfigError
     from toyworld.loop.processes import LoopError
-    from toyworld.loop.report import arm_report, plot
     from toyworld.loop.runner import ARMS, Loop, LoopOptions
 
     command = f"{PROG} evaluate-loop"
@@ -116,8 +133,8 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
     problems = [f"unknown arm {a!r} (choose from {', '.join(ARMS)})" for a in arms if a not in ARMS]
     if not arms:
         problems.append("--arms is empty")
-    if args.rounds < 1 or args.seeds < 1 or args.prompts_per_round < 1 or args.heldout < 2 or args.samples < 1:
-        problems.append("--rounds, --seeds, --prompts-per-round and --samples must be positive, --heldout at least 2")
+    if args.rounds < 1 or args.prompts_per_round < 1 or args.heldout < 2 or args.samples < 1:
+        problems.append("--rounds, --prompts-per-round and --samples must be positive, --heldout at least 2")
     if not 0.0 <= args.canary_fraction < 1.0:
         problems.append(f"--canary-fraction {args.canary_fraction}: use 0 (no canary) up to, not including, 1")
     if not 0.0 <= args.thumb_rate <= 0.2:
@@ -137,7 +154,7 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
         print(f"{command}: error: {problems[0]}", file=sys.stderr)
         return 2
     options = LoopOptions(
-        config=args.config, rounds=args.rounds, arms=arms, seeds=tuple(range(args.seeds)), thumb_rate=args.thumb_rate,
+        config=args.config, rounds=args.rounds, arms=arms, seeds=args.seeds, thumb_rate=args.thumb_rate,
         thumb_noise=args.thumb_noise, refit_every=args.refit_every, prompts_per_round=args.prompts_per_round,
         heldout=args.heldout, samples=args.samples, max_tokens=args.max_tokens, concurrency=args.concurrency,
         out=args.out, vllm_url=args.vllm, canary_fraction=args.canary_fraction, gate_min_requests=args.gate_min_requests,
@@ -148,18 +165,56 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
     except (LoopError, ConfigError) as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
+    meta = {"rounds_per_run": args.rounds, "heldout_prompts": args.heldout, "samples_per_prompt": args.samples,
+            "prompts_per_round": args.prompts_per_round}  # fmt: skip
+    _write_report(runs, args.out, meta)
+    return 0
+
+
+def _write_report(runs: list[Run], out: Path, meta: dict[str, object]) -> None:
+    """``report.json`` and ``loop.png`` in ``out``, a line per arm, and the report as one JSON line last."""
+    import json
+
+    from toyworld.loop.report import arm_report, plot
+
+    arms = list(dict.fromkeys(run.arm for run in runs))
     reports = [arm_report([r for r in runs if r.arm == arm]) for arm in arms]
-    png = args.out / "loop.png"
+    png = out / "loop.png"
     plot(reports, png)
-    result = {"arms": reports, "plot": str(png), "rounds_per_run": args.rounds, "heldout_prompts": args.heldout,
-              "samples_per_prompt": args.samples, "prompts_per_round": args.prompts_per_round}  # fmt: skip
-    (args.out / "report.json").write_text(json.dumps(result, indent=2))
+    result = {"arms": reports, "plot": str(png), **meta}
+    (out / "report.json").write_text(json.dumps(result, indent=2))
     for arm in reports:
         bon = arm["start_bon_gold"]
         rounds = ", ".join(f"{r['n1_gold']:.3f}" for r in arm["rounds"])
         print(f"{arm['arm']}: start N=1 {arm['start_n1_gold']:.3f}, BoN-2 {bon.get('2', float('nan')):.3f}, "
               f"BoN-4 {bon.get('4', float('nan')):.3f}; N=1 by round {rounds}; {len(arm['warnings'])} warnings")  # fmt: skip
     print(json.dumps(result))
+
+
+def _loop_report(args: argparse.Namespace) -> int:
+    """Runs of one or several invocations (each ``run.json``), one report; an arm's runs are cut to the rounds all of
+    them finished."""
+    from toyworld.loop import records
+
+    command = f"{PROG} loop-report"
+    found = sorted({p.parent for d in args.runs for p in [d / records.FILE, *d.glob(f"*/{records.FILE}")] if p.is_file()})
+    if not found:
+        print(f"{command}: error: no {records.FILE} in {', '.join(map(str, args.runs))} or their subdirectories",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    runs = [records.load(d) for d in found]
+    seen: dict[tuple[str, int], Path] = {}
+    for run, where in zip(runs, found, strict=True):
+        if (run.arm, run.seed) in seen:
+            print(f"{command}: error: {run.arm} seed {run.seed} is in both {seen[run.arm, run.seed]} and {where}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        seen[run.arm, run.seed] = where
+    rounds = {arm: min(len(r.rounds) for r in runs if r.arm == arm) for arm in {r.arm for r in runs}}
+    for run in runs:
+        del run.rounds[rounds[run.arm] :]
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_report(runs, args.out, {"runs": [str(d) for d in found], "rounds_per_arm": rounds})
     return 0
 
 
@@ -169,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bootstrap(args)
     if args.command == "evaluate-loop":
         return _evaluate_loop(args)
+    if args.command == "loop-report":
+        return _loop_report(args)
     raise AssertionError(args.command)
 
 

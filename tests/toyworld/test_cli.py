@@ -30,3 +30,10 @@ def test_output_path_is_a_file(tmp_path: Path) -> None:
 def test_unknown_subcommand_and_bad_seed() -> None:
     assert_one_line_error(run_cli("frobnicate"), "invalid choice")
     assert_one_line_error(run_cli("bootstrap", "--seed", "many"), "invalid int value")
+
+
+def test_bad_seeds_and_a_loop_report_without_runs(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("evaluate-loop", "--seeds", "0"), "--seeds", "a positive count")
+    assert_one_line_error(run_cli("evaluate-loop", "--seeds", "1,x"), "--seeds", "a count (3) or a list")
+    assert_one_line_error(run_cli("evaluate-loop", "--seeds", "2,2"), "distinct seeds")
+    assert_one_line_error(run_cli("loop-report", str(tmp_path), "--out", str(tmp_path / "r")), "no run.json")

@@ -34,7 +34,7 @@ import aiohttp
 import yaml
 
 from gateway.canary import recorded
-from toyworld.loop import measure
+from toyworld.loop import measure, records
 from toyworld.loop.processes import (
     GatewayProcess,
     LoopError,
@@ -166,6 +166,7 @@ class Loop:
                            f"BoN {', '.join(f'{n}:{v:.3f}' for n, v in start.bon_gold.items())}, RM {start.rm_score:.3f}, "
                            f"len {start.mean_len:.1f}")  # fmt: skip
                 result = Run(arm, seed, thumb_rate, start)
+                records.save(result, run_dir)
                 user = SimulatedUser(session, gateway.url, API_KEY, self.model_alias,
                                      Judgement(rate=thumb_rate, noise=self.o.thumb_noise), seed)  # fmt: skip
                 sent = 0
@@ -173,6 +174,7 @@ class Loop:
                     record = await self._round(session, gateway, run_dir, config, user, stream, k, sent, heldout, seed, arm)
                     sent += record.traffic.sent - record.traffic.failed
                     result.rounds.append(record)
+                    records.save(result, run_dir)
                     m = record.measurement
                     self.o.log(
                         f"{arm} seed {seed} round {k}: {record.policy_version} N=1 gold {m.n1_gold.mean:.3f}, "
