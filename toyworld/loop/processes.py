@@ -107,17 +107,48 @@ async def start_gateway(session: aiohttp.ClientSession, run_dir: Path, config: P
     return gateway
 
 
-def run_trainer(config: Path, extra: list[str], timeout_s: float) -> tuple[str, str]:
+async def run_trainer(config: Path, extra: list[str], timeout_s: float) -> tuple[str, str]:
     """``python -m trainer run`` with the gold reward sealed off; its outcome (trained, skipped) and output."""
-    done = subprocess.run(
+    code, stdout, stderr = await run_child(
         [sys.executable, "-m", "toyworld.loop.sealed", "trainer", "run", "--config", str(config), "--quiet", *extra],
-        capture_output=True, text=True, timeout=timeout_s, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise LoopError(f"the training round failed (exit {done.returncode}): {' | '.join(tail)}")
-    first = next((line for line in done.stdout.splitlines() if line.startswith("round ")), "round unknown:")
-    return first.removeprefix("round ").split(":", 1)[0], done.stdout
+        timeout_s,
+        "the training round",
+    )
+    if code != 0:
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        raise LoopError(f"the training round failed (exit {code}): {' | '.join(tail)}")
+    first = next((line for line in stdout.splitlines() if line.startswith("round ")), "round unknown:")
+    return first.removeprefix("round ").split(":", 1)[0], stdout
+
+
+async def run_child(args: list[str], timeout_s: float, what: str) -> tuple[int, str, str]:
+    """A child process to its end: exit code, stdout, stderr. Past ``timeout_s``, or when the awaiting task is
+    cancelled (SIGTERM, ``terminable``), the child is terminated (killed 10 s later) before this returns or raises: a
+    training round never outlives the loop that started it."""
+    child = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(child.communicate(), timeout_s)
+    except TimeoutError:
+        await _stop(child)
+        raise LoopError(f"{what} ran past {timeout_s:.0f} s and was stopped") from None
+    except BaseException:
+        await asyncio.shield(_stop(child))
+        raise
+    assert child.returncode is not None
+    return child.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
+
+
+async def _stop(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is not None:
+        return
+    with suppress(ProcessLookupError):
+        child.terminate()
+    try:
+        await asyncio.wait_for(child.wait(), 10)
+    except TimeoutError:
+        with suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
 
 
 async def unload_adapters(session: aiohttp.ClientSession, vllm: str, served_name: str) -> None:

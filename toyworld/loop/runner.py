@@ -204,7 +204,7 @@ class Loop:
         await self._until(lambda: self._logged(run_dir) >= sent_before + traffic.sent, "the log to hold the round's traffic")
         seconds["traffic"] = time.perf_counter() - t
         t = time.perf_counter()
-        outcome, output = await asyncio.to_thread(run_trainer, config, [], self.o.timeout_s)
+        outcome, output = await run_trainer(config, [], self.o.timeout_s)
         seconds["train"] = time.perf_counter() - t
         registry = Registry(run_dir / "registry")
         trained = self._pointer(registry, "policy", "canary" if self.o.canary_fraction else "current")
@@ -285,7 +285,7 @@ class Loop:
     async def _refit(self, run_dir: Path, config: Path, gateway: GatewayProcess) -> dict[str, Any]:
         registry = Registry(run_dir / "registry")
         before = self._pointer(registry, "reward_model")
-        outcome, output = await asyncio.to_thread(run_trainer, config, ["--refit-reward-model"], self.o.timeout_s)
+        outcome, output = await run_trainer(config, ["--refit-reward-model"], self.o.timeout_s)
         after = self._pointer(registry, "reward_model")
         refit: dict[str, Any] = {"outcome": outcome, "rm_version": after}
         if after is not None and after != before:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from toyworld.loop.processes import Terminated, terminable
+from toyworld.loop.processes import LoopError, Terminated, run_child, terminable
 from toyworld.loop.runner import Loop, LoopOptions
 
 
@@ -51,3 +52,33 @@ def test_sigterm_cancels_a_run_through_its_finally_and_ends_it_as_terminated() -
         asyncio.run(terminable(run()))
     assert stopped == ["gateway"]
     assert signal.getsignal(signal.SIGTERM) == before  # the process's own handler is back
+
+
+def test_sigterm_during_a_training_round_stops_the_round_too(tmp_path: Path) -> None:
+    """A round runs as a child process: on SIGTERM the loop terminates it before it ends, rather than waiting for it
+    (the loop used to wait in a thread for the round to finish, minutes, with the child still training)."""
+    pid_file = tmp_path / "pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    async def signal_once_started() -> None:
+        while not (pid_file.exists() and pid_file.read_text()):
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def run() -> None:
+        killer = asyncio.create_task(signal_once_started())
+        await run_child([sys.executable, "-c", script], 120, "a round")
+        await killer
+
+    with pytest.raises(Terminated):
+        asyncio.run(terminable(run()))
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped: no such process
+        os.kill(child, 0)
+
+
+def test_a_child_past_its_time_is_stopped_with_one_line() -> None:
+    with pytest.raises(LoopError, match="a round ran past 1 s and was stopped"):
+        asyncio.run(run_child([sys.executable, "-c", "import time; time.sleep(60)"], 1, "a round"))
+    code, out, err = asyncio.run(run_child([sys.executable, "-c", "print('round trained: v1'); raise SystemExit(3)"], 30, "x"))
+    assert (code, out, err) == (3, "round trained: v1\n", "")
