@@ -215,7 +215,10 @@ def test_over_the_kl_budget_a_round_trains_again_at_a_smaller_step(deployment: P
     assert first["step_scale"] == 1.0
     assert first["kl_to_reference"] > 100 * BUDGET
     assert second["step_scale"] == pytest.approx(1e-3)
-    assert 0 < second["kl_to_reference"] < BUDGET / 100
+    # under the budget, and far below the first try: KL falls roughly with the step's square (1e-6 here); the bar is a
+    # property of the back-off, not of one build of the test models (0.04 -> 4e-8 with today's dependencies)
+    assert 0 < second["kl_to_reference"] < BUDGET
+    assert second["kl_to_reference"] < first["kl_to_reference"] / 1000
     assert manifest.evaluation["kl_to_reference"] == second["kl_to_reference"]
     assert manifest.evaluation["kl_to_reference_stderr"] == second["kl_to_reference_stderr"] > 0
     assert manifest.hyperparameters["learning_rate"] == pytest.approx(STEP_LR * 1e-3)
