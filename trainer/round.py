@@ -13,8 +13,8 @@ Knows the round's order and its rules:
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
   answer length on sampled answers) and computes the swap probe (``versioning.probe``);
 - with a KL budget (``trainer.kl_budget``), a version further from the reference than the
-  budget is trained again from the same parent at a smaller learning rate; if no try fits,
-  the round is skipped and nothing is registered;
+  budget is trained again from the same parent at a smaller learning rate, scaled from the
+  KL it measured (``aim``); if no try fits, the round is skipped and nothing is registered;
 - it publishes through the registry (nothing half-registered after a crash) and only then
   moves the pointer that gateways follow;
 - its outcome goes to Prometheus metrics (a textfile, and a Pushgateway when configured).
@@ -39,7 +39,7 @@ from trainer.distributed import Team
 from trainer.export import parse_time, window
 from trainer.history import Window, thumbs_by_version, weigh
 from trainer.pairs import build, thumbed, weighted
-from trainer.settings import TrainerSettings
+from trainer.settings import KlBudgetSettings, TrainerSettings
 from versioning import watch as watch_state
 from versioning.lock import round_lock
 from versioning.registry import Kind, Manifest, Registry, RegistryError
@@ -237,8 +237,8 @@ def _train(
     budget = s.kl_budget
     tries: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
+        factor = 1.0
         for attempt in range(1 + (budget.retries if budget.max_nats is not None else 0)):
-            factor = budget.backoff**attempt
             torch.manual_seed(s.adapter.seed)
             if s.format == "full":
                 init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
@@ -270,7 +270,12 @@ def _train(
                 if not within:
                     log.warning("round %s: KL to the reference %s is over trainer.kl_budget.max_nats %.3g at %.3gx the "
                                 "learning rate", algorithm, drift, budget.max_nats, factor)  # fmt: skip
-            if team.share(within):
+            # rank 0 measured: every rank learns whether this try fits and, if not, the next try's step
+            decided = (within, factor)
+            if team.main and not within:
+                decided = (False, factor * _backoff(budget, drift.kl))
+            within, factor = team.share(decided)
+            if within:
                 break
         else:
             listed = ", ".join(f"{t['kl_to_reference']:.3g} ± {t['kl_to_reference_stderr']:.2g} at {t['step_scale']:.3g}x"
@@ -338,6 +343,14 @@ def check_watch(settings: TrainerSettings) -> WatchState:
     with round_lock(s.registry_dir, url):
         registry = Registry(s.registry_dir)
         return _watch(settings, url, registry, registry.version_at("policy"), rm_label(settings, registry), time.time())
+
+
+def _backoff(budget: KlBudgetSettings, kl: float) -> float:
+    """How much smaller the next try's step is than one that went ``kl`` nats from the reference (over the budget)."""
+    assert budget.max_nats is not None
+    if budget.aim is None or not math.isfinite(kl) or kl <= 0:
+        return budget.backoff
+    return min(budget.backoff, budget.aim * budget.max_nats / kl)
 
 
 def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from toyworld.bootstrap import POLICY_DIR, PRESETS, REPORT, REWARD_DIR, bootstrap
+from toyworld.bootstrap import POLICY_DIR, PRESETS, REPORT, REWARD_DIR, bootstrap, check_bars
 from toyworld.gold import gold_reward
 from toyworld.reward import conversation_ids
 
@@ -37,6 +37,15 @@ def test_report_has_the_quality_figures(test_models: Path) -> None:
     assert 0.0 <= evaluation["reward_model"]["accuracy_own_samples"]["mean"] <= 1.0
     assert report["timings"]["total_s"] > 0
     assert set(report["bars"]) == {"rm_accuracy_own_samples", "bon8_gain_ci95_low"}
+
+
+@pytest.mark.parametrize(("mean", "ci95", "met"), [(0.83, [0.81, 0.85], True), (0.79, [0.77, 0.81], True),
+                                                   (0.77, [0.75, 0.79], False)])  # fmt: skip
+def test_the_accuracy_bar_is_met_when_it_is_within_the_interval(mean: float, ci95: list[float], met: bool) -> None:
+    report = {"evaluation": {"reward_model": {"accuracy_own_samples": {"mean": mean, "ci95": ci95}},
+                             "best_of_n": {"gain_vs_n1": {"ci95": [0.01, 0.1]}}}}  # fmt: skip
+    bar = check_bars(report)["rm_accuracy_own_samples"]
+    assert bar == {"value": mean, "ci95": ci95, "bar": 0.8, "met": met}
 
 
 def test_test_preset_is_better_than_chance(test_models: Path) -> None:

@@ -200,7 +200,7 @@ def test_while_a_canary_is_on_trial_a_round_publishing_canaries_skips(deployment
 STEP_LR, BUDGET = 5e-3, 1e-6
 
 
-def _stepped(deployment: Path, **kl_budget: float) -> None:
+def _stepped(deployment: Path, **kl_budget: float | None) -> None:
     config = yaml.safe_load(deployment.read_text())
     config["trainer"]["dpo"]["learning_rate"] = STEP_LR
     config["trainer"]["kl_budget"] = {"max_nats": BUDGET, **kl_budget}
@@ -208,7 +208,7 @@ def _stepped(deployment: Path, **kl_budget: float) -> None:
 
 
 def test_over_the_kl_budget_a_round_trains_again_at_a_smaller_step(deployment: Path) -> None:
-    _stepped(deployment, backoff=1e-3, retries=1)
+    _stepped(deployment, backoff=1e-3, retries=1, aim=None)
     assert main(["run", "--config", str(deployment), "--quiet"]) == 0
     manifest = Registry(deployment.parent / "registry").verify("policy", "v0001")
     first, second = manifest.evaluation["kl_budget_tries"]
@@ -225,11 +225,23 @@ def test_over_the_kl_budget_a_round_trains_again_at_a_smaller_step(deployment: P
 
 
 def test_over_the_kl_budget_at_every_step_the_round_skips_and_registers_nothing(deployment: Path, capsys: Any) -> None:
-    _stepped(deployment, backoff=0.5, retries=1)
+    _stepped(deployment, backoff=0.5, retries=1, aim=None)
     out = _skips_registering_nothing(deployment, capsys)
     assert "every try went over the KL budget of 1e-06 nats" in out
     assert " at 1x, " in out
     assert " at 0.5x)" in out
+
+
+def test_over_the_kl_budget_the_next_step_is_aimed_from_the_kl_measured(deployment: Path) -> None:
+    # the first try lands >100x over: halving (backoff 0.5) would not fit, aiming at half the budget does
+    _stepped(deployment, backoff=0.5, retries=1, aim=0.5)
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    manifest = Registry(deployment.parent / "registry").verify("policy", "v0001")
+    first, second = manifest.evaluation["kl_budget_tries"]
+    assert first["kl_to_reference"] > 100 * BUDGET
+    assert second["step_scale"] == pytest.approx(0.5 * BUDGET / first["kl_to_reference"])
+    assert 0 < second["kl_to_reference"] < BUDGET
+    assert manifest.hyperparameters["learning_rate"] == pytest.approx(STEP_LR * second["step_scale"])
 
 
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:
