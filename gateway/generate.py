@@ -81,6 +81,12 @@ class Generator(Protocol):
         """Relay a streaming (N=1) request: yields each SSE ``data:`` payload as raw bytes (close it to let go)."""
         ...
 
+    def sample(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """One sample as a streamed request of its own, with token ids and log-probs: yields vLLM's chunks, parsed
+        (``Assembly`` puts them together), each with ``backend``, the URL that answers; closing it closes the
+        connection, so vLLM aborts that sample alone."""
+        ...
+
     async def ready(self) -> bool: ...
 
 
@@ -204,7 +210,7 @@ class VLLMGenerator:
             return {**body, "model": model, "n": n, "stream": True, "logprobs": True, "return_token_ids": True,
                     "stream_options": {"include_usage": True}}  # fmt: skip
 
-        assembly = _Assembly()
+        assembly = Assembly()
         async with self._post(payload, models, self._timeout) as (url, response):
             if response.content_type != "text/event-stream":  # a server that ignores ``stream``: all of them at once
                 whole = _generation(await _json_or_raise(response), url)
@@ -233,6 +239,30 @@ class VLLMGenerator:
             async for line in response.content:
                 if line.startswith(b"data: "):
                     yield line[6:].rstrip(b"\r\n")
+
+    async def sample(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        def payload(model: str) -> dict[str, Any]:
+            return {**body, "model": model, "n": 1, "stream": True, "logprobs": True, "return_token_ids": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+
+        async with self._post(payload, models, self._stream_timeout) as (url, response):
+            if response.content_type != "text/event-stream":  # a server that ignores ``stream``: the sample at once
+                whole = await _json_or_raise(response)
+                choice = whole["choices"][0]
+                delta = {"role": "assistant", "content": choice["message"].get("content") or ""}
+                yield {"choices": [{**choice, "delta": delta}], "usage": whole.get("usage"), "backend": url}
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].rstrip(b"\r\n")
+                if data == b"[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                if "error" in chunk:
+                    raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
+                chunk["backend"] = url
+                yield chunk
 
     async def ready(self) -> bool:
         for backend in self._backends:
@@ -296,7 +326,7 @@ def _generation(data: dict[str, Any], backend: str) -> Generation:
 
 
 @dataclass
-class _Assembly:
+class Assembly:
     """A streamed best-of-N put back together: per sample its text, token ids, log-probs and finish reason, the
     message's other text fields (``reasoning_content``...), and the usage of the last chunk."""
 
@@ -331,6 +361,10 @@ class _Assembly:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         return finished
+
+    def text(self, index: int) -> str:
+        """The sample's text so far."""
+        return "".join(self.texts.get(index, ()))
 
     def generation(self, backend: str) -> Generation:
         for index, candidate in self.parts.items():

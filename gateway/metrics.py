@@ -89,6 +89,7 @@ class Metrics:
             f"{p}chosen_length_tokens", "Tokens in the chosen candidate", buckets=LENGTH_BUCKETS, registry=r
         )
         self.candidates = Histogram(f"{p}candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
+        self.pruned = Counter(f"{p}pruned_candidates", "Candidates aborted while decoding (selection: prune)", registry=r)
         self.errors = Counter(f"{p}errors", "Errors returned to clients by type and code", ["type", "code"], registry=r)
         self.in_flight = Gauge(
             f"{p}requests_in_flight", "Chat completion requests in progress", registry=r, multiprocess_mode="livesum"

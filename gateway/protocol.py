@@ -83,6 +83,10 @@ class ChatCompletionRequest(BaseModel):
     # --- Extensions of this gateway (not OpenAI fields) ---
     n_candidates: int | None = Field(default=None, ge=1, description="candidates to generate and rank (best-of-N)")
     return_candidates: bool = Field(default=False, description="add a `candidates` list: every candidate's text and reward")
+    selection: Literal["best_of_n", "prune"] | None = Field(
+        default=None, description="how N>1 candidates are chosen: all to the end (best_of_n), or the weakest aborted "
+        "while they decode (prune); None: the gateway's `selection`",
+    )  # fmt: skip
     deadline_ms: int | None = Field(
         default=None, ge=1, description="the most this request may take, generation and scoring together (at most the "
         "gateway's timeouts.deadline_s): 504 `deadline_exceeded` past it while generating; scoring gets what is left",
@@ -115,7 +119,18 @@ class AdminAction(BaseModel):
 
 
 GATEWAY_FIELDS = frozenset(
-    {"model", "n", "stream", "stream_options", "store", "metadata", "n_candidates", "return_candidates", "deadline_ms"}
+    {
+        "model",
+        "n",
+        "stream",
+        "stream_options",
+        "store",
+        "metadata",
+        "n_candidates",
+        "return_candidates",
+        "deadline_ms",
+        "selection",
+    }
 )
 """Handled by the gateway itself; never forwarded as they are."""
 

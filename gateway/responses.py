@@ -7,13 +7,16 @@ official ``openai`` types in the tests), the usage of every generated candidate,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse
 
+from gateway.errors import GatewayError
 from gateway.generate import Generation
+from gateway.prune import Leader
 from gateway.service import Outcome, Plan
 
 
@@ -100,6 +103,47 @@ def chunks(plan: Plan, outcome: Outcome, model_alias: str) -> list[bytes]:
     if plan.include_usage:
         events.append({**envelope(plan, "chat.completion.chunk", model_alias), "choices": [], "usage": usage(outcome.generation)})
     return [orjson.dumps(e) for e in events] + [b"[DONE]"]
+
+
+async def led(plan: Plan, run: asyncio.Future[Outcome], leader: Leader, model_alias: str) -> AsyncGenerator[bytes, None]:
+    """A streamed pruned best-of-N (``gateway.prune.Leader``): the leader's text as it decodes, once pruning has left
+    it alone; when no candidate was left alone (one finished first), the chosen answer after selection, as
+    ``chunks``. ``run`` is the service's run of the request (cancelled if the stream is let go early). A failure
+    after the first chunk ends the stream with an error event."""
+    try:
+        piece = await leader.pieces.get()
+        if piece is None:
+            for chunk in chunks(plan, await run, model_alias):
+                yield chunk
+            return
+        head = envelope(plan, "chat.completion.chunk", model_alias)
+        usage_field = {"usage": None} if plan.include_usage else {}
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return orjson.dumps({**head, "choices": [choice], **usage_field})
+
+        yield event({"role": "assistant", "content": piece})
+        while (piece := await leader.pieces.get()) is not None:
+            yield event({"content": piece})
+        try:
+            outcome = await run
+        except GatewayError as exc:
+            yield orjson.dumps(exc.body())
+            yield b"[DONE]"
+            return
+        answer = outcome.generation.candidates[outcome.chosen[0]]
+        last = {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": answer.finish_reason}],
+                **usage_field}  # fmt: skip
+        if plan.request.return_candidates:
+            last["candidates"] = candidates(outcome)
+        yield orjson.dumps(last)
+        if plan.include_usage:
+            yield orjson.dumps({**head, "choices": [], "usage": usage(outcome.generation)})
+        yield b"[DONE]"
+    finally:
+        if not run.done():
+            run.cancel()
 
 
 async def sse(head: Iterable[bytes], tail: AsyncIterator[bytes] | None = None) -> AsyncIterator[bytes]:

@@ -41,6 +41,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.protocol import AdminAction, ChatCompletionRequest, FeedbackRequest
+from gateway.prune import Leader
 from gateway.quotas import Ticket
 from gateway.service import Plan
 from gateway.state import Admin, FeedbackKeyId, GatewayState, KeyId, State
@@ -115,7 +116,16 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         headers["x-policy-version"] = plan.policy_version
         if plan.degraded:
             headers["x-bon-degraded"] = plan.degraded
-        if plan.streaming and plan.n_candidates == 1:
+        if plan.n_candidates > 1:
+            headers["x-bon-selection"] = plan.selection
+        if plan.streaming and plan.selection == "prune" and plan.n_return == 1 and not plan.request.logprobs:
+            leader = Leader()  # the answer streams as it decodes once pruning has left it alone
+            run = asyncio.ensure_future(state.service.run(plan, leader))
+            led = responses.led(plan, run, leader, state.settings.model_alias)
+            first = await _unless_disconnected(request, _first(led, plan))
+            status = 200
+            streaming = responses.sse([first], _until(led, state.settings.limits.max_stream_s))
+        elif plan.streaming and plan.n_candidates == 1:
             relay = state.service.relay(plan)
             first = await _unless_disconnected(request, _first(relay, plan))  # errors before the first byte keep their status
             status = 200

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway import prune
 from gateway.degrade import ScorerPace, under_load, within_pace
 from gateway.errors import DeadlineExceeded, InvalidRequest, LogUnavailable, ModelNotFound, ScorerFailed, ScorerUnavailable
 from gateway.generate import Candidate, Generation, Generator
@@ -30,7 +31,7 @@ from gateway.redact import Redactor
 from gateway.routing import Route
 from gateway.score import Conversation, Scorer
 from gateway.select import select
-from gateway.settings import GatewaySettings, LimitSettings
+from gateway.settings import GatewaySettings, LimitSettings, Selection
 from gateway.store.logproc import LogUnavailable as NotKept
 from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord, Record
 
@@ -76,6 +77,8 @@ class Plan:
     """The request's whole time (``deadline_ms``, else ``timeouts.deadline_s``)."""
     deadline: float = float("inf")
     """``time.monotonic()`` by which the answer must be ready."""
+    selection: Selection = "best_of_n"
+    """How the N>1 candidates are chosen (``prune``: the weakest aborted while they decode, ``gateway.prune``)."""
 
     def left_s(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -194,25 +197,37 @@ class ChatService:
         models = route.models if route is not None else None
         plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
         plan.degraded = ",".join(reasons) or None
+        if n_candidates > 1:
+            plan.selection = request.selection or s.selection
         asked = request.deadline_ms / 1000 if request.deadline_ms is not None else s.timeouts.deadline_s
         plan.deadline_s = min(s.timeouts.deadline_s, asked)
         plan.deadline = time.monotonic() + plan.deadline_s
         return plan
 
     # ---- generate → score → select → log ----
-    async def run(self, plan: Plan) -> Outcome:
+    async def run(self, plan: Plan, leader: prune.Leader | None = None) -> Outcome:
         """The answer for a buffered request (JSON, or N>1 streamed after scoring); its record goes to the log here,
-        also when the request is cancelled (its client left: marked so)."""
+        also when the request is cancelled (its client left: marked so). ``leader``: a pruned best-of-N's answer
+        streamed as it decodes, once it is the only candidate left (``gateway.prune.Leader``)."""
         generated: list[Generation] = []
         try:
-            return await self._run(plan, generated)
+            return await self._run(plan, generated, leader)
         except asyncio.CancelledError:
             generation = generated[0] if generated else Generation([], 0, 0, backend="")
             self.log(plan, Outcome(generation, None, [], cancelled=True))
             raise
 
-    async def _run(self, plan: Plan, generated: list[Generation]) -> Outcome:
+    async def _run(self, plan: Plan, generated: list[Generation], leader: prune.Leader | None = None) -> Outcome:
         scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
+        if plan.selection == "prune" and scorer is not None:
+            try:
+                return await self._run_pruned(plan, scorer, generated, leader)
+            except ScorerFailed as exc:  # best-of-N again, whose scoring follows scorer.on_failure
+                if leader is not None and leader.index is not None:  # its answer is being streamed: no other now
+                    raise
+                log.warning("pruning %s: %s; generating all %d candidates instead", plan.completion_id, exc, plan.n_candidates)
+                generated.clear()
+                plan.selection = "best_of_n"
         overlap = scorer is not None and self.settings.scorer.overlap and plan.n_candidates > 1
         early = _EarlyScores(scorer, _messages(plan)) if scorer is not None and overlap else None
         started = time.perf_counter()
@@ -250,6 +265,36 @@ class ChatService:
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
         rm_version = scorer.version if scorer is not None and rewards is not None else None
         outcome = Outcome(generation, rewards, chosen, rm_version, degraded)
+        self.log(plan, outcome)
+        return outcome
+
+    async def _run_pruned(
+        self, plan: Plan, scorer: Scorer, generated: list[Generation], leader: prune.Leader | None = None
+    ) -> Outcome:
+        """Early-pruned best-of-N: scoring is part of generation; the answers are the best finished candidates."""
+        settings = self.settings.prune
+        if plan.n_return > settings.min_keep:  # as many finished candidates as answers asked for
+            settings = settings.model_copy(update={"min_keep": plan.n_return})
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(plan.left_s()):
+                pruned = await prune.generate(
+                    self.generator, scorer, plan.body, plan.n_candidates, _messages(plan), settings, plan.models, leader
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within the request's deadline of {plan.deadline_s * 1000:.0f} ms") from None
+        generation = pruned.generation
+        generated.append(generation)
+        plan.used_tokens = generation.completion_tokens
+        plan.timings["generate"] = time.perf_counter() - started  # scoring included: it runs while candidates decode
+        self.metrics.stage["generate"].observe(plan.timings["generate"])
+        self.metrics.candidates.observe(len(generation.candidates))
+        self.metrics.pruned.inc(len(pruned.pruned))
+        kept = pruned.finished
+        chosen = [kept[k] for k in select([pruned.rewards[i] for i in kept], plan.n_return)]
+        self._observe_rewards([pruned.rewards[i] for i in kept], kept.index(chosen[0]), plan.policy_version)
+        self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
+        outcome = Outcome(generation, pruned.rewards, chosen, scorer.version)
         self.log(plan, outcome)
         return outcome
 

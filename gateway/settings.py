@@ -146,6 +146,16 @@ class ScorerSettings(BaseModel):
     below n), tagged ``x-bon-degraded: scorer_slow`` and counted (``gateway.degrade``). None: never."""
 
 
+class PruneSettings(BaseModel):
+    """Early-pruned best-of-N (``selection: prune``, ``gateway.prune``)."""
+
+    every_tokens: int = Field(default=8, ge=1, description="tokens between checkpoints, where partial answers are scored")
+    keep: float = Field(default=0.5, gt=0, lt=1, description="at each checkpoint, the share of candidates left that go on")
+    min_keep: int = Field(default=1, ge=1, description="candidates never pruned below this many")
+
+
+Selection = Literal["best_of_n", "prune"]
+
 Scope = Literal["chat", "feedback", "admin"]
 DEFAULT_SCOPES: tuple[Scope, ...] = ("chat", "feedback")
 
@@ -308,6 +318,10 @@ class GatewaySettings(YamlSettings):
     """Off: N must be 1 and nothing is scored (a plain proxy; the overhead benchmark's mode)."""
     n_candidates: int = Field(default=4, ge=1)
     max_n_candidates: int = Field(default=16, ge=1)
+    selection: Selection = "best_of_n"
+    """How N>1 candidates are chosen by default (a request's ``selection`` overrides it): ``best_of_n`` generates all N
+    to the end and returns the best; ``prune`` aborts the weakest while they decode (``prune``, ``gateway.prune``)."""
+    prune: PruneSettings = Field(default_factory=PruneSettings)
     default_max_tokens: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=192, ge=1)
     vllm_fields: list[str] = Field(default_factory=lambda: list(VLLM_FIELDS))

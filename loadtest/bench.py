@@ -25,11 +25,14 @@
   soak       10 minutes of steady mixed load on real vLLM and the reward model (N=1 and 4, streamed or not,
              thumbs, invalid requests): the gateway's memory and descriptors after warm-up, unexpected statuses
 
+  prune      early-pruned best-of-N (``selection: prune``) vs plain best-of-N on one gateway (real models), N = 4, 8,
+             16: tokens generated, TTFT and the answers' gold reward; baseline = plain best-of-N
+
   profile    where the gateway's CPU goes on the N=1 path under load: a py-spy flame graph (docs/) and the
              share of samples by package (not a comparison: the figures ``overhead`` judges come from there)
 
 One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``scoring``, ``workers``,
-``swap``, ``soak``, ``profile``: ``HELP``, ``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and
+``swap``, ``soak``, ``prune``, ``profile``: ``HELP``, ``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and
 the intervals, ``servers``: the mock backend and gateway processes, ``traffic``: interleaved HTTP load).
 Baseline and gateway run in the same process tree and are interleaved over several rounds
 (the order alternates per round), because these machines are noisy; each ratio is reported
@@ -43,11 +46,11 @@ import json
 import sys
 from types import ModuleType
 
-from loadtest import bon, formats, log_cost, overhead, profile, scoring, soak, swap, train, workers
+from loadtest import bon, formats, log_cost, overhead, profile, prune, scoring, soak, swap, train, workers
 
 BENCHMARKS: dict[str, ModuleType] = {
     "overhead": overhead, "logging": log_cost, "bon": bon, "train": train, "formats": formats, "scoring": scoring,
-    "workers": workers, "swap": swap, "soak": soak, "profile": profile,
+    "workers": workers, "swap": swap, "soak": soak, "prune": prune, "profile": profile,
 }  # fmt: skip
 """Each benchmark's module: ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict`` (the report)."""
 

@@ -64,7 +64,7 @@ def build(labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]]) ->
     out = Groups()
     for record, thumb in labelled:
         out.stats.completions += 1
-        cands = record.candidates
+        cands = record.whole  # the group is what was generated to the end (not candidates pruned while decoding)
         if len(cands) < 2:
             out.stats.too_small += 1
             continue

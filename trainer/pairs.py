@@ -113,7 +113,7 @@ def _distinct(candidates: list[CandidateRecord]) -> list[CandidateRecord]:
 def _one(
     record: CompletionRecord, thumb: FeedbackRecord | None, settings: PairSettings, stats: PairStats
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    cands = _distinct(record.candidates)
+    cands = _distinct(record.whole)  # a pruned candidate's partial answer is not compared with whole ones
     scored = all(c.reward is not None for c in cands)
     served = next((c for c in cands if c.chosen), None)
     if thumb is not None and served is not None:

@@ -74,7 +74,7 @@ def stats(version: str, labelled: Iterable[Labelled]) -> VersionStats:
         if record.status != "ok" or record.policy_version != version or chosen is None:
             continue
         out.answers += 1
-        out.lengths.append(fmean(float(c.token_count) for c in record.candidates))
+        out.lengths.append(fmean(float(c.token_count) for c in record.whole))
         out.refusals += bool(REFUSAL.search(chosen.text))
         rm = record.rm_version or "none"
         if chosen.reward is not None:

@@ -10,6 +10,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+PRUNED = "pruned"
+"""The ``finish_reason`` of a candidate aborted while decoding (``selection: prune``): its text is partial and its
+reward is the partial answer's, so it is not compared with whole answers."""
+
 
 @dataclass
 class CandidateRecord:
@@ -51,6 +55,11 @@ class CompletionRecord:
     status: Literal["ok", "cancelled"] = "ok"
     """``cancelled``: not completed, the client left or its stream broke off (what was generated so far, if anything)."""
     kind: Literal["completion"] = "completion"
+
+    @property
+    def whole(self) -> list[CandidateRecord]:
+        """The candidates generated to their end (all but those pruned while decoding)."""
+        return [c for c in self.candidates if c.finish_reason != PRUNED]
 
 
 @dataclass

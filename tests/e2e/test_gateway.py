@@ -7,7 +7,7 @@ import json
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,17 @@ import psutil
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
+from gateway.app import create_app
 from gateway.metrics import sample, scrape
+from gateway.score import Conversation
 from gateway.settings import VLLM_FIELDS, GatewaySettings
 from gateway.store.records import CompletionRecord
 from gateway.store.sql import SqlStore
 from gateway.vllm_process import VLLMProcess
 from tests.e2e.conftest import running_gateway
+from tests.gateway.fakes import FakeScorer
 from tests.polling import wait_until
+from tests.serving import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -211,6 +215,66 @@ def test_client_disconnect_aborts_the_vllm_request(
         wait_until(lambda: _logged(log, ABORTED) > aborted, 30, "vLLM did not abort the request the gateway let go of")
     generated = _wait_idle(policy_vllm) - tokens_before
     assert generated < n * MAX_TOKENS, f"vLLM generated {generated} of {n * MAX_TOKENS} tokens for an aborted request"
+
+
+class InstantScorer(FakeScorer):
+    """A stand-in reward model that answers at once: the longer the partial answer's distinct words, the better."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    async def score(self, conversations: Sequence[Conversation], *, background: bool = False) -> list[float]:
+        return [float(len(set(c.answer.split()))) for c in conversations]
+
+
+def test_a_pruned_best_of_n_aborts_the_weakest_samples_in_vllm(
+    policy_vllm: str, policy_vllm_process: VLLMProcess, data_dir: Path
+) -> None:
+    """``selection: prune`` on real vLLM: four samples of MAX_TOKENS each (ignore_eos); at 8 tokens the two weakest
+    partial answers are aborted, at 16 one more (the default ``prune`` settings); vLLM logs three aborts and generates
+    about a quarter of what best-of-4 would; the one left runs to its end and is the answer.
+
+    The scorer is a stand-in that answers at once. With the real reward model in this process, a checkpoint's scoring
+    took 9-13 ms in most runs here but 1.3-1.4 s in some (2 cores shared with vLLM's engine and server), long enough
+    for all four samples to reach their end first: then nothing is pruned, which is the rule working (a finished
+    candidate is a contender), but this test is about vLLM's side. The real reward model with pruning is measured by
+    ``python -m loadtest.bench prune``."""
+    settings = GatewaySettings(
+        store={"data_dir": data_dir / "prune", "flush_interval_ms": 5},  # type: ignore[arg-type]
+        backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
+        n_candidates=4, selection="prune", warmup=False, vllm_fields=[*VLLM_FIELDS, "ignore_eos"],
+    )  # fmt: skip
+    with serving(create_app(settings, scorer=InstantScorer())) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        tokens_before = _wait_idle(policy_vllm)
+        aborted = _logged(policy_vllm_process.log_path, ABORTED)
+        raw = client.chat.completions.with_raw_response.create(
+            model="toy-bon", messages=MESSAGES, max_tokens=MAX_TOKENS, seed=5,
+            extra_body={"ignore_eos": True, "return_candidates": True},
+        )  # fmt: skip
+        assert raw.headers["x-bon-selection"] == "prune"
+        completion = raw.parse()
+        candidates = (completion.model_extra or {})["candidates"]
+        assert sorted(c["finish_reason"] for c in candidates) == ["length", "pruned", "pruned", "pruned"], candidates
+        (kept,) = [c for c in candidates if c["finish_reason"] == "length"]
+        assert kept["chosen"]
+        assert completion.choices[0].message.content == kept["text"]
+        wait_until(lambda: _logged(policy_vllm_process.log_path, ABORTED) >= aborted + 3, 30, "vLLM did not abort them")
+        generated = _wait_idle(policy_vllm) - tokens_before
+        assert completion.usage is not None
+        # vLLM generated what the response counts, give or take the tokens a sample made while it was being aborted
+        # (one not aborted would run on to MAX_TOKENS: over 150 more)
+        assert completion.usage.completion_tokens <= generated < completion.usage.completion_tokens + 3 * 48
+        assert generated < 2 * MAX_TOKENS
+        # streamed: once pruning left one alone, it is relayed as it decodes (what it had at 16 tokens, then the rest
+        # as vLLM sends it: vLLM may merge tokens into one chunk when its server is behind, never into one piece)
+        stream = client.chat.completions.create(
+            model="toy-bon", messages=MESSAGES, max_tokens=MAX_TOKENS, seed=5, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = list(stream)
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) >= 3, pieces
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
 ADDED = "Added request "  # vLLM's request log (--enable-log-requests): once per sample of a request

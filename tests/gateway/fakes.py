@@ -28,6 +28,8 @@ class FakeGenerator:
         self.texts = list(texts)
         self.error = error
         self.delay_s = delay_s
+        self.word_gap_s = 0.0
+        self.aborted = 0
         self.finish_gap_s = finish_gap_s
         self.calls: list[tuple[dict[str, Any], int]] = []
         self.cancelled = 0
@@ -72,6 +74,26 @@ class FakeGenerator:
             usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
             yield json.dumps({**base, "choices": [], "usage": usage}).encode()
         yield b"[DONE]"
+
+    async def sample(self, body: dict[str, Any], models: dict[str, str] | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Candidate ``seed % len(texts)``, one word per chunk (one token id each), ``word_gap_s`` apart; counts samples
+        closed before their end in ``aborted``."""
+        self.calls.append((body, 1))
+        words = re.split(r"(?<= )", self.texts[int(body.get("seed", 0)) % len(self.texts)])
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.error is not None:
+                raise self.error
+            yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "backend": "fake"}
+            for k, word in enumerate(words):
+                await asyncio.sleep(self.word_gap_s)
+                last = k == len(words) - 1
+                choice = {"index": 0, "delta": {"content": word}, "token_ids": [k], "finish_reason": "stop" if last else None}
+                yield {"choices": [choice], "backend": "fake"}
+            yield {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(words)}, "backend": "fake"}
+        except (GeneratorExit, asyncio.CancelledError):
+            self.aborted += 1
+            raise
 
     async def ready(self) -> bool:
         return self.error is None

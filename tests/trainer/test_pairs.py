@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.store.records import CandidateRecord, CompletionRecord, FeedbackRecord
+from gateway.store.records import PRUNED, CandidateRecord, CompletionRecord, FeedbackRecord
 from trainer.pairs import build, weighted
 from trainer.settings import PairSettings
 
@@ -56,6 +56,17 @@ def test_best_vs_each_and_the_minimum_margin() -> None:
     wide = build([(record("c1", *FOUR), None)], PairSettings(policy="best_vs_each", min_margin=1.2))
     assert [texts(r) for r in wide.pairs] == [("4.", "Ugh. 4."), ("4.", "Five.")]
     assert wide.stats.below_margin == 1
+
+
+def test_candidates_pruned_while_decoding_make_no_pair() -> None:
+    # a partial answer's partial reward is not compared with whole answers, even when it is the lowest or the highest
+    rec = record("c1", ("4.", 2.0), ("Fi", -3.0), ("It is 4, friend.", 1.0), ("Ugh", 5.0))
+    for pruned in (1, 3):
+        rec.candidates[pruned].finish_reason = PRUNED
+    every = build([(rec, None)], PairSettings(policy="best_vs_each"))
+    assert [texts(r) for r in every.pairs] == [("4.", "It is 4, friend.")]
+    down = build([(rec, thumb("c1", "down"))], PairSettings())
+    assert [texts(r) for r in down.pairs] == [("It is 4, friend.", "4.")]
 
 
 def test_ties_and_repeated_texts_make_no_pair() -> None:
