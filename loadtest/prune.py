@@ -49,7 +49,7 @@ class Answer:
 
 
 async def _once(session: aiohttp.ClientSession, url: str, prompt: str, body: dict[str, Any]) -> Answer:
-    from toyworld.gold import gold_reward
+    from toyworld.evaluate import golds
 
     started = time.perf_counter()
     ttft: float | None = None
@@ -68,7 +68,7 @@ async def _once(session: aiohttp.ClientSession, url: str, prompt: str, body: dic
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
     wall = time.perf_counter() - started
-    return Answer(wall, ttft if ttft is not None else wall, tokens, gold_reward(prompt, "".join(text)))
+    return Answer(wall, ttft if ttft is not None else wall, tokens, golds([prompt], ["".join(text)])[0])
 
 
 async def _batch(url: str, prompts: list[str], n: int, selection: str, args: argparse.Namespace, r: int) -> list[Answer]:

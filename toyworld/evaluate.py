@@ -140,3 +140,11 @@ def rounded(d: object) -> object:
     if isinstance(d, float):
         return round(d, 4)
     return d
+
+
+def golds(prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """The gold reward of each answer to its prompt: what a benchmark outside the toy world's floor measures its
+    answers by (``loadtest.prune``), without importing the gold reward itself."""
+    from toyworld.gold import gold_reward
+
+    return [gold_reward(p, a) for p, a in zip(prompts, answers, strict=True)]

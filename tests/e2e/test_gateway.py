@@ -227,25 +227,28 @@ class InstantScorer(FakeScorer):
         return [float(len(set(c.answer.split()))) for c in conversations]
 
 
-def test_a_pruned_best_of_n_aborts_the_weakest_samples_in_vllm(
+def test_a_pruned_best_of_n_on_vllm_aborts_what_it_prunes_and_answers_with_the_best_finished(
     policy_vllm: str, policy_vllm_process: VLLMProcess, data_dir: Path
 ) -> None:
-    """``selection: prune`` on real vLLM: four samples of MAX_TOKENS each (ignore_eos); at 8 tokens the two weakest
-    partial answers are aborted, at 16 one more (the default ``prune`` settings); vLLM logs three aborts and generates
-    about a quarter of what best-of-4 would; the one left runs to its end and is the answer.
+    """``selection: prune`` on real vLLM: four one-sample requests of MAX_TOKENS each (ignore_eos), partial answers
+    scored every 8 tokens (the default ``prune`` settings) by an instant stand-in scorer.
 
-    The scorer is a stand-in that answers at once. With the real reward model in this process, a checkpoint's scoring
-    took 9-13 ms in most runs here but 1.3-1.4 s in some (2 cores shared with vLLM's engine and server), long enough
-    for all four samples to reach their end first: then nothing is pruned, which is the rule working (a finished
-    candidate is a contender), but this test is about vLLM's side. The real reward model with pruning is measured by
-    ``python -m loadtest.bench prune``."""
+    How many are pruned depends on when vLLM's server sends the tokens, not only on the rule: here 3 of 4 in most runs
+    (vLLM generated ~250 tokens instead of 4 x 192), but in a CI run none, with the real reward model as well: the
+    chunks came after the samples had reached their end, and a finished candidate is a contender, never pruned. So this
+    test asks what holds either way: every candidate is pruned or whole, each pruned one is aborted in vLLM (its log)
+    and cut short, vLLM generates only what the response accounts for (a sample not aborted would run on to
+    MAX_TOKENS), and the answer is the best whole one; streamed, valid chunks to the end. When pruning happens
+    is ``tests/gateway/test_prune.py``'s (fakes); what it saves, ``python -m loadtest.bench prune``'s."""
     settings = GatewaySettings(
         store={"data_dir": data_dir / "prune", "flush_interval_ms": 5},  # type: ignore[arg-type]
         backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
         n_candidates=4, selection="prune", warmup=False, vllm_fields=[*VLLM_FIELDS, "ignore_eos"],
     )  # fmt: skip
-    with serving(create_app(settings, scorer=InstantScorer())) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    with (
+        serving(create_app(settings, scorer=InstantScorer())) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as client,
+    ):
         tokens_before = _wait_idle(policy_vllm)
         aborted = _logged(policy_vllm_process.log_path, ABORTED)
         raw = client.chat.completions.with_raw_response.create(
@@ -255,25 +258,22 @@ def test_a_pruned_best_of_n_aborts_the_weakest_samples_in_vllm(
         assert raw.headers["x-bon-selection"] == "prune"
         completion = raw.parse()
         candidates = (completion.model_extra or {})["candidates"]
-        assert sorted(c["finish_reason"] for c in candidates) == ["length", "pruned", "pruned", "pruned"], candidates
-        (kept,) = [c for c in candidates if c["finish_reason"] == "length"]
-        assert kept["chosen"]
-        assert completion.choices[0].message.content == kept["text"]
-        wait_until(lambda: _logged(policy_vllm_process.log_path, ABORTED) >= aborted + 3, 30, "vLLM did not abort them")
+        pruned = [c for c in candidates if c["finish_reason"] == "pruned"]
+        whole = [c for c in candidates if c["finish_reason"] == "length"]
+        assert len(pruned) + len(whole) == 4, candidates
+        best = max(whole, key=lambda c: c["reward"])
+        assert best["chosen"]
+        assert completion.choices[0].message.content == best["text"]
+        wait_until(lambda: _logged(policy_vllm_process.log_path, ABORTED) >= aborted + len(pruned), 30, "vLLM kept them")
         generated = _wait_idle(policy_vllm) - tokens_before
         assert completion.usage is not None
-        # vLLM generated what the response counts, give or take the tokens a sample made while it was being aborted
-        # (one not aborted would run on to MAX_TOKENS: over 150 more)
-        assert completion.usage.completion_tokens <= generated < completion.usage.completion_tokens + 3 * 48
-        assert generated < 2 * MAX_TOKENS
-        # streamed: once pruning left one alone, it is relayed as it decodes (what it had at 16 tokens, then the rest
-        # as vLLM sends it: vLLM may merge tokens into one chunk when its server is behind, never into one piece)
+        assert completion.usage.completion_tokens <= generated
+        assert generated - completion.usage.completion_tokens < 48 * len(pruned) + 1, (generated, completion.usage)
         stream = client.chat.completions.create(
             model="toy-bon", messages=MESSAGES, max_tokens=MAX_TOKENS, seed=5, stream=True, extra_body={"ignore_eos": True}
         )
         chunks = list(stream)
-        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-        assert len(pieces) >= 3, pieces
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
