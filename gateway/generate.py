@@ -217,15 +217,7 @@ class VLLMGenerator:
                 for candidate in whole.candidates:
                     on_finished(candidate)
                 return whole
-            async for line in response.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].rstrip(b"\r\n")
-                if data == b"[DONE]":
-                    break
-                chunk = orjson.loads(data)
-                if "error" in chunk:  # vLLM failed mid-stream (its status was already 200)
-                    raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
+            async for chunk in _events(response):
                 for candidate in assembly.add(chunk):
                     on_finished(candidate)
             if len(assembly.parts) < n:
@@ -252,15 +244,7 @@ class VLLMGenerator:
                 delta = {"role": "assistant", "content": choice["message"].get("content") or ""}
                 yield {"choices": [{**choice, "delta": delta}], "usage": whole.get("usage"), "backend": url}
                 return
-            async for line in response.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].rstrip(b"\r\n")
-                if data == b"[DONE]":
-                    break
-                chunk = orjson.loads(data)
-                if "error" in chunk:
-                    raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
+            async for chunk in _events(response):
                 chunk["backend"] = url
                 yield chunk
 
@@ -273,6 +257,21 @@ class VLLMGenerator:
             except (aiohttp.ClientError, TimeoutError):
                 continue
         return False
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """A vLLM stream's chunks, parsed, until ``[DONE]``; an error event (vLLM failed mid-stream, its status was
+    already 200) raises ``BackendFailed``."""
+    async for line in response.content:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].rstrip(b"\r\n")
+        if data == b"[DONE]":
+            return
+        chunk = orjson.loads(data)
+        if "error" in chunk:
+            raise BackendFailed(f"the model backend failed: {_error_message(data.decode())}")
+        yield chunk
 
 
 async def _json_or_raise(response: aiohttp.ClientResponse) -> dict[str, Any]:
