@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -71,8 +71,20 @@ def window(
 ) -> Iterator[tuple[CompletionRecord, FeedbackRecord | None]]:
     """The window's completed completions (a cancelled one is never trained on); with ``keep_thumbed``, a thumbed
     one is kept whatever its reward model (its pair comes from the thumb, not from those scores)."""
-    for record, thumb in store.read_labelled(since, until):
-        if record.status != "ok":
+    return pick(store.read_labelled(since, until), since, policy_version, rm_version, keep_thumbed)
+
+
+def pick(
+    labelled: Iterable[tuple[CompletionRecord, FeedbackRecord | None]],
+    since: float = 0.0,
+    policy_version: str | None = None,
+    rm_version: str | None = None,
+    keep_thumbed: bool = True,
+) -> Iterator[tuple[CompletionRecord, FeedbackRecord | None]]:
+    """``window``'s selection over completions already read, so that one read of the log can serve several windows
+    (the reward-hacking watch's and the round's) that start at ``since`` or later."""
+    for record, thumb in labelled:
+        if record.status != "ok" or record.created < since:
             continue
         if policy_version is not None and record.policy_version != policy_version:
             continue

@@ -36,8 +36,8 @@ from gateway.canary import finite
 from trainer import groups
 from trainer.algorithms import ALGORITHMS, DISTRIBUTED, TABLE, RoundData
 from trainer.distributed import Team
-from trainer.export import parse_time, window
-from trainer.history import Window, thumbs_by_version, weigh
+from trainer.export import parse_time, pick, window
+from trainer.history import Labelled, Window, thumbs_by_version, weigh
 from trainer.pairs import build, thumbed, weighted
 from trainer.settings import KlBudgetSettings, TrainerSettings
 from versioning import watch as watch_state
@@ -164,20 +164,23 @@ def _run_locked(settings: TrainerSettings, algorithm: str, url: str, progress: b
     parent, policy_version = policy_label(settings, registry)
     rm_version = rm_label(settings, registry)
     until = time.time()
-    watching = _watch(settings, url, registry, parent, rm_version, until)
+    history = s.history
+    spec = Window(policy_version, s.base_policy_version, parse_time(s.max_age, until), history.versions,
+                  parse_time(history.max_age or s.max_age, until), history.decay)  # fmt: skip
+    # one read of the log serves the watch (its window starts at spec.since) and the round; none while the watch stays firing
+    logged = _LogRead(settings, url, min(spec.since, spec.thumbs_since) if history.versions else spec.since, until)
+    watching = _watch(settings, url, registry, parent, rm_version, until, logged)
     if watching.firing and s.watch.pause:
         return RoundResult("skipped", f"the reward-hacking watch is firing about {watching.version} (since "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(watching.since or 0))} UTC): "
                            f"{'; '.join(watching.reasons)}. Training pauses until a reward-model refit restores its agreement "
                            "with thumbs or an admin clears it (python -m trainer watch clear, POST /admin/watch/clear)",
                            parent=parent)  # fmt: skip
-    history = s.history
-    spec = Window(policy_version, s.base_policy_version, parse_time(s.max_age, until), history.versions,
-                  parse_time(history.max_age or s.max_age, until), history.decay)  # fmt: skip
+    keep_thumbed = s.pairs.thumbs_override
     if history.versions:  # every version's thumbed completions, then the window's selection
-        read = _read_window(settings, url, min(spec.since, spec.thumbs_since), until, None, rm_version)
+        read = pick(logged.rows(), logged.since, None, rm_version, keep_thumbed)
     else:
-        read = _read_window(settings, url, spec.since, until, policy_version, rm_version)
+        read = pick(logged.rows(), spec.since, policy_version, rm_version, keep_thumbed)
     labelled = spec.select(read)
     exported = build(labelled, s.pairs)
     stats = exported.stats
@@ -310,9 +313,10 @@ def _train(
 
 
 def _watch(settings: TrainerSettings, url: str, registry: Registry, current: str | None, rm_version: str,
-           until: float) -> WatchState:  # fmt: skip
+           until: float, logged: _LogRead | None = None) -> WatchState:  # fmt: skip
     """The reward-hacking watch before a round: a firing watch stays firing until cleared; otherwise the current version
-    is checked against its parent on what each served in the window, and a check that fires is written down."""
+    is checked against its parent on what each served in the window (read from ``logged`` when the round has read it), and
+    a check that fires is written down."""
     from trainer import watch
 
     state = watch_state.read(registry.root)
@@ -322,7 +326,8 @@ def _watch(settings: TrainerSettings, url: str, registry: Registry, current: str
     manifest = registry.manifest("policy", current)
     parent = manifest.parent or s.base_policy_version
     since = parse_time(s.max_age, until)
-    stats = {v: watch.stats(v, _read_window(settings, url, since, until, v, None)) for v in (current, parent)}
+    rows = (logged if logged is not None else _LogRead(settings, url, since, until)).rows()
+    stats = {v: watch.stats(v, pick(rows, since, v)) for v in (current, parent)}
     kl = (finite(manifest.evaluation.get("kl_to_reference")), finite(manifest.evaluation.get("kl_to_reference_stderr")))
     evaluation = watch.Evaluation(current, parent, watch.checks(stats[current], stats[parent], rm_version, s.watch, kl))
     state.checks, state.checked_at = evaluation.as_dicts(), evaluation.at
@@ -377,8 +382,22 @@ def refit_reward_model(settings: TrainerSettings, *, progress: bool = True) -> R
     return result
 
 
-def _read_window(settings: TrainerSettings, url: str, since: float, until: float, policy_version: str | None,
-                 rm_version: str | None) -> list[tuple[Any, Any]]:  # fmt: skip
+class _LogRead:
+    """The log's completed completions from ``since`` to ``until``, read once on first use (then narrowed with
+    ``export.pick``)."""
+
+    def __init__(self, settings: TrainerSettings, url: str, since: float, until: float) -> None:
+        self.settings, self.url, self.since, self.until = settings, url, since, until
+        self._rows: list[Labelled] | None = None
+
+    def rows(self) -> list[Labelled]:
+        if self._rows is None:
+            self._rows = _read_window(self.settings, self.url, self.since, self.until)
+        return self._rows
+
+
+def _read_window(settings: TrainerSettings, url: str, since: float, until: float) -> list[Labelled]:
+    """Every completed completion in the window with its thumb, whatever served or scored it."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from gateway.store.sql import SqlStore
@@ -387,7 +406,7 @@ def _read_window(settings: TrainerSettings, url: str, since: float, until: float
         raise RoundError(f"no log database at {url} (has the gateway run with store.enabled?)")
     store = SqlStore(url, connect_timeout_s=settings.store.connect_timeout_s)
     try:
-        return list(window(store, since, until, policy_version, rm_version, settings.trainer.pairs.thumbs_override))
+        return list(window(store, since, until))
     except SQLAlchemyError as exc:
         raise RoundError(f"cannot read the log: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
     finally:
@@ -401,7 +420,7 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     s = settings.trainer
     registry = Registry(s.registry_dir)
     since, until = parse_time(s.max_age), time.time()
-    labelled = _read_window(settings, url, since, until, None, None)  # a thumb orders a pair whatever scored it
+    labelled = _read_window(settings, url, since, until)  # a thumb orders a pair whatever scored it
     if s.reward.pairs == "thumb_vs_thumb":
         data = reward.thumb_pairs(labelled, s.reward.holdout_every, s.reward.max_pairs, s.reward.seed)
         kind = "thumb-vs-thumb pairs (an answer thumbed up against one thumbed down)"

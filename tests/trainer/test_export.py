@@ -149,6 +149,25 @@ def test_the_reward_model_filter_keeps_thumbed_completions_only_when_thumbs_deci
     store.close()
 
 
+def test_pick_narrows_rows_already_read_as_a_window_would() -> None:
+    """One read of the log serves several windows: ``pick`` applies ``window``'s filters and a later start in memory."""
+    from trainer.export import pick
+
+    cands = [CandidateRecord(0, "4.", [1], "stop", reward=1.0, chosen=True)]
+
+    def record(cid: str, created: float, policy: str, rm: str, status: str = "ok") -> CompletionRecord:
+        return CompletionRecord(cid, created, "k", [], {}, policy, rm, 1, 3, 2, {}, cands, status=status)  # type: ignore[arg-type]
+
+    thumb = FeedbackRecord("c3", "k", "up", None, 0.0)
+    rows = [(record("c0", 10, "v1", "rm1"), None), (record("c1", 20, "v2", "rm1"), None),
+            (record("c2", 30, "v2", "rm2", "cancelled"), None), (record("c3", 40, "v2", "rm2"), thumb)]  # fmt: skip
+    assert [r.id for r, _ in pick(rows)] == ["c0", "c1", "c3"]
+    assert [r.id for r, _ in pick(rows, since=20)] == ["c1", "c3"]
+    assert [r.id for r, _ in pick(rows, policy_version="v2")] == ["c1", "c3"]
+    assert [r.id for r, _ in pick(rows, rm_version="rm1")] == ["c0", "c1", "c3"]  # c3 is thumbed
+    assert [r.id for r, _ in pick(rows, rm_version="rm1", keep_thumbed=False)] == ["c0", "c1"]
+
+
 def test_a_cancelled_completion_is_logged_but_never_trained_on(tmp_path: Path) -> None:
     from trainer.export import window
 

@@ -168,3 +168,28 @@ def test_a_round_pauses_while_the_watch_fires_and_resumes_once_an_admin_clears_i
     assert main(["run", "--config", str(grown), "--quiet"]) == 0
     assert "watch" not in capsys.readouterr().out
     assert not state.read(root).firing
+
+
+def test_the_watch_and_the_round_share_one_read_of_the_log(grown: Path, capsys: Any, monkeypatch: Any) -> None:
+    """The watch checks v0001 against base and the round then builds its data: both from one pass over the log."""
+    reads: list[tuple[float, float | None]] = []
+    real = SqlStore.read_labelled
+
+    def counted(self: SqlStore, since: float = 0.0, until: float | None = None, **kw: Any) -> Any:
+        reads.append((since, until))
+        return real(self, since, until, **kw)
+
+    monkeypatch.setattr(SqlStore, "read_labelled", counted)
+    config = yaml.safe_load(grown.read_text())
+    config["trainer"]["watch"] = {"pause": False}
+    grown.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(grown), "--quiet"]) == 0
+    assert "trainer.min_pairs is 1000" in capsys.readouterr().out  # the round went on to count its pairs
+    assert state.read(grown.parent / "registry").firing  # and the watch judged on the same rows
+    assert len(reads) == 1
+    # while the watch stays firing and pauses training, the round reads nothing
+    config["trainer"]["watch"] = {"pause": True}
+    grown.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(grown), "--quiet"]) == 0
+    assert "the reward-hacking watch is firing" in capsys.readouterr().out
+    assert len(reads) == 1
