@@ -90,6 +90,10 @@ class Metrics:
         )
         self.candidates = Histogram(f"{p}candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
         self.pruned = Counter(f"{p}pruned_candidates", "Candidates aborted while decoding (selection: prune)", registry=r)
+        self.adaptive = Counter(
+            f"{p}adaptive_n", "Requests whose N adaptive N chose, by the rule that set it (cap, cold, explore, spread, "
+            "budget)", ["reason"], registry=r,
+        )  # fmt: skip
         self.errors = Counter(f"{p}errors", "Errors returned to clients by type and code", ["type", "code"], registry=r)
         self.in_flight = Gauge(
             f"{p}requests_in_flight", "Chat completion requests in progress", registry=r, multiprocess_mode="livesum"

@@ -87,6 +87,10 @@ class ChatCompletionRequest(BaseModel):
         default=None, description="how N>1 candidates are chosen: all to the end (best_of_n), or the weakest aborted "
         "while they decode (prune); None: the gateway's `selection`",
     )  # fmt: skip
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0, description="N is lowered to the most candidates the gateway predicts to answer within this "
+        "(from recent requests' latency at their N: the load shows in it); None: the gateway's adaptive.latency_budget_ms",
+    )  # fmt: skip
     deadline_ms: int | None = Field(
         default=None, ge=1, description="the most this request may take, generation and scoring together (at most the "
         "gateway's timeouts.deadline_s): 504 `deadline_exceeded` past it while generating; scoring gets what is left",
@@ -130,6 +134,7 @@ GATEWAY_FIELDS = frozenset(
         "return_candidates",
         "deadline_ms",
         "selection",
+        "latency_budget_ms",
     }
 )
 """Handled by the gateway itself; never forwarded as they are."""

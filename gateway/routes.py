@@ -116,6 +116,9 @@ async def chat_completions(request: Request, state: State, key_id: KeyId) -> Res
         headers["x-policy-version"] = plan.policy_version
         if plan.degraded:
             headers["x-bon-degraded"] = plan.degraded
+        headers["x-bon-n"] = str(plan.n_candidates)
+        if plan.adaptive is not None:
+            headers["x-bon-adaptive"] = plan.adaptive
         if plan.n_candidates > 1:
             headers["x-bon-selection"] = plan.selection
         if plan.streaming and plan.selection == "prune" and plan.n_return == 1 and not plan.request.logprobs:

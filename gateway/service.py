@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway import prune
+from gateway.adaptive import Latency, Reason, Spread, kind_of
 from gateway.degrade import ScorerPace, under_load, within_pace
 from gateway.errors import DeadlineExceeded, InvalidRequest, LogUnavailable, ModelNotFound, ScorerFailed, ScorerUnavailable
 from gateway.generate import Candidate, Generation, Generator
@@ -79,6 +80,10 @@ class Plan:
     """``time.monotonic()`` by which the answer must be ready."""
     selection: Selection = "best_of_n"
     """How the N>1 candidates are chosen (``prune``: the weakest aborted while they decode, ``gateway.prune``)."""
+    kind: str | None = None
+    """The request's kind for adaptive N (``gateway.adaptive``; None: adaptive N is off)."""
+    adaptive: Reason | None = None
+    """Which adaptive rule set N (None: N is the request's or the configured one)."""
 
     def left_s(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -138,6 +143,11 @@ class ChatService:
         self._recent: OrderedDict[str, str] = OrderedDict()
         self.scorer_pace = ScorerPace()
         """The reward model's recent seconds per candidate (``scorer.degrade_above_ms`` lowers N by it)."""
+        a = settings.adaptive
+        self.spread = Spread(a.window, a.min_requests, a.keep_gain, a.explore, a.z)
+        """Adaptive N's recent best-of-N gains by policy version and kind."""
+        self.latency = Latency(a.latency_horizon_s, a.latency_quantile)
+        """Adaptive N's recent latency against N (a latency budget lowers N by it)."""
 
     # ---- protocol: validate and plan ----
     def plan(self, request: ChatCompletionRequest, key_id: str, in_flight: int = 0) -> Plan:
@@ -179,6 +189,14 @@ class ChatService:
             raise InvalidRequest(
                 f"'{tool_field}' cannot be used with best-of-N: set n_candidates to 1 to call tools", param=tool_field
             )
+        route = self.route(sticky_key(request, key_id)) if self.route is not None else None
+        version = route.version if route is not None else s.policy_version
+        kind, adapted = None, None
+        if s.adaptive.enabled:
+            chars = sum(len(m.text()) for m in request.messages)
+            kind = kind_of((request.metadata or {}).get("task"), chars, s.adaptive.length_edges)
+        if s.scoring_enabled and n_candidates > n_return:
+            n_candidates, adapted = self._adapt(request, kind, version, n_candidates, n_return)
         reasons = []
         if (lowered := under_load(n_candidates, n_return, in_flight, s.limits.degrade_above)) < n_candidates:
             n_candidates = lowered
@@ -192,11 +210,10 @@ class ChatService:
         body = passthrough(request)
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
-        route = self.route(sticky_key(request, key_id)) if self.route is not None else None
-        version = route.version if route is not None else s.policy_version
         models = route.models if route is not None else None
         plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
         plan.degraded = ",".join(reasons) or None
+        plan.kind, plan.adaptive = kind, adapted
         if n_candidates > 1:
             plan.selection = request.selection or s.selection
         asked = request.deadline_ms / 1000 if request.deadline_ms is not None else s.timeouts.deadline_s
@@ -204,14 +221,33 @@ class ChatService:
         plan.deadline = time.monotonic() + plan.deadline_s
         return plan
 
+    def _adapt(
+        self, request: ChatCompletionRequest, kind: str | None, version: str, n: int, n_return: int
+    ) -> tuple[int, Reason | None]:
+        """Adaptive N (``gateway.adaptive``): the spread rule when the request left N to the gateway, then its latency
+        budget; the count of each decision by the rule that made it."""
+        reason: Reason | None = None
+        if kind is not None and request.n_candidates is None:
+            choice = self.spread.choose(version, kind, n, n_return)
+            n, reason = choice.n, choice.reason
+        budget_ms = request.latency_budget_ms or self.settings.adaptive.latency_budget_ms
+        if budget_ms is not None and (fits := self.latency.most_within(budget_ms / 1000, n, n_return)) < n:
+            n, reason = fits, "budget"
+        if reason is not None:
+            self.metrics.adaptive.labels(reason).inc()
+        return n, reason
+
     # ---- generate → score → select → log ----
     async def run(self, plan: Plan, leader: prune.Leader | None = None) -> Outcome:
         """The answer for a buffered request (JSON, or N>1 streamed after scoring); its record goes to the log here,
         also when the request is cancelled (its client left: marked so). ``leader``: a pruned best-of-N's answer
         streamed as it decodes, once it is the only candidate left (``gateway.prune.Leader``)."""
         generated: list[Generation] = []
+        started = time.perf_counter()
         try:
-            return await self._run(plan, generated, leader)
+            outcome = await self._run(plan, generated, leader)
+            self.latency.observe(plan.n_candidates, time.perf_counter() - started)
+            return outcome
         except asyncio.CancelledError:
             generation = generated[0] if generated else Generation([], 0, 0, backend="")
             self.log(plan, Outcome(generation, None, [], cancelled=True))
@@ -262,6 +298,8 @@ class ChatService:
         self.metrics.stage["select"].observe(plan.timings["select"])
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
+            if plan.kind is not None:
+                self.spread.observe(plan.policy_version, plan.kind, rewards)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
         rm_version = scorer.version if scorer is not None and rewards is not None else None
         outcome = Outcome(generation, rewards, chosen, rm_version, degraded)
@@ -484,6 +522,7 @@ class ChatService:
                 [answer], int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), backend=""
             )
             if complete:
+                self.latency.observe(1, plan.timings["generate"])
                 self.metrics.chosen_length.observe(answer.token_count)
                 self.log(plan, Outcome(generation, None, [0]))
             elif left or not first:  # cut short (a backend failure before the first byte was no answer at all)

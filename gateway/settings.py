@@ -154,6 +154,25 @@ class PruneSettings(BaseModel):
     min_keep: int = Field(default=1, ge=1, description="candidates never pruned below this many")
 
 
+class AdaptiveSettings(BaseModel):
+    """Adaptive N (``gateway.adaptive``): fewer candidates where recent ones bought little, or where the latency budget
+    would not hold. A request that sets ``n_candidates`` gets that many (the budget may still lower it)."""
+
+    enabled: bool = False
+    """Choose N per request from the reward spread of recent requests of its kind, ``n_candidates`` the most."""
+    keep_gain: float = Field(default=0.9, gt=0, le=1, description="the share of the cap's best-of-N gain a choice keeps")
+    min_requests: int = Field(default=30, ge=2, description="requests of a kind at the cap before its N is lowered")
+    window: int = Field(default=200, ge=2, description="recent requests per policy version and kind")
+    explore: float = Field(default=0.1, ge=0, le=1, description="the share of a kind's requests still run at the cap")
+    z: float = Field(default=1.96, ge=0, description="standard errors a gain needs to count (below: one candidate)")
+    length_edges: list[int] = Field(default_factory=lambda: [64, 256, 1024])
+    """Message characters that split prompt kinds into length buckets (with the client's ``metadata.task``)."""
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+    """Every request's budget unless it asks for its own (``latency_budget_ms``): N is the most predicted to fit."""
+    latency_quantile: float = Field(default=0.95, gt=0, le=1, description="the share of requests the budget is for")
+    latency_horizon_s: float = Field(default=30.0, gt=0, description="how far back latency is read")
+
+
 Selection = Literal["best_of_n", "prune"]
 
 Scope = Literal["chat", "feedback", "admin"]
@@ -322,6 +341,7 @@ class GatewaySettings(YamlSettings):
     """How N>1 candidates are chosen by default (a request's ``selection`` overrides it): ``best_of_n`` generates all N
     to the end and returns the best; ``prune`` aborts the weakest while they decode (``prune``, ``gateway.prune``)."""
     prune: PruneSettings = Field(default_factory=PruneSettings)
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
     default_max_tokens: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=192, ge=1)
     vllm_fields: list[str] = Field(default_factory=lambda: list(VLLM_FIELDS))

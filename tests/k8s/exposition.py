@@ -51,6 +51,7 @@ def exposition() -> dict[str, Sample]:
     metrics.backend_circuit.labels("http://vllm:8000").set(1)
     metrics.records_quarantined.inc()
     metrics.degraded.labels("scorer_failed").inc()
+    metrics.adaptive.labels("spread").inc()
     metrics.set_canary("v2")
     metrics.canary_decisions.labels("rollback", "gate").inc()
     for arm in ("canary", "current"):
