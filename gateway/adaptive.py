@@ -55,6 +55,8 @@ class Choice:
     reason: Reason
     gain: float | None = None
     """The measured gain of the cap over one candidate (reward units), when the spread rule decided."""
+    kept: float | None = None
+    """The share of that gain the chosen N keeps (its own measured gain over the cap's; 0 when no gain was shown)."""
 
 
 class _Kind:
@@ -133,9 +135,9 @@ class Spread:
         if every and state.seen % every == 0:
             return Choice(cap, "explore")
         if top <= self.z * error:  # no gain shown: one candidate does as well
-            return Choice(floor, "spread", top)
-        n = next(k for k in range(1, cap + 1) if state.at(k)[1] >= self.keep_gain * top)
-        return Choice(max(floor, n), "spread", top)
+            return Choice(floor, "spread", top, state.at(floor)[1] / top if top > 0 else 1.0)
+        n = max(floor, next(k for k in range(1, cap + 1) if state.at(k)[1] >= self.keep_gain * top))
+        return Choice(n, "spread", top, state.at(n)[1] / top)
 
     def gain(self, version: str, kind: str, n: int) -> tuple[int, float, float]:
         """Requests seen with at least ``n`` candidates, the mean gain of ``n`` over one, and its standard error."""

@@ -90,6 +90,25 @@ class Metrics:
         )
         self.candidates = Histogram(f"{p}candidates_per_request", "N generated per request", buckets=N_BUCKETS, registry=r)
         self.pruned = Counter(f"{p}pruned_candidates", "Candidates aborted while decoding (selection: prune)", registry=r)
+        self.bon_gain = Histogram(
+            f"{p}best_of_n_gain", "What best-of-N bought per request: the chosen reward minus the first candidate's (the "
+            "answer N=1 would have given), by policy version", ["policy_version"], buckets=MARGIN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.bon_gain_squares = Counter(
+            f"{p}best_of_n_gain_squares", "Sum of the squared best-of-N gains (with the gain's _sum and _count: its "
+            "standard error), by policy version", ["policy_version"], registry=r,
+        )  # fmt: skip
+        self.version_candidates = Counter(
+            f"{p}version_candidates", "Candidates generated, by policy version (over bon_version_requests_total: N per "
+            "request)", ["policy_version"], registry=r,
+        )  # fmt: skip
+        self.version_requests = Counter(
+            f"{p}version_requests", "Chat completions generated, by policy version", ["policy_version"], registry=r
+        )
+        self.adaptive_kept = Histogram(
+            f"{p}adaptive_gain_kept", "Adaptive N's spread decisions: the share of the cap's measured best-of-N gain the "
+            "chosen N keeps", buckets=(0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0), registry=r,
+        )  # fmt: skip
         self.adaptive = Counter(
             f"{p}adaptive_n", "Requests whose N adaptive N chose, by the rule that set it (cap, cold, explore, spread, "
             "budget)", ["reason"], registry=r,

@@ -230,6 +230,8 @@ class ChatService:
         if kind is not None and request.n_candidates is None:
             choice = self.spread.choose(version, kind, n, n_return)
             n, reason = choice.n, choice.reason
+            if choice.kept is not None:
+                self.metrics.adaptive_kept.observe(choice.kept)
         budget_ms = request.latency_budget_ms or self.settings.adaptive.latency_budget_ms
         if budget_ms is not None and (fits := self.latency.most_within(budget_ms / 1000, n, n_return)) < n:
             n, reason = fits, "budget"
@@ -247,6 +249,7 @@ class ChatService:
         try:
             outcome = await self._run(plan, generated, leader)
             self.latency.observe(plan.n_candidates, time.perf_counter() - started)
+            self._count(plan.policy_version, len(outcome.generation.candidates))
             return outcome
         except asyncio.CancelledError:
             generation = generated[0] if generated else Generation([], 0, 0, backend="")
@@ -298,6 +301,10 @@ class ChatService:
         self.metrics.stage["select"].observe(plan.timings["select"])
         if rewards is not None:
             self._observe_rewards(rewards, chosen[0], plan.policy_version)
+            if len(rewards) > 1:  # what best-of-N bought over the answer N=1 would have given (the first candidate)
+                gain = rewards[chosen[0]] - rewards[0]
+                self.metrics.bon_gain.labels(plan.policy_version).observe(gain)
+                self.metrics.bon_gain_squares.labels(plan.policy_version).inc(gain * gain)
             if plan.kind is not None:
                 self.spread.observe(plan.policy_version, plan.kind, rewards)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
@@ -370,6 +377,11 @@ class ChatService:
             self.metrics.degraded.labels(reason).inc()
             log.warning("reward model %s: %s answered unranked (scorer.on_failure fail_open)", what, plan.completion_id)
             return None, reason
+
+    def _count(self, version: str, candidates: int) -> None:
+        """Candidates per request by policy version: what serving it costs as training distils best-of-N into it."""
+        self.metrics.version_requests.labels(version).inc()
+        self.metrics.version_candidates.labels(version).inc(candidates)
 
     def _observe_rewards(self, rewards: list[float], chosen: int, version: str) -> None:
         self.metrics.chosen_reward.labels(version).observe(rewards[chosen])
@@ -523,6 +535,7 @@ class ChatService:
             )
             if complete:
                 self.latency.observe(1, plan.timings["generate"])
+                self._count(plan.policy_version, 1)
                 self.metrics.chosen_length.observe(answer.token_count)
                 self.log(plan, Outcome(generation, None, [0]))
             elif left or not first:  # cut short (a backend failure before the first byte was no answer at all)

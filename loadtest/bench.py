@@ -28,13 +28,16 @@
   prune      early-pruned best-of-N (``selection: prune``) vs plain best-of-N on one gateway (real models), N = 4, 8,
              16: tokens generated, TTFT and the answers' gold reward; baseline = plain best-of-N
 
+  adaptive   adaptive N vs a fixed N (real models): candidates generated and the answers' gold reward (baseline =
+             the cap for every request), then p99 at twice the load with the fixed N's p99 as a latency budget
+
   profile    where the gateway's CPU goes on the N=1 path under load: a py-spy flame graph (docs/) and the
              share of samples by package (not a comparison: the figures ``overhead`` judges come from there)
 
 One module per benchmark (``overhead``, ``log_cost``, ``bon``, ``train``, ``formats``, ``scoring``, ``workers``,
-``swap``, ``soak``, ``prune``, ``profile``: ``HELP``, ``add_arguments``, ``run``) on shared helpers (``stats``: percentiles and
-the intervals, ``servers``: the mock backend and gateway processes, ``traffic``: interleaved HTTP load).
-Baseline and gateway run in the same process tree and are interleaved over several rounds
+``swap``, ``soak``, ``prune``, ``adaptive``, ``profile``: ``HELP``, ``add_arguments``, ``run``) on shared helpers
+(``stats``: percentiles and the intervals, ``servers``: the mock backend and gateway processes, ``traffic``:
+interleaved HTTP load). Baseline and gateway run in the same process tree and are interleaved over several rounds
 (the order alternates per round), because these machines are noisy; each ratio is reported
 with a 95% interval over rounds.
 """
@@ -46,11 +49,12 @@ import json
 import sys
 from types import ModuleType
 
-from loadtest import bon, formats, log_cost, overhead, profile, prune, scoring, soak, swap, train, workers
+from loadtest import adaptive, bon, formats, log_cost, overhead, profile, prune, scoring, soak, swap, train, workers
 
 BENCHMARKS: dict[str, ModuleType] = {
     "overhead": overhead, "logging": log_cost, "bon": bon, "train": train, "formats": formats, "scoring": scoring,
-    "workers": workers, "swap": swap, "soak": soak, "prune": prune, "profile": profile,
+    "workers": workers, "swap": swap, "soak": soak, "prune": prune, "adaptive": adaptive,
+    "profile": profile,
 }  # fmt: skip
 """Each benchmark's module: ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict`` (the report)."""
 

@@ -278,6 +278,40 @@ def test_a_pruned_best_of_n_on_vllm_aborts_what_it_prunes_and_answers_with_the_b
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_adaptive_n_on_vllm_stays_within_the_cap_and_the_budget(policy_vllm: str, data_dir: Path) -> None:
+    """Adaptive N on real vLLM, with a stand-in scorer that finds no answer better than another: the cap while the kind
+    is cold, then one candidate (its gain is nil); a latency budget no request can meet gives the floor (the ``n``
+    answers asked for); the chosen N is in ``x-bon-n`` and in the candidates returned, never above the cap."""
+    settings = GatewaySettings(
+        store={"data_dir": data_dir / "adaptive", "flush_interval_ms": 5},  # type: ignore[arg-type]
+        backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
+        n_candidates=4, warmup=False, adaptive={"enabled": True, "min_requests": 3, "explore": 0.0},  # type: ignore[arg-type]
+    )  # fmt: skip
+    with (
+        serving(create_app(settings, scorer=FakeScorer({}))) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as client,
+    ):
+
+        def ask(**extra: Any) -> tuple[int, str | None, int]:
+            raw = client.chat.completions.with_raw_response.create(
+                model="toy-bon", messages=MESSAGES, max_tokens=8, metadata={"task": "add"},
+                extra_body={"return_candidates": True, **extra},
+            )  # fmt: skip
+            completion = raw.parse()
+            assert completion.choices[0].message.content
+            candidates = (completion.model_extra or {}).get("candidates") or []
+            return int(raw.headers["x-bon-n"]), raw.headers.get("x-bon-adaptive"), len(candidates)
+
+        assert [ask() for _ in range(3)] == [(4, "cold", 4)] * 3
+        assert ask() == (1, "spread", 1)
+        for _ in range(8):  # latency for the budget to go by (N=4, the client's own)
+            assert ask(n_candidates=4)[0] == 4
+        assert ask(n_candidates=4, latency_budget_ms=0.001) == (1, "budget", 1)
+        n, reason, returned = ask(n_candidates=4, n=2, latency_budget_ms=0.001)
+        assert (n, reason, returned) == (2, "budget", 2)
+        assert ask(n_candidates=4, latency_budget_ms=600_000)[:2] == (4, None)
+
+
 ADDED = "Added request "  # vLLM's request log (--enable-log-requests): once per sample of a request
 ABORTED = "Aborted request(s) "
 

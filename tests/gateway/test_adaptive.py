@@ -125,6 +125,12 @@ def test_the_gateway_lowers_n_where_extra_candidates_bought_little(make_client: 
     metrics = client.get("/metrics").text
     assert 'bon_adaptive_n_total{reason="cold"} 6.0' in metrics
     assert 'bon_adaptive_n_total{reason="spread"} 2.0' in metrics
+    # the compute dividend's figures: N per request and what best-of-N bought (d, 3, over the first candidate a, 0)
+    assert 'bon_version_requests_total{policy_version="base"} 9.0' in metrics
+    assert 'bon_version_candidates_total{policy_version="base"} 34.0' in metrics  # 7 x 4 + 2 x 3
+    assert 'bon_best_of_n_gain_sum{policy_version="base"} 25.0' in metrics  # 7 x 3 (d over a) + 2 x 2 (c over a)
+    assert 'bon_best_of_n_gain_squares_total{policy_version="base"} 71.0' in metrics
+    assert "bon_adaptive_gain_kept_count 2.0" in metrics
     flat = _adaptive(make_client, FakeScorer({}))
     for _ in range(5):
         _ask(flat)

@@ -52,6 +52,11 @@ def exposition() -> dict[str, Sample]:
     metrics.records_quarantined.inc()
     metrics.degraded.labels("scorer_failed").inc()
     metrics.adaptive.labels("spread").inc()
+    metrics.adaptive_kept.observe(0.9)
+    metrics.bon_gain.labels("v1").observe(0.3)
+    metrics.bon_gain_squares.labels("v1").inc(0.09)
+    metrics.version_candidates.labels("v1").inc(4)
+    metrics.version_requests.labels("v1").inc()
     metrics.set_canary("v2")
     metrics.canary_decisions.labels("rollback", "gate").inc()
     for arm in ("canary", "current"):
