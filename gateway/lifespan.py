@@ -31,6 +31,7 @@ from gateway.ids import CompletionIds, load_or_create_secret
 from gateway.keyfile import KeyFile
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.objectives import Judge
 from gateway.quotas import Quotas
 from gateway.reward_follow import RewardModelFollower
 from gateway.score import LocalRewardModel, RemotePoolingScorer, Scorer, with_length_term
@@ -82,7 +83,7 @@ def lifespan(
             route = swapper.route_for if swapper is not None else None
             if swapper is not None and isinstance(gen, VLLMGenerator):
                 gen.on_missing = swapper.lost  # a version vLLM lost is loaded again, not a lasting 502
-            service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route)
+            service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route, _judge(settings, session))
             follower = None
             if scorer is None and score is not None and settings.swap.enabled:
                 follower = await _reward_follower(settings, session, service, metrics)
@@ -224,6 +225,15 @@ async def _shut_down(
         await follower.close()
     if service.scorer is not None:
         await service.scorer.close()  # the one scoring now (a follower may have replaced the first)
+
+
+def _judge(settings: GatewaySettings, session: aiohttp.ClientSession) -> Judge | None:
+    """The LLM judge of the ``judge`` objective, when ``objectives.judge.url`` names one (its key from the environment)."""
+    j = settings.objectives.judge
+    if not j.url:
+        return None
+    key = os.environ.get(j.api_key_env) if j.api_key_env else None
+    return Judge(session, j.url, j.model, key, j.timeout_s, j.top_logprobs)
 
 
 def _scorer(settings: GatewaySettings, session: aiohttp.ClientSession) -> Scorer:

@@ -87,6 +87,10 @@ class ChatCompletionRequest(BaseModel):
         default=None, description="how N>1 candidates are chosen: all to the end (best_of_n), or the weakest aborted "
         "while they decode (prune); None: the gateway's `selection`",
     )  # fmt: skip
+    reward_weights: dict[str, float] | None = Field(
+        default=None, description="the reward as sum(weight x score) over objectives: reward_model, length (words), "
+        "refusal (1 when the answer refuses), judge (an LLM judge's P(yes)); None: the gateway's objectives.weights",
+    )  # fmt: skip
     latency_budget_ms: float | None = Field(
         default=None, gt=0, description="N is lowered to the most candidates the gateway predicts to answer within this "
         "(from recent requests' latency at their N: the load shows in it); None: the gateway's adaptive.latency_budget_ms",
@@ -135,6 +139,7 @@ GATEWAY_FIELDS = frozenset(
         "deadline_ms",
         "selection",
         "latency_budget_ms",
+        "reward_weights",
     }
 )
 """Handled by the gateway itself; never forwarded as they are."""

@@ -75,6 +75,7 @@ def candidates(outcome: Outcome) -> list[dict[str, Any]]:
             "index": c.index,
             "text": c.text,
             "reward": outcome.rewards[k] if outcome.rewards is not None else None,
+            **({"scores": outcome.scores[k]} if outcome.scores is not None else {}),
             "finish_reason": c.finish_reason,
             "chosen": k in outcome.chosen,
         }

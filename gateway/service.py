@@ -27,6 +27,7 @@ from gateway.errors import DeadlineExceeded, InvalidRequest, LogUnavailable, Mod
 from gateway.generate import Candidate, Generation, Generator
 from gateway.ids import CompletionIds
 from gateway.metrics import Metrics
+from gateway.objectives import OBJECTIVES, Judge, Refusals, Weighted
 from gateway.protocol import ChatCompletionRequest, passthrough, unknown_fields, uses_tools
 from gateway.redact import Redactor
 from gateway.routing import Route
@@ -84,6 +85,10 @@ class Plan:
     """The request's kind for adaptive N (``gateway.adaptive``; None: adaptive N is off)."""
     adaptive: Reason | None = None
     """Which adaptive rule set N (None: N is the request's or the configured one)."""
+    weights: dict[str, float] | None = None
+    """The objectives' weights (``gateway.objectives``; None: the reward model's score alone)."""
+    custom_weights: bool = False
+    """``weights`` are the request's own, not the configured ones."""
 
     def left_s(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -111,6 +116,8 @@ class Outcome:
     cancelled: bool = False
     """Not completed (the client left, or its stream broke off): logged with what was generated so far (maybe
     nothing), never trained on."""
+    scores: list[dict[str, float] | None] | None = None
+    """Each candidate's score per objective, when several make the reward (``gateway.objectives``)."""
 
 
 def sticky_key(request: ChatCompletionRequest, key_id: str) -> str:
@@ -128,8 +135,12 @@ class ChatService:
         ids: CompletionIds,
         sink: RecordSink | None = None,
         route: Callable[[str], Route] | None = None,
+        judge: Judge | None = None,
     ) -> None:
         self.settings = settings
+        self.judge = judge
+        """The LLM judge of the ``judge`` objective (None: none configured)."""
+        self.refusals = Refusals(settings.objectives.refusal_patterns)
         self.generator = generator
         self.scorer = scorer
         self.metrics = metrics
@@ -214,12 +225,41 @@ class ChatService:
         plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
         plan.degraded = ",".join(reasons) or None
         plan.kind, plan.adaptive = kind, adapted
+        plan.weights, plan.custom_weights = self._weights(request)
         if n_candidates > 1:
             plan.selection = request.selection or s.selection
         asked = request.deadline_ms / 1000 if request.deadline_ms is not None else s.timeouts.deadline_s
         plan.deadline_s = min(s.timeouts.deadline_s, asked)
         plan.deadline = time.monotonic() + plan.deadline_s
         return plan
+
+    def _weights(self, request: ChatCompletionRequest) -> tuple[dict[str, float] | None, bool]:
+        """The objectives' weights for ``request`` (its ``reward_weights``, else the configured ones), None for the reward
+        model alone; a 400 for an unknown objective, a judge not configured, or no weight at all."""
+        configured = self.settings.objectives
+        asked = request.reward_weights
+        if asked is None:
+            return (None if configured.plain else {str(k): w for k, w in configured.weights.items()}), False
+        for name in asked:
+            if name not in OBJECTIVES:
+                raise InvalidRequest(f"unknown objective '{name}' in reward_weights; this gateway scores {', '.join(OBJECTIVES)}",
+                                     param="reward_weights", code="unknown_objective")  # fmt: skip
+        if asked.get("judge") and self.judge is None:
+            raise InvalidRequest("reward_weights.judge needs a judge; this gateway has none (objectives.judge.url)",
+                                 param="reward_weights", code="unknown_objective")  # fmt: skip
+        if not any(asked.values()):
+            raise InvalidRequest("reward_weights gives every objective weight 0", param="reward_weights")
+        same = {k: w for k, w in asked.items() if w} == {k: w for k, w in configured.weights.items() if w}
+        if same and configured.plain:
+            return None, False
+        return dict(asked), not same
+
+    def _scorer_for(self, plan: Plan) -> Scorer | None:
+        """The reward model, or the weighted objectives over it for this request (one per request: it keeps scores)."""
+        scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
+        if scorer is None or plan.weights is None:
+            return scorer
+        return Weighted(scorer, plan.weights, self.refusals, self.judge, plan.custom_weights)
 
     def _adapt(
         self, request: ChatCompletionRequest, kind: str | None, version: str, n: int, n_return: int
@@ -257,7 +297,7 @@ class ChatService:
             raise
 
     async def _run(self, plan: Plan, generated: list[Generation], leader: prune.Leader | None = None) -> Outcome:
-        scorer = self.scorer  # one reward model per request, whatever swaps meanwhile
+        scorer = self._scorer_for(plan)
         if plan.selection == "prune" and scorer is not None:
             try:
                 return await self._run_pruned(plan, scorer, generated, leader)
@@ -309,7 +349,7 @@ class ChatService:
                 self.spread.observe(plan.policy_version, plan.kind, rewards)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
         rm_version = scorer.version if scorer is not None and rewards is not None else None
-        outcome = Outcome(generation, rewards, chosen, rm_version, degraded)
+        outcome = Outcome(generation, rewards, chosen, rm_version, degraded, scores=_scores(scorer, generation))
         self.log(plan, outcome)
         return outcome
 
@@ -339,7 +379,7 @@ class ChatService:
         chosen = [kept[k] for k in select([pruned.rewards[i] for i in kept], plan.n_return)]
         self._observe_rewards([pruned.rewards[i] for i in kept], kept.index(chosen[0]), plan.policy_version)
         self.metrics.chosen_length.observe(generation.candidates[chosen[0]].token_count)
-        outcome = Outcome(generation, pruned.rewards, chosen, scorer.version)
+        outcome = Outcome(generation, pruned.rewards, chosen, scorer.version, scores=_scores(scorer, generation))
         self.log(plan, outcome)
         return outcome
 
@@ -410,7 +450,7 @@ class ChatService:
 
     async def _score_then_submit(self, plan: Plan, record: CompletionRecord) -> None:
         assert self.sink is not None
-        scorer = self.scorer
+        scorer = self._scorer_for(plan)
         assert scorer is not None
         conversations = [Conversation(_messages(plan), c.text) for c in record.candidates]
         try:
@@ -419,6 +459,7 @@ class ChatService:
             )
             for c, reward in zip(record.candidates, rewards, strict=True):
                 c.reward = reward
+                c.scores = scorer.scores.get(c.text) if isinstance(scorer, Weighted) else None
             record.rm_version = scorer.version
         except asyncio.CancelledError:  # shutting down before the reward model answered: the record is kept unscored
             self._submit(record)
@@ -451,7 +492,12 @@ class ChatService:
             completion_tokens=outcome.generation.completion_tokens,
             timings_ms={k: round(v * 1000, 3) for k, v in plan.timings.items()},
             candidates=[
-                _candidate_record(c, rewards[k] if rewards is not None else None, k in outcome.chosen)
+                _candidate_record(
+                    c,
+                    rewards[k] if rewards is not None else None,
+                    k in outcome.chosen,
+                    outcome.scores[k] if outcome.scores is not None else None,
+                )
                 for k, c in enumerate(outcome.generation.candidates)
             ],
             status="cancelled" if outcome.cancelled else "ok",
@@ -580,7 +626,16 @@ def _messages(plan: Plan) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.text()} for m in plan.request.messages]
 
 
-def _candidate_record(c: Candidate, reward: float | None, chosen: bool) -> CandidateRecord:
+def _scores(scorer: Scorer | None, generation: Generation) -> list[dict[str, float] | None] | None:
+    """Each candidate's score per objective, when the weighted objectives scored them."""
+    if not isinstance(scorer, Weighted):
+        return None
+    return [scorer.scores.get(c.text) for c in generation.candidates]
+
+
+def _candidate_record(
+    c: Candidate, reward: float | None, chosen: bool, scores: dict[str, float] | None = None
+) -> CandidateRecord:
     logprobs = [t["logprob"] for t in (c.logprobs or {}).get("content") or () if t.get("logprob") is not None]
     total = sum(logprobs) if logprobs else None
     return CandidateRecord(
@@ -589,6 +644,7 @@ def _candidate_record(c: Candidate, reward: float | None, chosen: bool) -> Candi
         token_ids=c.token_ids,
         finish_reason=c.finish_reason,
         reward=reward,
+        scores=scores,
         logprob_sum=total,
         logprob_mean=total / len(logprobs) if total is not None else None,
         chosen=chosen,

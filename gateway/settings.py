@@ -173,6 +173,45 @@ class AdaptiveSettings(BaseModel):
     latency_horizon_s: float = Field(default=30.0, gt=0, description="how far back latency is read")
 
 
+Objective = Literal["reward_model", "length", "refusal", "judge"]
+
+
+class JudgeSettings(BaseModel):
+    """An LLM as judge (``gateway.objectives.Judge``) on an OpenAI-compatible endpoint (vLLM, or any provider)."""
+
+    url: str | None = Field(default=None, description="the server's base URL (``/v1/chat/completions`` is appended)")
+    model: str = "judge"
+    api_key_env: str | None = Field(default=None, description="the environment variable holding its API key, if any")
+    timeout_s: float = Field(default=10.0, gt=0)
+    top_logprobs: int = Field(default=5, ge=1, le=20, description="first-token alternatives read for yes / no")
+
+
+def _reward_model_only() -> dict[Objective, float]:
+    return {"reward_model": 1.0}
+
+
+class ObjectiveSettings(BaseModel):
+    """Multi-objective scoring (``gateway.objectives``): the reward is sum(weight x score); a request's
+    ``reward_weights`` replace these for it."""
+
+    weights: dict[Objective, float] = Field(default_factory=_reward_model_only)
+    """``reward_model`` (the served reward model), ``length`` (words), ``refusal`` (1 when the answer refuses),
+    ``judge`` (P(yes) from the judge). Only the reward model by default: nothing else runs."""
+    refusal_patterns: list[str] | None = Field(default=None, description="regular expressions; None: the built-in list")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+
+    @model_validator(mode="after")
+    def _judge_configured(self) -> ObjectiveSettings:
+        if self.weights.get("judge") and not self.judge.url:
+            raise ValueError("objectives.weights.judge needs objectives.judge.url")
+        return self
+
+    @property
+    def plain(self) -> bool:
+        """Only the reward model, at weight 1: scoring is the reward model's own."""
+        return {k: w for k, w in self.weights.items() if w} == {"reward_model": 1.0}
+
+
 Selection = Literal["best_of_n", "prune"]
 
 Scope = Literal["chat", "feedback", "admin"]
@@ -342,6 +381,7 @@ class GatewaySettings(YamlSettings):
     to the end and returns the best; ``prune`` aborts the weakest while they decode (``prune``, ``gateway.prune``)."""
     prune: PruneSettings = Field(default_factory=PruneSettings)
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
+    objectives: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
     default_max_tokens: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=192, ge=1)
     vllm_fields: list[str] = Field(default_factory=lambda: list(VLLM_FIELDS))

@@ -27,7 +27,6 @@ restores agreement with thumbs, or by an admin. Pure statistics over records plu
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,13 +34,11 @@ from statistics import NormalDist, fmean, variance
 from typing import Any
 
 from gateway.intervals import Interval, two_proportions, welch_samples
+from gateway.objectives import REFUSAL
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.settings import WatchSettings
 
 CHECKS = ("reward_vs_thumbs", "agreement", "length", "refusals", "kl")
-REFUSAL = re.compile(
-    r"\b(I can(?:no|')t|I am (?:not able|unable)|I'm (?:not able|unable)|I won't|I will not|as an AI)\b", re.IGNORECASE
-)
 Labelled = tuple[CompletionRecord, FeedbackRecord | None]
 
 
