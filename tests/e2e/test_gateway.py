@@ -312,6 +312,40 @@ def test_adaptive_n_on_vllm_stays_within_the_cap_and_the_budget(policy_vllm: str
         assert ask(n_candidates=4, latency_budget_ms=600_000)[:2] == (4, None)
 
 
+def test_weights_with_vllm_as_the_llm_judge_change_the_choice(policy_vllm: str, data_dir: Path) -> None:
+    """The ``judge`` objective against a real OpenAI-compatible server: vLLM serving the test policy judges the
+    candidates it wrote (a tiny model: its verdicts carry no sense, but they are real log-probabilities read through
+    the same API a hosted judge answers). Every candidate gets a judge score in [0, 1] and the reward is the weighted
+    sum; the weights decide the choice: with the length alone (negative), the shortest answer wins."""
+    settings = GatewaySettings(
+        store={"data_dir": data_dir / "judge", "flush_interval_ms": 5},  # type: ignore[arg-type]
+        backends=[{"url": policy_vllm, "model": "policy"}],  # type: ignore[list-item]
+        n_candidates=4, warmup=False, objectives={"judge": {"url": policy_vllm, "model": "policy"}},  # type: ignore[arg-type]
+    )  # fmt: skip
+    with (
+        serving(create_app(settings, scorer=InstantScorer())) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as client,
+    ):
+        judged = client.chat.completions.create(
+            model="toy-bon", messages=MESSAGES, max_tokens=16, seed=3,
+            extra_body={"return_candidates": True, "reward_weights": {"reward_model": 1.0, "judge": 2.0}},
+        )  # fmt: skip
+        candidates = (judged.model_extra or {})["candidates"]
+        assert len(candidates) == 4
+        for c in candidates:
+            assert set(c["scores"]) == {"reward_model", "judge"}
+            assert 0.0 <= c["scores"]["judge"] <= 1.0
+            assert c["reward"] == pytest.approx(c["scores"]["reward_model"] + 2.0 * c["scores"]["judge"])
+        best = max(candidates, key=lambda c: c["reward"])
+        assert judged.choices[0].message.content == best["text"]
+        short = client.chat.completions.create(
+            model="toy-bon", messages=MESSAGES, max_tokens=16, seed=3,
+            extra_body={"return_candidates": True, "reward_weights": {"length": -1.0}},
+        )  # fmt: skip
+        lengths = [len(c["text"].split()) for c in (short.model_extra or {})["candidates"]]
+        assert len((short.choices[0].message.content or "").split()) == min(lengths)
+
+
 ADDED = "Added request "  # vLLM's request log (--enable-log-requests): once per sample of a request
 ABORTED = "Aborted request(s) "
 
