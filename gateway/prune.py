@@ -4,7 +4,11 @@ Knows the pruning rule, after Speculative Rejection (Sun et al., 2024): the N sa
 streamed requests of one sample each (so vLLM can drop any one of them; its prefix cache
 shares the prompt); every ``prune.every_tokens`` tokens, once each candidate still decoding
 has reached that checkpoint, the reward model scores their partial answers, and those
-outside the best ``ceil(keep x alive)`` (never fewer than ``min_keep``) are aborted. A
+outside the best ``ceil(keep x alive)`` (never fewer than ``min_keep``) are aborted. With
+``prune.straggler_ms``, a checkpoint waits that long after the first candidate reached it;
+then it is decided among those there (``ceil(keep x them)`` go on) and each straggler
+goes on untouched, compared when it reaches its checkpoint (against the others' standing
+then: whole answers for those finished). A
 finished candidate is scored on its whole answer as soon as it finishes (decoding goes on
 meanwhile) and is never aborted: it costs nothing more. The answer is the best finished
 candidate by its whole-answer reward. Pruned candidates are kept, with the text they had
@@ -66,6 +70,8 @@ class _Sample:
     """Its whole answer's reward, asked for as soon as it finished."""
     partial: float | None = None
     pruned: bool = False
+    checkpoint: int = 0
+    """The tokens at which it is next compared."""
 
     @property
     def candidate(self) -> Candidate:
@@ -125,8 +131,12 @@ async def generate(
     for sample, seed in zip(samples, sample_seeds(body, n), strict=True):
         sample.task = asyncio.ensure_future(follow(sample, seed))
     checkpoints = 0
+    loop = asyncio.get_running_loop()
+    patience = settings.straggler_ms / 1000 if settings.straggler_ms is not None else None
+    for sample in samples:
+        sample.checkpoint = settings.every_tokens
     try:
-        checkpoint = settings.every_tokens
+        reached_at: float | None = None
         while True:
             _raise_failed(samples)
             alive = [s for s in samples if not s.pruned]
@@ -134,14 +144,27 @@ async def generate(
             if not running:
                 break
             decoding = [s for s in alive if not s.finished]
+            due = [s for s in decoding if s.tokens >= s.checkpoint]
+            behind = [s for s in decoding if s.tokens < s.checkpoint]
             target = max(settings.min_keep, math.ceil(settings.keep * len(alive)))
-            if not decoding or len(alive) <= target or any(s.tokens < checkpoint for s in decoding):
+            timeout: float | None = None
+            if due and behind and patience is not None:  # how long the first there waits for the rest
+                reached_at = loop.time() if reached_at is None else reached_at
+                timeout = reached_at + patience - loop.time()
+            if not due or len(alive) <= target or (behind and (timeout is None or timeout > 0)):
                 progress.clear()  # no await since the state was read: nothing is missed
-                await _wait(progress, running)
+                await _wait(progress, running, timeout)
                 continue
             checkpoints += 1
-            checkpoint += settings.every_tokens
-            await _prune(scorer, messages, alive, decoding, target)
+            reached_at = None
+            for s in due:
+                s.checkpoint += settings.every_tokens
+            if behind:  # past prune.straggler_ms: decided among those there; a straggler meets its checkpoint later
+                alive = [s for s in alive if s not in behind]
+                target = max(settings.min_keep, math.ceil(settings.keep * len(alive)))
+                if len(alive) <= target:
+                    continue
+            await _prune(scorer, messages, alive, due, target)
             left = [s for s in samples if not s.pruned]
             if leader is not None and leader.index is None and len(left) == 1 and not left[0].finished:
                 leader.index = left[0].index
@@ -165,11 +188,11 @@ async def generate(
     return Pruned(_generation(samples), list(rewards), [s.index for s in samples if s.pruned], checkpoints)
 
 
-async def _wait(progress: asyncio.Event, running: Sequence[asyncio.Task[None]]) -> None:
-    """Until some sample moved on, or one of those running ended."""
+async def _wait(progress: asyncio.Event, running: Sequence[asyncio.Task[None]], timeout: float | None = None) -> None:
+    """Until some sample moved on, one of those running ended, or ``timeout`` seconds passed."""
     waiter = asyncio.ensure_future(progress.wait())
     try:
-        await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([waiter, *running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
 

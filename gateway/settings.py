@@ -152,6 +152,9 @@ class PruneSettings(BaseModel):
     every_tokens: int = Field(default=8, ge=1, description="tokens between checkpoints, where partial answers are scored")
     keep: float = Field(default=0.5, gt=0, lt=1, description="at each checkpoint, the share of candidates left that go on")
     min_keep: int = Field(default=1, ge=1, description="candidates never pruned below this many")
+    straggler_ms: float | None = Field(default=None, ge=0)
+    """How long a checkpoint waits for the candidates behind once the first reached it; past it, it is decided among
+    those there and the others go on. None: it waits for every candidate still decoding."""
 
 
 class AdaptiveSettings(BaseModel):

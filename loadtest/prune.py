@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.settings import VLLM_FIELDS
 from loadtest.servers import gateway, require_models, vllm
 from loadtest.stats import over_rounds, percentile
 
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every-tokens", type=int, default=4, help="prune.every_tokens: tokens between checkpoints")
     parser.add_argument("--keep", type=float, default=0.5, help="prune.keep: the share that goes on at a checkpoint")
     parser.add_argument("--device", default="auto", help="the reward model's device (auto, cpu, cuda)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every sample runs to max_tokens (vLLM's ignore_eos): the long-answer arm")  # fmt: skip
 
 
 @dataclass
@@ -78,7 +81,7 @@ async def _batch(url: str, prompts: list[str], n: int, selection: str, args: arg
             body = {
                 "model": "toy-bon", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
                 "stream": True, "stream_options": {"include_usage": True}, "n_candidates": n, "selection": selection,
-                "seed": 1000 * r + 100 * i,
+                "seed": 1000 * r + 100 * i, **({"ignore_eos": True} if args.ignore_eos else {}),
             }  # fmt: skip
             out.append(await _once(session, url, prompt, body))
         return out
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "backends": [{"url": backend, "model": "policy"}], "scorer": scorer, "max_tokens_limit": max(192, args.max_tokens),
             "max_n_candidates": max(16, *args.n), "prune": {"every_tokens": args.every_tokens, "keep": args.keep},
             "limits": {"max_candidate_tokens": max(args.n) * args.max_tokens},
+            **({"vllm_fields": [*VLLM_FIELDS, "ignore_eos"]} if args.ignore_eos else {}),
         }  # fmt: skip
         with gateway(settings) as url:
             for selection in SELECTIONS:  # warm-up: connections, vLLM's and the reward model's first batches
@@ -141,6 +145,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]  # fmt: skip
     return {
         "benchmark": "prune", "cpu_count": os.cpu_count(), "device": args.device, "rounds": args.rounds,
-        "prompts_per_round": len(prompts), "max_tokens": args.max_tokens,
+        "prompts_per_round": len(prompts), "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
         "prune": {"every_tokens": args.every_tokens, "keep": args.keep}, "results": table, "goals": goals,
     }  # fmt: skip

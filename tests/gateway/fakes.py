@@ -29,6 +29,8 @@ class FakeGenerator:
         self.error = error
         self.delay_s = delay_s
         self.word_gap_s = 0.0
+        self.gaps: dict[int, float] = {}
+        """Candidate (seed % len(texts)) -> its own ``word_gap_s``: a straggler."""
         self.aborted = 0
         self.finish_gap_s = finish_gap_s
         self.calls: list[tuple[dict[str, Any], int]] = []
@@ -79,14 +81,16 @@ class FakeGenerator:
         """Candidate ``seed % len(texts)``, one word per chunk (one token id each), ``word_gap_s`` apart; counts samples
         closed before their end in ``aborted``."""
         self.calls.append((body, 1))
-        words = re.split(r"(?<= )", self.texts[int(body.get("seed", 0)) % len(self.texts)])
+        which = int(body.get("seed", 0)) % len(self.texts)
+        words = re.split(r"(?<= )", self.texts[which])
+        gap = self.gaps.get(which, self.word_gap_s)
         try:
             await asyncio.sleep(self.delay_s)
             if self.error is not None:
                 raise self.error
             yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "backend": "fake"}
             for k, word in enumerate(words):
-                await asyncio.sleep(self.word_gap_s)
+                await asyncio.sleep(gap)
                 last = k == len(words) - 1
                 choice = {"index": 0, "delta": {"content": word}, "token_ids": [k], "finish_reason": "stop" if last else None}
                 yield {"choices": [choice], "backend": "fake"}

@@ -179,3 +179,25 @@ def test_streamed_with_no_candidate_alone_the_answer_comes_after_selection(make_
     content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert content == ["good."]
     assert generator.aborted == 3
+
+
+@pytest.mark.parametrize("straggler_ms", [None, 20])
+def test_a_straggler_holds_a_checkpoint_back_only_up_to_straggler_ms(
+    make_client: Callable[..., TestClient], straggler_ms: float | None
+) -> None:
+    """Candidate 3 decodes 25 times slower. Waiting for it at the first checkpoint, the others finish first (nothing
+    saved on them); with ``prune.straggler_ms`` the checkpoint is decided among the three there (two go on: candidate
+    1, the worst, is aborted). Either way the straggler is compared when it reaches 2 tokens, and loses."""
+    generator = FakeGenerator(TEXTS)
+    generator.word_gap_s, generator.gaps = 0.02, {3: 0.5}
+    prune = {"every_tokens": 2, "keep": 0.5, "min_keep": 1, "straggler_ms": straggler_ms}
+    client = make_client(generator=generator, scorer=WordScorer(), selection="prune", prune=prune)
+    response = client.post(CHAT, json=BODY)
+    assert response.status_code == 200, response.text
+    reasons = [c["finish_reason"] for c in response.json()["candidates"]]
+    assert reasons[0] == "stop"
+    if straggler_ms is None:  # the first checkpoint waited for candidate 3: 0, 1 and 2 ran to their end meanwhile
+        assert reasons[1:3] == ["stop", "stop"]
+    else:
+        assert reasons[1] == PRUNED
+    assert reasons[3] == PRUNED  # at its own first checkpoint, against whole answers
