@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -100,12 +101,14 @@ def _generations(urls: dict[str, str], n: int, args: argparse.Namespace) -> dict
     from toyworld.world import prompt_sets
 
     sets = prompt_sets(seed=0, n_train=args.warmup, n_heldout=args.rounds * args.prompts)
+    pool = list(sets.heldout)  # fewer than asked when a task kind runs out of distinct prompts: then reused, new seeds
+    random.Random(0).shuffle(pool)
     started = time.perf_counter()
     warm = asyncio.run(_batch(urls["adaptive"], list(sets.train), -1, args.concurrency, {}))
     warmup = {"requests": len(warm), "generations": sum(a.n for a in warm), "seconds": round(time.perf_counter() - started, 1)}
     runs: dict[str, list[list[Answer]]] = {arm: [] for arm in ARMS}
     for r in range(args.rounds):
-        tasks = list(sets.heldout[r * args.prompts : (r + 1) * args.prompts])
+        tasks = [pool[(r * args.prompts + i) % len(pool)] for i in range(args.prompts)]
         for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
             runs[arm].append(asyncio.run(_batch(urls[arm], tasks, r, args.concurrency, {})))
         print(f"[adaptive] N={n}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
