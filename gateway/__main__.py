@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
                 managed.model_dir, managed.served_name, managed.host, managed.port,
                 max_model_len=managed.max_model_len, max_lora_rank=managed.max_lora_rank, max_loras=managed.max_loras,
                 dtype=managed.dtype, extra_args=managed.vllm_args(), log_path=Path("logs") / f"vllm-{managed.port}.log",
-                env=_resolver_env(settings),
+                env=_resolver_env(settings), nice=managed.nice,
             )  # fmt: skip
             print(f"[gateway] starting vLLM on {managed.model_dir} at {vllm.url} (log: {vllm.log_path}) ...", flush=True)
             try:

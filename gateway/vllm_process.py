@@ -61,10 +61,12 @@ class VLLMProcess:
         lora: bool = True,
         env: dict[str, str] | None = None,
         log_level: str = "INFO",
+        nice: int = 0,
     ) -> None:
         """``log_level``: vLLM's own (``VLLM_LOGGING_LEVEL``), set rather than inherited: importing TRL sets ERROR in
         its process's environment (``trl._compat``), which would silence every vLLM that process starts afterwards,
-        its request log too. ``env`` overrides it."""
+        its request log too. ``env`` overrides it. ``nice``: the server's CPU priority, inherited by its engine and
+        workers (``os.nice``: 10 lets a reward model on the same cores run when it needs to)."""
         self.model = model
         self.served_name = served_name
         self.host = host
@@ -84,6 +86,7 @@ class VLLMProcess:
         self.env = dict(env or {})
         """Extra environment (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
         self.log_level = log_level
+        self.nice = nice
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -110,8 +113,12 @@ class VLLMProcess:
             self._log.close()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            self.args, env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            self.args, env=self.environment(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=self._lower_priority if self.nice else None,  # os.nice alone runs between fork and exec
+        )  # fmt: skip
+
+    def _lower_priority(self) -> None:
+        os.nice(self.nice)
 
     def environment(self) -> dict[str, str]:
         """The server's environment: this process's, offline, runtime LoRA updates on, a small KV cache on a CPU,

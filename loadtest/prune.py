@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every-tokens", type=int, default=4, help="prune.every_tokens: tokens between checkpoints")
     parser.add_argument("--keep", type=float, default=0.5, help="prune.keep: the share that goes on at a checkpoint")
     parser.add_argument("--device", default="auto", help="the reward model's device (auto, cpu, cuda)")
+    parser.add_argument("--vllm-nice", type=int, default=0, help="vLLM's CPU priority (managed_vllm.nice)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="every sample runs to max_tokens (vLLM's ignore_eos): the long-answer arm")  # fmt: skip
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     require_models(models)
     prompts = [task.prompt for task in prompt_sets(seed=0, n_train=0, n_heldout=args.prompts).heldout]
     runs: dict[tuple[str, int], list[list[Answer]]] = {(s, n): [] for s in SELECTIONS for n in args.n}
-    with tempfile.TemporaryDirectory() as tmp, vllm(models / "policy", Path(tmp)) as backend:
+    with tempfile.TemporaryDirectory() as tmp, vllm(models / "policy", Path(tmp), nice=args.vllm_nice) as backend:
         scorer = {"kind": "local", "model_dir": str(models / "reward_model"), "device": args.device, "threads": 1}
         settings = {
             "backends": [{"url": backend, "model": "policy"}], "scorer": scorer, "max_tokens_limit": max(192, args.max_tokens),
@@ -146,5 +147,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "prune", "cpu_count": os.cpu_count(), "device": args.device, "rounds": args.rounds,
         "prompts_per_round": len(prompts), "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
+        "vllm_nice": args.vllm_nice,
         "prune": {"every_tokens": args.every_tokens, "keep": args.keep}, "results": table, "goals": goals,
     }  # fmt: skip

@@ -108,11 +108,11 @@ def require_models(models: Path) -> None:
 
 
 @contextmanager
-def vllm(model: Path, logs: Path, dtype: str = "auto") -> Iterator[str]:
+def vllm(model: Path, logs: Path, dtype: str = "auto", nice: int = 0) -> Iterator[str]:
     """A vLLM server (runtime LoRA on) serving ``model`` as ``policy`` until the block ends; its URL."""
     from gateway.vllm_process import VLLMProcess
 
-    server = VLLMProcess(model, "policy", port=free_port(), log_path=logs / "vllm.log", dtype=dtype)
+    server = VLLMProcess(model, "policy", port=free_port(), log_path=logs / "vllm.log", dtype=dtype, nice=nice)
     server.start()
     try:
         server.wait_healthy(600)

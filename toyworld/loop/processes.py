@@ -37,7 +37,7 @@ def start_vllm(managed: dict[str, Any], log_path: Path, log: Callable[[str], Non
     m = ManagedVLLM(**{**managed, "enabled": True})
     vllm = VLLMProcess(
         m.model_dir, m.served_name, m.host, free_port(), max_model_len=m.max_model_len, max_lora_rank=m.max_lora_rank,
-        max_loras=m.max_loras, dtype=m.dtype, extra_args=m.vllm_args(), log_path=log_path,
+        max_loras=m.max_loras, dtype=m.dtype, extra_args=m.vllm_args(), log_path=log_path, nice=m.nice,
     )  # fmt: skip
     log(f"starting vLLM on {m.model_dir} (log: {vllm.log_path}) ...")
     vllm.start()
