@@ -200,6 +200,7 @@ class ChatService:
             raise InvalidRequest(
                 f"'{tool_field}' cannot be used with best-of-N: set n_candidates to 1 to call tools", param=tool_field
             )
+        weights, custom_weights = self._weights(request)  # a 400 before adaptive N counts the request
         route = self.route(sticky_key(request, key_id)) if self.route is not None else None
         version = route.version if route is not None else s.policy_version
         kind, adapted = None, None
@@ -225,7 +226,7 @@ class ChatService:
         plan = Plan(request, n_candidates, n_return, max_tokens, body, key_id, self.ids.new(key_id), version, models)
         plan.degraded = ",".join(reasons) or None
         plan.kind, plan.adaptive = kind, adapted
-        plan.weights, plan.custom_weights = self._weights(request)
+        plan.weights, plan.custom_weights = weights, custom_weights
         if n_candidates > 1:
             plan.selection = request.selection or s.selection
         asked = request.deadline_ms / 1000 if request.deadline_ms is not None else s.timeouts.deadline_s

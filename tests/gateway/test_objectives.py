@@ -97,11 +97,13 @@ def test_weights_change_the_choice_and_every_score_is_returned_and_logged(
 def test_bad_weights_are_a_400_naming_the_field(
     make_client: Callable[..., TestClient], weights: dict[str, Any], message: str
 ) -> None:
-    response = _client(make_client).post(CHAT, json={**BODY, "reward_weights": weights})
+    client = _client(make_client, adaptive={"enabled": True})
+    response = client.post(CHAT, json={**{k: v for k, v in BODY.items() if k != "n_candidates"}, "reward_weights": weights})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"].startswith("reward_weights")
     assert message in error["message"]
+    assert "bon_adaptive_n_total{" not in client.get("/metrics").text  # refused before adaptive N counted it
 
 
 def _judge_app(calls: list[dict[str, Any]]) -> FastAPI:
