@@ -157,17 +157,21 @@ class Latency:
     _seen: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=1024))
     _fit: tuple[float, float, float] | None = None
     _fitted_at: float = -math.inf
-    _fitted_count: int = -1
+    _observed: int = 0
+    _fitted_observed: int = -1
 
     def observe(self, n: int, seconds: float, now: float | None = None) -> None:
         self._seen.append((time.monotonic() if now is None else now, n, seconds))
+        self._observed += 1
 
     def fit(self, now: float | None = None) -> tuple[float, float, float] | None:
-        """(fixed seconds, seconds per candidate, the quantile's scale over the line), or None."""
+        """(fixed seconds, seconds per candidate, the quantile's scale over the line), or None. Redone when ``refit_s``
+        has passed, or before there is a fit, on every new observation (so the first fit comes as soon as it can)."""
         now = time.monotonic() if now is None else now
-        if now - self._fitted_at < self.refit_s and self._fitted_count == len(self._seen):
+        stale = now - self._fitted_at >= self.refit_s
+        if not stale and not (self._fit is None and self._observed != self._fitted_observed):
             return self._fit
-        self._fitted_at, self._fitted_count = now, len(self._seen)
+        self._fitted_at, self._fitted_observed = now, self._observed
         self._fit = _fit([(k, s) for at, k, s in self._seen if now - at <= self.horizon_s], self.quantile)
         return self._fit
 

@@ -86,6 +86,14 @@ def test_latency_is_predicted_from_recent_requests_and_fits_the_budget() -> None
     assert latency.most_within(10.0, 8, 1, now=16.0) == 8
     assert latency.most_within(0.01, 8, 2, now=16.0) == 2
     assert latency.predict(4, now=100.0) is None  # past the horizon: forgotten
+    # under load the line is refit at most every refit_s, not on every request
+    busy = Latency(refit_s=1.0)
+    for _ in range(8):
+        busy.observe(4, 0.4, now=0.0)
+    assert busy.predict(4, now=0.0) == pytest.approx(0.4)  # the first fit as soon as there are enough observations
+    busy.observe(4, 4.0, now=0.5)
+    assert busy.predict(4, now=0.5) == pytest.approx(0.4)  # within refit_s: the same fit
+    assert (busy.predict(4, now=1.0) or 0.0) > 0.4  # then refit with the slow one
     # one N seen: proportional to N; the slowest 5% set the scale
     one = Latency(quantile=0.95, refit_s=0.0)
     for k in range(20):
