@@ -141,6 +141,10 @@ class ChatService:
         self.judge = judge
         """The LLM judge of the ``judge`` objective (None: none configured)."""
         self.refusals = Refusals(settings.objectives.refusal_patterns)
+        configured = settings.objectives
+        self._configured_weights = {str(k): w for k, w in configured.weights.items() if w}
+        """The configured objectives with a weight (read once: every request's plan compares with them)."""
+        self._plain_weights = configured.plain
         self.generator = generator
         self.scorer = scorer
         self.metrics = metrics
@@ -237,10 +241,10 @@ class ChatService:
     def _weights(self, request: ChatCompletionRequest) -> tuple[dict[str, float] | None, bool]:
         """The objectives' weights for ``request`` (its ``reward_weights``, else the configured ones), None for the reward
         model alone; a 400 for an unknown objective, a judge not configured, or no weight at all."""
-        configured = self.settings.objectives
+        plain = self._plain_weights
         asked = request.reward_weights
         if asked is None:
-            return (None if configured.plain else {str(k): w for k, w in configured.weights.items()}), False
+            return (None if plain else dict(self._configured_weights)), False
         for name in asked:
             if name not in OBJECTIVES:
                 raise InvalidRequest(f"unknown objective '{name}' in reward_weights; this gateway scores {', '.join(OBJECTIVES)}",
@@ -250,8 +254,8 @@ class ChatService:
                                  param="reward_weights", code="unknown_objective")  # fmt: skip
         if not any(asked.values()):
             raise InvalidRequest("reward_weights gives every objective weight 0", param="reward_weights")
-        same = {k: w for k, w in asked.items() if w} == {k: w for k, w in configured.weights.items() if w}
-        if same and configured.plain:
+        same = {k: w for k, w in asked.items() if w} == self._configured_weights
+        if same and plain:
             return None, False
         return dict(asked), not same
 
