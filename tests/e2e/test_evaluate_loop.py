@@ -68,6 +68,8 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
             "--arms", "rm,thumbs,grpo", "--thumb-rate", "0.2", "--prompts-per-round", "48", "--heldout", "12", "--samples", "4",
             "--max-tokens", "24", "--concurrency", "4", "--vllm", policy_vllm, "--out", str(out),
             "--canary-fraction", "0.5", "--gate-min-requests", "16",
+            # the rm arm's gateway chooses N per request (two requests of a task kind at the cap, then the spread rule)
+            "--set", "rm:adaptive.enabled=true", "--set", "rm:adaptive.min_requests=2", "--set", "rm:adaptive.explore=0",
         ],
         capture_output=True, text=True, timeout=1200, check=False,
     )  # fmt: skip
@@ -116,6 +118,22 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
     assert 0 < thumbs["thumbs_up"] + thumbs["thumbs_down"] <= 0.2 * answers + 3 * (0.2 * 0.8 * answers) ** 0.5
     rm_only = result["arms"][0]["per_seed"][0]["rounds"][0]
     assert rm_only["thumbs_up"] + rm_only["thumbs_down"] == 0
+    # what the traffic was served: candidates per request (the compute dividend) and the gold of the answers
+    for arm in result["arms"]:
+        seed = arm["per_seed"][0]["rounds"][0]
+        assert 0.0 <= seed["served_gold"] <= 1.0
+        assert seed["served_gold_ci95"][0] <= seed["served_gold"] <= seed["served_gold_ci95"][1]
+        assert arm["rounds"][0]["candidates_per_request"] == seed["candidates_per_request"]
+        if arm["arm"] != "rm":  # adaptive N off: every request at the configured 4, and no rule named
+            assert (seed["candidates_per_request"], seed["adaptive"]) == (4.0, {})
+    # adaptive N on: every request says which rule chose its N; the user declared its task kinds (six of them, so at
+    # least 12 requests ran cold at the cap), and the spread rule decided the rest, within [1, 4]
+    adaptive = rm_only["adaptive"]
+    assert sum(adaptive.values()) == rm_only["answers"]
+    assert set(adaptive) <= {"cold", "spread"}
+    assert adaptive["cold"] >= 12
+    assert adaptive.get("spread", 0) > 0
+    assert 1.0 <= rm_only["candidates_per_request"] <= 4.0
     # the grpo arm trained on the served groups: vLLM's logged log-probs agree with the trainer's before any update
     grpo = json.loads((out / "grpo-seed0" / "registry" / "policy" / "versions" / "v0001" / "manifest.json").read_text())
     assert grpo["algorithm"] == "grpo"

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from toyworld.evaluate import mean_ci
+from toyworld.evaluate import mean_ci, t975
 from toyworld.loop.measure import Measurement
 from toyworld.loop.trials import Judged, agreement
 from toyworld.loop.user import Traffic
@@ -98,6 +98,7 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
             "thumbs_used": _r(fmean(r.thumbs_used for r in at)),
             "rm_accuracy": _mean_or_none([r.measurement.rm_accuracy.mean for r in at if r.measurement.rm_accuracy]),
             "answers": sum(r.traffic.sent for r in at),
+            **served([r.traffic for r in at]),
             "refits": [r.refit for r in at if r.refit is not None],
             "gate": [r.gate["action"] for r in at if r.gate is not None],
             "gate_primary": [r.gate.get("primary") or "reward" for r in at if r.gate is not None],
@@ -122,6 +123,27 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
         "warnings": warnings(runs),
         "per_seed": [_run_dict(run) for run in runs],
     }
+
+
+def served(traffic: Sequence[Traffic]) -> dict[str, Any]:
+    """What the round's traffic was served (by the version before the round, and during a trial by the canary too):
+    candidates generated per answered request (the compute dividend: it falls as adaptive N sees the best-of-N gain
+    shrink), the answers by the adaptive rule that chose their N, and the mean gold of the answers with its 95%
+    interval (a t-interval from the sums; prompts differ between rounds, so rounds compare unpaired)."""
+    answered = sum(t.answered for t in traffic)
+    adaptive: dict[str, int] = {}
+    for t in traffic:
+        for reason, count in t.adaptive.items():
+            adaptive[reason] = adaptive.get(reason, 0) + count
+    out: dict[str, Any] = {"candidates_per_request": _r(sum(t.candidates for t in traffic) / answered) if answered else None,
+                           "adaptive": dict(sorted(adaptive.items())), "served_gold": None, "served_gold_ci95": None}  # fmt: skip
+    golds = sum(t.golds for t in traffic)
+    total, squares = math.fsum(t.gold_sum for t in traffic), math.fsum(t.gold_squares for t in traffic)
+    if golds >= 2:
+        mean = total / golds
+        half = t975(golds - 1) * math.sqrt(max(squares - golds * mean * mean, 0.0) / (golds - 1) / golds)
+        out.update(served_gold=_r(mean), served_gold_ci95=[_r(mean - half), _r(mean + half)])
+    return out
 
 
 def _mean_or_none(values: Sequence[float]) -> float | None:
@@ -267,6 +289,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
                 "outcome": r.outcome,
                 "answers": r.traffic.sent,
                 "failed": r.traffic.failed,
+                **served([r.traffic]),
                 "thumbs_up": r.traffic.thumbs_up,
                 "thumbs_down": r.traffic.thumbs_down,
                 "refit": r.refit,

@@ -2,7 +2,10 @@
 stated rate, gives a thumb judged from the hidden gold reward with noise.
 
 It calls ``/v1/chat/completions`` and ``/v1/feedback`` under its own API key, like any client
-(a 429 on feedback is waited out, as its ``Retry-After`` says). Knows the gold reward and
+(a 429 on feedback is waited out, as its ``Retry-After`` says), and declares each prompt's task
+kind (``metadata.task``: addition, capital...), as a client that knows what it asks would, so
+adaptive N can tell kinds apart. It counts the candidates the gateway generated for it
+(``x-bon-n``, and ``x-bon-adaptive``: which rule chose N) and the gold of what it was served. Knows the gold reward and
 the noise model of its judgement; knows nothing about the gateway's internals, the log or
 training.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from toyworld.gold import gold_reward
+from toyworld.world import parse_prompt
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,23 @@ class Traffic:
     thumbs_down: int = 0
     feedback_waits: int = 0
     versions: dict[str, int] = field(default_factory=dict)
+    candidates: int = 0
+    """Candidates generated for the answered requests (the sum of their ``x-bon-n``)."""
+    adaptive: dict[str, int] = field(default_factory=dict)
+    """Answered requests by the adaptive rule that chose their N (``x-bon-adaptive``; absent: adaptive N was off)."""
+    golds: int = 0
+    """Answers whose gold reward was read (runs recorded before it was: 0)."""
+    gold_sum: float = 0.0
+    """Sum of the gold reward of those answers (with ``gold_squares``: their mean and its interval)."""
+    gold_squares: float = 0.0
 
     @property
     def thumbs(self) -> int:
         return self.thumbs_up + self.thumbs_down
+
+    @property
+    def answered(self) -> int:
+        return self.sent - self.failed
 
     def merge(self, other: Traffic) -> None:
         self.sent += other.sent
@@ -52,6 +69,12 @@ class Traffic:
         self.feedback_waits += other.feedback_waits
         for version, count in other.versions.items():
             self.versions[version] = self.versions.get(version, 0) + count
+        self.candidates += other.candidates
+        for reason, count in other.adaptive.items():
+            self.adaptive[reason] = self.adaptive.get(reason, 0) + count
+        self.golds += other.golds
+        self.gold_sum += other.gold_sum
+        self.gold_squares += other.gold_squares
 
 
 class SimulatedUser:
@@ -89,10 +112,13 @@ class SimulatedUser:
         return traffic
 
     async def _one(self, prompt: str, end_user: str, thumb: bool, noise: float, max_tokens: int, traffic: Traffic) -> None:
-        body = {
+        body: dict[str, object] = {
             "model": self._model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "user": end_user,
         }  # fmt: skip
+        task = parse_prompt(prompt)
+        if task is not None:
+            body["metadata"] = {"task": task.kind.value}
         traffic.sent += 1
         async with self._session.post(f"{self._url}/v1/chat/completions", json=body, headers=self._headers) as response:
             if response.status != 200:
@@ -100,11 +126,18 @@ class SimulatedUser:
                 return
             data = await response.json()
             version = response.headers.get("x-policy-version", "?")
+            traffic.candidates += int(response.headers.get("x-bon-n", "1"))
+            if (reason := response.headers.get("x-bon-adaptive")) is not None:
+                traffic.adaptive[reason] = traffic.adaptive.get(reason, 0) + 1
         traffic.versions[version] = traffic.versions.get(version, 0) + 1
+        answer = data["choices"][0]["message"]["content"] or ""
+        gold = gold_reward(prompt, answer)
+        traffic.golds += 1
+        traffic.gold_sum += gold
+        traffic.gold_squares += gold * gold
         if not thumb:
             return
-        answer = data["choices"][0]["message"]["content"] or ""
-        up = gold_reward(prompt, answer) + noise >= self._judgement.threshold
+        up = gold + noise >= self._judgement.threshold
         feedback = {"completion_id": data["id"], "thumb": "up" if up else "down"}
         while True:
             async with self._session.post(f"{self._url}/v1/feedback", json=feedback, headers=self._headers) as response:

@@ -13,7 +13,7 @@ import pytest
 from toyworld.evaluate import mean_ci
 from toyworld.gold import gold_reward
 from toyworld.loop.measure import Measurement, summarise
-from toyworld.loop.report import RoundRecord, Run, arm_report, goals, plot, warnings
+from toyworld.loop.report import RoundRecord, Run, arm_report, goals, plot, served, warnings
 from toyworld.loop.user import Traffic
 
 
@@ -52,6 +52,34 @@ def test_summarise_scores_gold_and_picks_by_reward() -> None:
     assert m.rm_accuracy is not None
     assert m.rm_accuracy.mean == pytest.approx(right / len(pairs))
     assert m.rm_accuracy.n == len(pairs)
+
+
+def traffic(golds: list[float], ns: list[int], reasons: list[str], failed: int = 0) -> Traffic:
+    t = Traffic(sent=len(golds) + failed, failed=failed, candidates=sum(ns), golds=len(golds), gold_sum=sum(golds),
+                gold_squares=sum(g * g for g in golds))  # fmt: skip
+    for reason in reasons:
+        t.adaptive[reason] = t.adaptive.get(reason, 0) + 1
+    return t
+
+
+def test_served_pools_the_seeds_candidates_per_request_and_the_gold_served() -> None:
+    a = traffic([0.9, 0.6, 0.8], [4, 1, 2], ["cold", "spread", "spread"], failed=1)
+    b = traffic([0.5, 1.0], [4, 4], ["explore", "cold"])
+    got = served([a, b])
+    assert got["candidates_per_request"] == pytest.approx(15 / 5)  # the failed request generated nothing it was told of
+    assert got["adaptive"] == {"cold": 2, "explore": 1, "spread": 2}
+    expected = mean_ci([0.9, 0.6, 0.8, 0.5, 1.0])
+    assert got["served_gold"] == pytest.approx(expected.mean, abs=1e-4)
+    assert got["served_gold_ci95"] == pytest.approx(list(expected.ci95), abs=1e-4)
+    # adaptive N off (no header), and a round with no answer
+    assert served([traffic([0.7, 0.7], [4, 4], [])])["adaptive"] == {}
+    assert served([traffic([0.0, 0.0], [1, 1], [])])["served_gold"] == 0.0  # zero gold is gold read, not none
+    assert served([Traffic()]) == {"candidates_per_request": None, "adaptive": {}, "served_gold": None,
+                                   "served_gold_ci95": None}  # fmt: skip
+    merged = Traffic()
+    merged.merge(a)
+    merged.merge(b)
+    assert served([merged]) == got
 
 
 def test_goals_pair_rounds_with_the_start_per_seed_and_prompt() -> None:
