@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Reason = Literal["cap", "cold", "explore", "spread", "budget"]
+Reason = Literal["cap", "cold", "explore", "spread", "budget", "trial"]
+"""Why a request got its N; ``trial`` (the service's): the spread rule held while a canary is on trial."""
 MIN_LATENCY_OBSERVATIONS = 8
 """Requests seen within the horizon before the budget rule predicts; fewer: the cap, and learn by serving."""
 

@@ -83,7 +83,9 @@ def lifespan(
             route = swapper.route_for if swapper is not None else None
             if swapper is not None and isinstance(gen, VLLMGenerator):
                 gen.on_missing = swapper.lost  # a version vLLM lost is loaded again, not a lasting 502
-            service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route, _judge(settings, session))
+            on_trial = swapper.on_trial if swapper is not None else None
+            judge = _judge(settings, session)
+            service = ChatService(settings, gen, score, metrics, _ids(settings), writer, route, judge, on_trial)
             follower = None
             if scorer is None and score is not None and settings.swap.enabled:
                 follower = await _reward_follower(settings, session, service, metrics)

@@ -136,6 +136,7 @@ class ChatService:
         sink: RecordSink | None = None,
         route: Callable[[str], Route] | None = None,
         judge: Judge | None = None,
+        on_trial: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.judge = judge
@@ -154,6 +155,8 @@ class ChatService:
         self._redactor = Redactor(r.patterns, emails=r.emails, phones=r.phones, cards=r.cards) if r.enabled else None
         self.route = route
         """The hot-swap's route for a sticky key (``gateway.swap``: current or canary); None: the configured backends."""
+        self.on_trial = on_trial
+        """Whether a canary is on trial now (``gateway.swap``); None: never."""
         self._background: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[str, str] = OrderedDict()
         self.scorer_pace = ScorerPace()
@@ -270,9 +273,13 @@ class ChatService:
         self, request: ChatCompletionRequest, kind: str | None, version: str, n: int, n_return: int
     ) -> tuple[int, Reason | None]:
         """Adaptive N (``gateway.adaptive``): the spread rule when the request left N to the gateway, then its latency
-        budget; the count of each decision by the rule that made it."""
+        budget; the count of each decision by the rule that made it. While a canary is on trial the spread rule is held
+        (``trial``: the configured N): the new version starts cold at the cap while the current one has learned to use
+        fewer, and the gate, which compares the answers users get, would credit the canary with its larger N."""
         reason: Reason | None = None
-        if kind is not None and request.n_candidates is None:
+        if kind is not None and request.n_candidates is None and self.on_trial is not None and self.on_trial():
+            reason = "trial"
+        elif kind is not None and request.n_candidates is None:
             choice = self.spread.choose(version, kind, n, n_return)
             n, reason = choice.n, choice.reason
             if choice.kept is not None:

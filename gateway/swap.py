@@ -151,6 +151,10 @@ class Swapper:
             return canary
         return self.route
 
+    def on_trial(self) -> bool:
+        """Whether a canary version is on trial (answering its share of keys) now."""
+        return self.canary is not None
+
     def live(self) -> set[str]:
         """Adapter versions loaded on the backends: the routed one, the canary, the rollback target and those draining."""
         serving = [r.version for r in (self.route, self.canary) if r is not None and r is not self._base]

@@ -127,12 +127,14 @@ def test_one_short_round_per_arm(policy_vllm: str, test_models: Path, tmp_path: 
         if arm["arm"] != "rm":  # adaptive N off: every request at the configured 4, and no rule named
             assert (seed["candidates_per_request"], seed["adaptive"]) == (4.0, {})
     # adaptive N on: every request says which rule chose its N; the user declared its task kinds (six of them, so at
-    # least 12 requests ran cold at the cap), and the spread rule decided the rest, within [1, 4]
+    # least 12 requests ran cold at the cap), the spread rule decided the rest of the round, within [1, 4], and during
+    # the canary's trial (its first look at 16 answers per arm) it was held at the configured 4 for both arms
     adaptive = rm_only["adaptive"]
     assert sum(adaptive.values()) == rm_only["answers"]
-    assert set(adaptive) <= {"cold", "spread"}
+    assert set(adaptive) <= {"cold", "spread", "trial"}
     assert adaptive["cold"] >= 12
     assert adaptive.get("spread", 0) > 0
+    assert adaptive.get("trial", 0) >= 16
     assert 1.0 <= rm_only["candidates_per_request"] <= 4.0
     # the grpo arm trained on the served groups: vLLM's logged log-probs agree with the trainer's before any update
     grpo = json.loads((out / "grpo-seed0" / "registry" / "policy" / "versions" / "v0001" / "manifest.json").read_text())

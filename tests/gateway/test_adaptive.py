@@ -146,6 +146,25 @@ def test_the_gateway_lowers_n_where_extra_candidates_bought_little(make_client: 
     assert _ask(flat, stream=True) == (1, "spread")
 
 
+def test_the_spread_rule_is_held_at_the_configured_n_while_a_canary_is_on_trial(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """A canary starts cold at the cap; were the current version still lowered, the gate would compare best-of-4 answers
+    with best-of-1 ones. During a trial every arm gets the configured N (``trial``); after it, the spread rule again."""
+    client = _adaptive(make_client, FakeScorer({}))
+    service = client.app.state.gateway.service  # type: ignore[attr-defined]
+    for _ in range(5):
+        _ask(client, "math")
+    assert _ask(client, "math") == (1, "spread")
+    trial = [True]
+    service.on_trial = lambda: trial[0]
+    assert _ask(client, "math") == (4, "trial")
+    assert _ask(client, "math", n_candidates=2) == (2, None)  # a client's own N is still its own
+    assert 'bon_adaptive_n_total{reason="trial"} 1.0' in client.get("/metrics").text
+    trial[0] = False
+    assert _ask(client, "math") == (1, "spread")
+
+
 def test_a_latency_budget_lowers_n_to_what_fits(make_client: Callable[..., TestClient]) -> None:
     client = make_client(generator=FakeGenerator(["a", "b"], delay_s=0.02))
     assert [_ask(client, latency_budget_ms=1) for _ in range(8)] == [(4, None)] * 8  # learning what N costs
