@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto", help="the reward model's device (auto, cpu, cuda)")
+    parser.add_argument("--vllm-nice", type=int, default=0, help="vLLM's CPU priority (managed_vllm.nice)")
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"no toy models under {models}: run `make models` (or `python -m toyworld bootstrap --out {models}`)")
     prompts = [task.prompt for task in prompt_sets(seed=0, n_train=0, n_heldout=args.prompts).heldout]
     with tempfile.TemporaryDirectory() as tmp:
-        vllm = VLLMProcess(models / "policy", "policy", port=free_port(), log_path=Path(tmp) / "vllm.log")
+        vllm = VLLMProcess(models / "policy", "policy", port=free_port(), log_path=Path(tmp) / "vllm.log", nice=args.vllm_nice)
         vllm.start()
         try:
             vllm.wait_healthy(600)
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bon",
         "cpu_count": os.cpu_count(),
         "device": args.device,
+        "vllm_nice": args.vllm_nice,
         "rounds": args.rounds,
         "prompts_per_round": len(prompts),
         "concurrency": args.concurrency,

@@ -128,15 +128,24 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
 def served(traffic: Sequence[Traffic]) -> dict[str, Any]:
     """What the round's traffic was served (by the version before the round, and during a trial by the canary too):
     candidates generated per answered request (the compute dividend: it falls as adaptive N sees the best-of-N gain
-    shrink), the answers by the adaptive rule that chose their N, and the mean gold of the answers with its 95%
+    shrink), the answers by the adaptive rule that chose their N and their candidates per request (``spread``: where
+    the rule chose, past a new version's ``cold`` start), and the mean gold of the answers with its 95%
     interval (a t-interval from the sums; prompts differ between rounds, so rounds compare unpaired)."""
     answered = sum(t.answered for t in traffic)
     adaptive: dict[str, int] = {}
+    candidates: dict[str, int] = {}
     for t in traffic:
         for reason, count in t.adaptive.items():
             adaptive[reason] = adaptive.get(reason, 0) + count
-    out: dict[str, Any] = {"candidates_per_request": _r(sum(t.candidates for t in traffic) / answered) if answered else None,
-                           "adaptive": dict(sorted(adaptive.items())), "served_gold": None, "served_gold_ci95": None}  # fmt: skip
+        for reason, count in t.adaptive_candidates.items():
+            candidates[reason] = candidates.get(reason, 0) + count
+    out: dict[str, Any] = {
+        "candidates_per_request": _r(sum(t.candidates for t in traffic) / answered) if answered else None,
+        "adaptive": dict(sorted(adaptive.items())),
+        "candidates_per_request_by_rule": {reason: _r(candidates[reason] / adaptive[reason])
+                                           for reason in sorted(adaptive) if reason in candidates},
+        "served_gold": None, "served_gold_ci95": None,
+    }  # fmt: skip
     golds = sum(t.golds for t in traffic)
     total, squares = math.fsum(t.gold_sum for t in traffic), math.fsum(t.gold_squares for t in traffic)
     if golds >= 2:

@@ -47,6 +47,8 @@ class Traffic:
     """Candidates generated for the answered requests (the sum of their ``x-bon-n``)."""
     adaptive: dict[str, int] = field(default_factory=dict)
     """Answered requests by the adaptive rule that chose their N (``x-bon-adaptive``; absent: adaptive N was off)."""
+    adaptive_candidates: dict[str, int] = field(default_factory=dict)
+    """Their candidates, by the same rule."""
     golds: int = 0
     """Answers whose gold reward was read (runs recorded before it was: 0)."""
     gold_sum: float = 0.0
@@ -72,6 +74,8 @@ class Traffic:
         self.candidates += other.candidates
         for reason, count in other.adaptive.items():
             self.adaptive[reason] = self.adaptive.get(reason, 0) + count
+        for reason, count in other.adaptive_candidates.items():
+            self.adaptive_candidates[reason] = self.adaptive_candidates.get(reason, 0) + count
         self.golds += other.golds
         self.gold_sum += other.gold_sum
         self.gold_squares += other.gold_squares
@@ -126,9 +130,11 @@ class SimulatedUser:
                 return
             data = await response.json()
             version = response.headers.get("x-policy-version", "?")
-            traffic.candidates += int(response.headers.get("x-bon-n", "1"))
+            n = int(response.headers.get("x-bon-n", "1"))
+            traffic.candidates += n
             if (reason := response.headers.get("x-bon-adaptive")) is not None:
                 traffic.adaptive[reason] = traffic.adaptive.get(reason, 0) + 1
+                traffic.adaptive_candidates[reason] = traffic.adaptive_candidates.get(reason, 0) + n
         traffic.versions[version] = traffic.versions.get(version, 0) + 1
         answer = data["choices"][0]["message"]["content"] or ""
         gold = gold_reward(prompt, answer)

@@ -57,8 +57,9 @@ def test_summarise_scores_gold_and_picks_by_reward() -> None:
 def traffic(golds: list[float], ns: list[int], reasons: list[str], failed: int = 0) -> Traffic:
     t = Traffic(sent=len(golds) + failed, failed=failed, candidates=sum(ns), golds=len(golds), gold_sum=sum(golds),
                 gold_squares=sum(g * g for g in golds))  # fmt: skip
-    for reason in reasons:
+    for reason, n in zip(reasons, ns, strict=False):
         t.adaptive[reason] = t.adaptive.get(reason, 0) + 1
+        t.adaptive_candidates[reason] = t.adaptive_candidates.get(reason, 0) + n
     return t
 
 
@@ -68,14 +69,15 @@ def test_served_pools_the_seeds_candidates_per_request_and_the_gold_served() -> 
     got = served([a, b])
     assert got["candidates_per_request"] == pytest.approx(15 / 5)  # the failed request generated nothing it was told of
     assert got["adaptive"] == {"cold": 2, "explore": 1, "spread": 2}
+    assert got["candidates_per_request_by_rule"] == {"cold": 4.0, "explore": 4.0, "spread": 1.5}
     expected = mean_ci([0.9, 0.6, 0.8, 0.5, 1.0])
     assert got["served_gold"] == pytest.approx(expected.mean, abs=1e-4)
     assert got["served_gold_ci95"] == pytest.approx(list(expected.ci95), abs=1e-4)
     # adaptive N off (no header), and a round with no answer
     assert served([traffic([0.7, 0.7], [4, 4], [])])["adaptive"] == {}
     assert served([traffic([0.0, 0.0], [1, 1], [])])["served_gold"] == 0.0  # zero gold is gold read, not none
-    assert served([Traffic()]) == {"candidates_per_request": None, "adaptive": {}, "served_gold": None,
-                                   "served_gold_ci95": None}  # fmt: skip
+    assert served([Traffic()]) == {"candidates_per_request": None, "adaptive": {}, "candidates_per_request_by_rule": {},
+                                   "served_gold": None, "served_gold_ci95": None}  # fmt: skip
     merged = Traffic()
     merged.merge(a)
     merged.merge(b)
