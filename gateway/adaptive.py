@@ -5,10 +5,12 @@ Knows two rules and the evidence each reads (both per gateway process, in memory
   of the messages), the rewards of recent requests generated at the cap. Each request's candidates give the expected
   best of n for every n up to its N (the unbiased estimate from order statistics), so the gain of n samples over one
   is measured for every n from the same requests. A request gets the smallest n that keeps ``keep_gain`` of the gain
-  at the cap, and one candidate when that gain is within noise (below ``z`` standard errors). A kind with fewer than
-  ``min_requests`` requests at the cap gets the cap (``cold``), and afterwards every ``1/explore``-th request still
-  does (``explore``), so the gain at the cap stays measured and N grows again when it grows. Keyed by version, a new
-  policy starts cold: as training distils best-of-N into the policy, its gain shrinks and so does N.
+  at the cap, and one candidate when that gain is within noise (below ``z`` standard errors). With a ``price``, it
+  gets no candidate whose expected gain over one fewer is below that price (``price``): a share of a gain that shrinks
+  yet stays measurable keeps N where it was, a price does not. A kind with fewer than ``min_requests`` requests at the
+  cap gets the cap (``cold``), and afterwards every ``1/explore``-th request still does (``explore``), so the gain at
+  the cap stays measured and N grows again when it grows. Keyed by version, a new policy starts cold: as training
+  distils best-of-N into the policy, its gain shrinks and so does N.
 - **budget**: the latency of recent requests against their N, a least-squares line over the last ``horizon_s``,
   scaled by the ``quantile`` of how far requests landed above it; a request gets the most candidates whose predicted
   latency fits its budget (``latency_budget_ms``, per request or configured). Load shows in that latency: more
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Reason = Literal["cap", "cold", "explore", "spread", "budget", "trial"]
+Reason = Literal["cap", "cold", "explore", "spread", "price", "budget", "trial"]
 """Why a request got its N; ``trial`` (the service's): the spread rule held while a canary is on trial."""
 MIN_LATENCY_OBSERVATIONS = 8
 """Requests seen within the horizon before the budget rule predicts; fewer: the cap, and learn by serving."""
@@ -108,6 +110,9 @@ class Spread:
     keep_gain: float = 0.9
     explore: float = 0.1
     z: float = 1.96
+    price: float | None = None
+    """The least a further candidate must add to the expected best reward (reward units) to be generated; None: no
+    price, the ``keep_gain`` share alone."""
     max_kinds: int = 512
     _kinds: OrderedDict[tuple[str, str], _Kind] = field(default_factory=OrderedDict)
 
@@ -138,7 +143,11 @@ class Spread:
         if top <= self.z * error:  # no gain shown: one candidate does as well
             return Choice(floor, "spread", top, state.at(floor)[1] / top if top > 0 else 1.0)
         n = max(floor, next(k for k in range(1, cap + 1) if state.at(k)[1] >= self.keep_gain * top))
-        return Choice(n, "spread", top, state.at(n)[1] / top)
+        reason: Reason = "spread"
+        if self.price is not None:  # the first n whose next candidate would buy less than its price
+            priced = next((k for k in range(floor, n) if state.at(k + 1)[1] - state.at(k)[1] < self.price), n)
+            n, reason = priced, "price" if priced < n else reason
+        return Choice(n, reason, top, state.at(n)[1] / top)
 
     def gain(self, version: str, kind: str, n: int) -> tuple[int, float, float]:
         """Requests seen with at least ``n`` candidates, the mean gain of ``n`` over one, and its standard error."""

@@ -162,7 +162,7 @@ class ChatService:
         self.scorer_pace = ScorerPace()
         """The reward model's recent seconds per candidate (``scorer.degrade_above_ms`` lowers N by it)."""
         a = settings.adaptive
-        self.spread = Spread(a.window, a.min_requests, a.keep_gain, a.explore, a.z)
+        self.spread = Spread(a.window, a.min_requests, a.keep_gain, a.explore, a.z, a.min_gain_per_candidate)
         """Adaptive N's recent best-of-N gains by policy version and kind."""
         self.latency = Latency(a.latency_horizon_s, a.latency_quantile)
         """Adaptive N's recent latency against N (a latency budget lowers N by it)."""

@@ -172,6 +172,10 @@ class AdaptiveSettings(BaseModel):
     window: int = Field(default=200, ge=2, description="recent requests per policy version and kind")
     explore: float = Field(default=0.1, ge=0, le=1, description="the share of a kind's requests still run at the cap")
     z: float = Field(default=1.96, ge=0, description="standard errors a gain needs to count (below: one candidate)")
+    min_gain_per_candidate: float | None = Field(default=None, gt=0)
+    """The least a further candidate must add to the expected best reward, in reward units (what one candidate's
+    compute is worth); None: only ``keep_gain``. As training distils best-of-N, each extra candidate buys less and N
+    falls under this price, while a share of a shrinking gain stays the same N."""
     length_edges: list[int] = Field(default_factory=lambda: [64, 256, 1024])
     """Message characters that split prompt kinds into length buckets (with the client's ``metadata.task``)."""
     latency_budget_ms: float | None = Field(default=None, gt=0)

@@ -48,6 +48,22 @@ def test_the_smallest_n_that_keeps_the_gain() -> None:
     assert common.choose("v1", "t/len<64", 4, 3).n == 3  # never below the answers asked for
 
 
+def test_a_price_per_candidate_stops_n_where_the_next_one_buys_less() -> None:
+    """Rewards 0, 1, 2, 3: best of 1..4 is 1.5, 2.33, 2.75, 3, so candidates 2, 3 and 4 add 0.83, 0.42 and 0.25. Keeping
+    0.9 of the gain needs all four; a price of 0.3 stops at three, 0.5 at two. The same shape at a tenth of the scale
+    (a policy whose candidates the reward model now tells less apart) keeps the share at four, and the price drops it to
+    one."""
+    rewards = [0.0, 1.0, 2.0, 3.0]
+    share = _fed(Spread(min_requests=10, explore=0.0), rewards, 10).choose("v1", "t/len<64", 4, 1)
+    assert (share.n, share.reason) == (4, "spread")
+    for price, n in ((0.3, 3), (0.5, 2), (0.9, 1), (0.2, 4)):
+        choice = _fed(Spread(min_requests=10, explore=0.0, price=price), rewards, 10).choose("v1", "t/len<64", 4, 1)
+        assert (choice.n, choice.reason) == (n, "price" if n < 4 else "spread")
+    distilled = _fed(Spread(min_requests=10, explore=0.0, price=0.3), [r / 10 for r in rewards], 10)
+    assert distilled.choose("v1", "t/len<64", 4, 1).n == 1
+    assert _fed(Spread(min_requests=10, explore=0.0, price=0.9), rewards, 10).choose("v1", "t/len<64", 4, 2).n == 2  # n=2 asked
+
+
 def test_no_gain_shown_means_one_candidate_and_a_new_kind_or_version_starts_at_the_cap() -> None:
     equal = _fed(Spread(min_requests=20, explore=0.0), [0.5, 0.5, 0.5, 0.5], 20)
     assert (equal.choose("v1", "t/len<64", 4, 1).n, equal.choose("v1", "t/len<64", 4, 1).reason) == (1, "spread")
@@ -139,6 +155,11 @@ def test_the_gateway_lowers_n_where_extra_candidates_bought_little(make_client: 
     assert 'bon_best_of_n_gain_sum{policy_version="base"} 25.0' in metrics  # 7 x 3 (d over a) + 2 x 2 (c over a)
     assert 'bon_best_of_n_gain_squares_total{policy_version="base"} 71.0' in metrics
     assert "bon_adaptive_gain_kept_count 2.0" in metrics
+    priced = _adaptive(make_client, FakeScorer({"a": 0.0, "b": 1.0, "c": 2.0, "d": 3.0}), min_gain_per_candidate=0.3)
+    for _ in range(5):
+        _ask(priced, "math")
+    assert _ask(priced, "math") == (3, "price")  # the fourth candidate adds 0.25 < 0.3
+    assert 'bon_adaptive_n_total{reason="price"} 1.0' in priced.get("/metrics").text
     flat = _adaptive(make_client, FakeScorer({}))
     for _ in range(5):
         _ask(flat)

@@ -3,11 +3,11 @@ stated rate, gives a thumb judged from the hidden gold reward with noise.
 
 It calls ``/v1/chat/completions`` and ``/v1/feedback`` under its own API key, like any client
 (a 429 on feedback is waited out, as its ``Retry-After`` says), and declares each prompt's task
-kind (``metadata.task``: addition, capital...), as a client that knows what it asks would, so
+kind (``metadata.task``: add, capital...), as a client that knows what it asks would, so
 adaptive N can tell kinds apart. It counts the candidates the gateway generated for it
-(``x-bon-n``, and ``x-bon-adaptive``: which rule chose N) and the gold of what it was served. Knows the gold reward and
-the noise model of its judgement; knows nothing about the gateway's internals, the log or
-training.
+(``x-bon-n``, and ``x-bon-adaptive``: which rule chose N) and the gold of what it was served.
+Knows the gold reward and the noise model of its judgement; knows nothing about the gateway's
+internals, the log or training.
 """
 
 from __future__ import annotations
