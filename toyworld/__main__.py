@@ -4,6 +4,7 @@ Subcommands:
   bootstrap      build the embedded default's tiny models (tokenizer, policy, reward model)
   evaluate-loop  rounds of traffic -> training -> hot-swap through a gateway, measured on the hidden gold reward
   loop-report    one report from the runs of one or several evaluate-loop invocations
+  loop-compare   runs of one seed compared on what their traffic was served, paired per prompt
 
 The fourth floor: it may use the trainer, the gateway and the versioning floor; only loadtest imports it.
 Errors a user can fix print one line and exit non-zero, never a traceback.
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         "that arm's runs only, e.g. thumbs:trainer.pairs.from_reward_model=false; repeatable",
     )
     loop.add_argument("--vllm", default=None, help="an already running vLLM (runtime LoRA on) instead of starting one")
+    versus = sub.add_parser("loop-compare", help="runs of one seed compared on what their traffic was served, paired per prompt")
+    versus.add_argument("base", type=Path, help="a run's directory (<out>/<arm>-seed<k>): the baseline")
+    versus.add_argument("runs", type=Path, nargs="+", help="runs of the same seed to compare with it")
     again = sub.add_parser("loop-report", help="one report from evaluate-loop runs of one or several invocations")
     again.add_argument("runs", type=Path, nargs="+", help="evaluate-loop --out directories, or single runs' directories")
     again.add_argument("--out", type=Path, required=True, help="where report.json and loop.png go")
@@ -218,6 +222,24 @@ def _loop_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_compare(args: argparse.Namespace) -> int:
+    """One JSON object: per run, per round, its served answers against the baseline's on the same prompts."""
+    import json
+
+    from toyworld.loop import compare, records
+
+    for d in (args.base, *args.runs):
+        if not (d / records.FILE).is_file() or not (d / "data" / "gateway.db").is_file():
+            print(f"{PROG} loop-compare: error: {d} is not a run's directory (no {records.FILE} or data/gateway.db)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    base = compare.served(args.base)
+    result = {"base": str(args.base), "runs": [{"run": str(d), "rounds": compare.compare(base, compare.served(d))}
+                                               for d in args.runs]}  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bootstrap":
@@ -226,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate_loop(args)
     if args.command == "loop-report":
         return _loop_report(args)
+    if args.command == "loop-compare":
+        return _loop_compare(args)
     raise AssertionError(args.command)
 
 
