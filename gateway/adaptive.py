@@ -2,15 +2,15 @@
 
 Knows two rules and the evidence each reads (both per gateway process, in memory):
 - **spread**: per policy version and prompt kind (the client's declared task, ``metadata.task``, and a length bucket
-  of the messages), the rewards of recent requests generated at the cap. Each request's candidates give the expected
-  best of n for every n up to its N (the unbiased estimate from order statistics), so the gain of n samples over one
-  is measured for every n from the same requests. A request gets the smallest n that keeps ``keep_gain`` of the gain
-  at the cap, and one candidate when that gain is within noise (below ``z`` standard errors). With a ``price``, it
-  gets no candidate whose expected gain over one fewer is below that price (``price``): a share of a gain that shrinks
-  yet stays measurable keeps N where it was, a price does not. A kind with fewer than ``min_requests`` requests at the
-  cap gets the cap (``cold``), and afterwards every ``1/explore``-th request still does (``explore``), so the gain at
-  the cap stays measured and N grows again when it grows. Keyed by version, a new policy starts cold: as training
-  distils best-of-N into the policy, its gain shrinks and so does N.
+  of the messages), the rewards of recent requests (for each n, the last ``window`` that ran at n or more). Each
+  request's candidates give the expected best of n for every n up to its N (the unbiased estimate from order
+  statistics), so one request at the cap measures the gain of every n. A request gets the smallest n that keeps
+  ``keep_gain`` of the gain at the cap, and one candidate when that gain is within noise (below ``z`` standard
+  errors). With a ``price``, it gets no candidate whose expected gain over one fewer is below that price (``price``):
+  a share of a gain that shrinks yet stays measurable keeps N where it was, a price does not. A kind with fewer than
+  ``min_requests`` requests at the cap gets the cap (``cold``), and afterwards every ``1/explore``-th request still
+  does (``explore``), so the gain at the cap stays measured and N grows again when it grows. Keyed by version, a new
+  policy starts cold: as training distils best-of-N into the policy, its gain shrinks and so does N.
 - **budget**: the latency of recent requests against their N, a least-squares line over the last ``horizon_s``,
   scaled by the ``quantile`` of how far requests landed above it; a request gets the most candidates whose predicted
   latency fits its budget (``latency_budget_ms``, per request or configured). Load shows in that latency: more
@@ -63,10 +63,12 @@ class Choice:
 
 
 class _Kind:
-    """One (version, kind)'s last ``window`` requests' gains, with running sums per n (so a choice costs O(cap))."""
+    """One (version, kind)'s gains of n over one, for each n from the last ``window`` requests that ran at n or more,
+    with running sums (so a choice costs O(cap)). Per n, so requests at a lowered N do not push the cap's out: the gain
+    at the cap stays measured by its own last ``window`` requests, and a kind is cold once."""
 
     def __init__(self, window: int) -> None:
-        self.recent: deque[list[float]] = deque()
+        self.recent: list[deque[float]] = []
         self.window = window
         self.count: list[int] = []
         self.sums: list[float] = []
@@ -74,20 +76,21 @@ class _Kind:
         self.seen = 0
 
     def add(self, g: list[float]) -> None:
-        if len(self.recent) == self.window:
-            self._count(self.recent.popleft(), -1)
-        self.recent.append(g)
-        self._count(g, 1)
-
-    def _count(self, g: list[float], sign: int) -> None:
         while len(self.count) < len(g):
+            self.recent.append(deque())
             self.count.append(0)
             self.sums.append(0.0)
             self.squares.append(0.0)
         for i, x in enumerate(g):
-            self.count[i] += sign
-            self.sums[i] += sign * x
-            self.squares[i] += sign * x * x
+            if len(self.recent[i]) == self.window:
+                old = self.recent[i].popleft()
+                self.count[i] -= 1
+                self.sums[i] -= old
+                self.squares[i] -= old * old
+            self.recent[i].append(x)
+            self.count[i] += 1
+            self.sums[i] += x
+            self.squares[i] += x * x
 
     def at(self, n: int) -> tuple[int, float, float]:
         """Requests with at least n candidates, their mean gain of n over one, and its standard error."""

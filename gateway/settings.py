@@ -169,7 +169,7 @@ class AdaptiveSettings(BaseModel):
     """Choose N per request from the reward spread of recent requests of its kind, ``n_candidates`` the most."""
     keep_gain: float = Field(default=0.9, gt=0, le=1, description="the share of the cap's best-of-N gain a choice keeps")
     min_requests: int = Field(default=30, ge=2, description="requests of a kind at the cap before its N is lowered")
-    window: int = Field(default=200, ge=2, description="recent requests per policy version and kind")
+    window: int = Field(default=200, ge=2, description="recent requests per policy version, kind and N that a gain is read from")
     explore: float = Field(default=0.1, ge=0, le=1, description="the share of a kind's requests still run at the cap")
     z: float = Field(default=1.96, ge=0, description="standard errors a gain needs to count (below: one candidate)")
     min_gain_per_candidate: float | None = Field(default=None, gt=0)

@@ -84,6 +84,12 @@ def test_every_tenth_request_explores_at_the_cap_and_the_window_and_kinds_are_bo
     window = _fed(Spread(window=10, min_requests=10, explore=0.0), [1.0, 0.0, 0.0, 0.0], 10)
     _fed(window, [0.5, 0.5, 0.5, 0.5], 10)  # the older ten leave the window
     assert window.gain("v1", "t/len<64", 4) == pytest.approx((10, 0.0, 0.0))
+    # requests at a lowered N do not push the cap's out: each n is read from its own last ten, and the kind stays warm
+    lowered = _fed(Spread(window=10, min_requests=10, explore=0.0), [1.0, 0.0, 0.0, 0.0], 10)
+    _fed(lowered, [0.5, 0.5], 50)
+    assert lowered.gain("v1", "t/len<64", 4) == pytest.approx((10, 0.75, 0.0))
+    assert lowered.gain("v1", "t/len<64", 2) == pytest.approx((10, 0.0, 0.0))
+    assert lowered.choose("v1", "t/len<64", 4, 1).reason == "spread"
     few = Spread(max_kinds=3)
     for k in range(5):
         few.observe("v1", f"k{k}", [1.0, 0.0])
