@@ -241,7 +241,9 @@ def _train(
     tries: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
         factor = 1.0
-        for attempt in range(1 + (budget.retries if budget.max_nats is not None else 0)):
+        kept: tuple[Any, ...] | None = None  # a try far under the budget, while a refined one is tried (refine_below)
+        attempts = 1 + (budget.retries if budget.max_nats is not None else 0)
+        for attempt in range(attempts):
             torch.manual_seed(s.adapter.seed)
             if s.format == "full":
                 init = adapter.full_model(s.base_policy, parent_dir, parent_is_adapter=parent_format == "lora")
@@ -273,10 +275,16 @@ def _train(
                 if not within:
                     log.warning("round %s: KL to the reference %s is over trainer.kl_budget.max_nats %.3g at %.3gx the "
                                 "learning rate", algorithm, drift, budget.max_nats, factor)  # fmt: skip
-            # rank 0 measured: every rank learns whether this try fits and, if not, the next try's step
+            # rank 0 measured: every rank learns whether this try is the round's and, if not, the next try's step
             decided = (within, factor)
-            if team.main and not within:
+            if team.main and not within and kept is not None:  # the refined try went over: the kept one is the round's
+                (fitted, trained, model, used, hyperparameters, saved, served, drift), kept = kept, None
+                decided = (True, factor)
+            elif team.main and not within:
                 decided = (False, factor * _backoff(budget, drift.kl))
+            elif team.main and kept is None and attempt + 1 < attempts and (refined := _refined(budget, tries)) is not None:
+                kept = (fitted, trained, model, used, hyperparameters, saved, served, drift)
+                decided = (False, refined)
             within, factor = team.share(decided)
             if within:
                 break
@@ -356,6 +364,25 @@ def _backoff(budget: KlBudgetSettings, kl: float) -> float:
     if budget.aim is None or not math.isfinite(kl) or kl <= 0:
         return budget.backoff
     return min(budget.backoff, budget.aim * budget.max_nats / kl)
+
+
+def _refined(budget: KlBudgetSettings, tries: list[dict[str, float]]) -> float | None:
+    """After a try fitted the budget at under ``refine_below`` of it, following one over it: the step where the line
+    through the two tries' (log step, log KL) reaches ``aim`` x the budget (KL grew with the step's power 1.2 to 2.6 in
+    the loop's rounds, so one aimed as if linear could land 600x under, leaving the round nearly untrained). None: no
+    refinement (the try is close enough, no try went over, or the two do not give a rising line)."""
+    if budget.max_nats is None or budget.refine_below is None or len(tries) < 2:
+        return None
+    over, fit = tries[-2], tries[-1]
+    target = (budget.aim or budget.backoff) * budget.max_nats
+    if fit["kl_to_reference"] >= budget.refine_below * budget.max_nats or over["kl_to_reference"] <= budget.max_nats:
+        return None
+    if min(fit["kl_to_reference"], fit["step_scale"]) <= 0 or over["step_scale"] <= fit["step_scale"]:
+        return None
+    power = math.log(over["kl_to_reference"] / fit["kl_to_reference"]) / math.log(over["step_scale"] / fit["step_scale"])
+    if not math.isfinite(power) or power <= 0:
+        return None
+    return float(min(fit["step_scale"] * (target / fit["kl_to_reference"]) ** (1 / power), over["step_scale"] * budget.backoff))
 
 
 def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:

@@ -163,6 +163,10 @@ class KlBudgetSettings(BaseModel):
     least about linearly with the step here (run 5, seed 0, round 3: 18.8, 10.6 and 3.9 nats at 1, 0.5 and 0.25x), so a
     try aimed at half the budget lands under it where halving the step twice did not; None: ``backoff`` alone."""
     retries: int = Field(default=2, ge=0, description="tries after the first; over budget on all: the round is skipped")
+    refine_below: float | None = Field(default=0.1, gt=0, lt=1)
+    """A try that fits at under this share of the budget, after one over it, is aimed again when a retry remains: at
+    ``aim`` x the budget on the line through the two tries' (log step, log KL); the refined try is the round's if it
+    fits, else the one before. None: the first try that fits is the round's."""
 
 
 class ThumbHistorySettings(BaseModel):

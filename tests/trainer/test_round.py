@@ -244,6 +244,25 @@ def test_over_the_kl_budget_the_next_step_is_aimed_from_the_kl_measured(deployme
     assert manifest.hyperparameters["learning_rate"] == pytest.approx(STEP_LR * second["step_scale"])
 
 
+def test_a_try_far_under_the_kl_budget_is_aimed_again_from_the_two_measured(deployment: Path) -> None:
+    # the aimed second try lands orders of magnitude under the budget (KL grows faster than the step); a third is aimed
+    # on the line through the two tries' (log step, log KL), and the round keeps it if it fits, else the second
+    _stepped(deployment, backoff=0.5, retries=2, aim=0.5, refine_below=0.1)
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    manifest = Registry(deployment.parent / "registry").verify("policy", "v0001")
+    first, second, third = manifest.evaluation["kl_budget_tries"]
+    assert first["kl_to_reference"] > 100 * BUDGET
+    assert 0 < second["kl_to_reference"] < 0.1 * BUDGET
+    power = math.log(first["kl_to_reference"] / second["kl_to_reference"]) / math.log(1 / second["step_scale"])
+    aimed = second["step_scale"] * (0.5 * BUDGET / second["kl_to_reference"]) ** (1 / power)
+    assert third["step_scale"] == pytest.approx(min(aimed, 0.5))
+    assert third["step_scale"] > 10 * second["step_scale"]
+    assert third["kl_to_reference"] > second["kl_to_reference"]
+    kept = third if third["kl_to_reference"] <= BUDGET else second
+    assert manifest.evaluation["kl_to_reference"] == kept["kl_to_reference"]
+    assert manifest.hyperparameters["learning_rate"] == pytest.approx(STEP_LR * kept["step_scale"])
+
+
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:
     config = str(deployment)
     assert_one_line_error(run_cli("run", "--config", config, "--algo", "sgd"), "invalid choice", "sgd")
