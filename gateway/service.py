@@ -277,13 +277,14 @@ class ChatService:
         (``trial``: the configured N): the new version starts cold at the cap while the current one has learned to use
         fewer, and the gate, which compares the answers users get, would credit the canary with its larger N."""
         reason: Reason | None = None
-        if kind is not None and request.n_candidates is None and self.on_trial is not None and self.on_trial():
-            reason = "trial"
-        elif kind is not None and request.n_candidates is None:
-            choice = self.spread.choose(version, kind, n, n_return)
-            n, reason = choice.n, choice.reason
-            if choice.kept is not None:
-                self.metrics.adaptive_kept.observe(choice.kept)
+        if kind is not None and request.n_candidates is None:
+            if self.on_trial is not None and self.on_trial():
+                reason = "trial"
+            else:
+                choice = self.spread.choose(version, kind, n, n_return)
+                n, reason = choice.n, choice.reason
+                if choice.kept is not None:
+                    self.metrics.adaptive_kept.observe(choice.kept)
         budget_ms = request.latency_budget_ms or self.settings.adaptive.latency_budget_ms
         if budget_ms is not None and (fits := self.latency.most_within(budget_ms / 1000, n, n_return)) < n:
             n, reason = fits, "budget"

@@ -131,26 +131,20 @@ def served(traffic: Sequence[Traffic]) -> dict[str, Any]:
     shrink), the answers by the adaptive rule that chose their N and their candidates per request (``spread``: where
     the rule chose, past a new version's ``cold`` start), and the mean gold of the answers with its 95%
     interval (a t-interval from the sums; prompts differ between rounds, so rounds compare unpaired)."""
-    answered = sum(t.answered for t in traffic)
-    adaptive: dict[str, int] = {}
-    candidates: dict[str, int] = {}
-    for t in traffic:
-        for reason, count in t.adaptive.items():
-            adaptive[reason] = adaptive.get(reason, 0) + count
-        for reason, count in t.adaptive_candidates.items():
-            candidates[reason] = candidates.get(reason, 0) + count
+    t = Traffic()
+    for part in traffic:
+        t.merge(part)
     out: dict[str, Any] = {
-        "candidates_per_request": _r(sum(t.candidates for t in traffic) / answered) if answered else None,
-        "adaptive": dict(sorted(adaptive.items())),
-        "candidates_per_request_by_rule": {reason: _r(candidates[reason] / adaptive[reason])
-                                           for reason in sorted(adaptive) if reason in candidates},
+        "candidates_per_request": _r(t.candidates / t.answered) if t.answered else None,
+        "adaptive": dict(sorted(t.adaptive.items())),
+        "candidates_per_request_by_rule": {reason: _r(t.adaptive_candidates[reason] / t.adaptive[reason])
+                                           for reason in sorted(t.adaptive) if reason in t.adaptive_candidates},
         "served_gold": None, "served_gold_ci95": None,
     }  # fmt: skip
-    golds = sum(t.golds for t in traffic)
-    total, squares = math.fsum(t.gold_sum for t in traffic), math.fsum(t.gold_squares for t in traffic)
-    if golds >= 2:
-        mean = total / golds
-        half = t975(golds - 1) * math.sqrt(max(squares - golds * mean * mean, 0.0) / (golds - 1) / golds)
+    if t.golds >= 2:
+        mean = t.gold_sum / t.golds
+        spread = max(t.gold_squares - t.golds * mean * mean, 0.0) / (t.golds - 1)
+        half = t975(t.golds - 1) * math.sqrt(spread / t.golds)
         out.update(served_gold=_r(mean), served_gold_ci95=[_r(mean - half), _r(mean + half)])
     return out
 

@@ -45,7 +45,7 @@ from toyworld.loop.processes import (
     terminable,
     unload_adapters,
 )
-from toyworld.loop.report import RoundRecord, Run
+from toyworld.loop.report import RoundRecord, Run, served
 from toyworld.loop.trials import judge, served_gold
 from toyworld.loop.user import Judgement, SimulatedUser, Traffic
 from versioning import watch
@@ -175,16 +175,16 @@ class Loop:
                     sent += record.traffic.sent - record.traffic.failed
                     result.rounds.append(record)
                     records.save(result, run_dir)
-                    m, t = record.measurement, record.traffic
+                    m, got = record.measurement, served([record.traffic])
                     spread = ""
-                    if chose := t.adaptive.get("spread", 0):
-                        spread = f" ({t.adaptive_candidates.get('spread', 0) / chose:.2f} where the spread rule chose)"
+                    if (chose := got["candidates_per_request_by_rule"].get("spread")) is not None:
+                        spread = f" ({chose:.2f} where the spread rule chose)"
                     self.o.log(
                         f"{arm} seed {seed} round {k}: {record.policy_version} N=1 gold {m.n1_gold.mean:.3f}, "
                         f"BoN {', '.join(f'{n}:{v:.3f}' for n, v in m.bon_gold.items())}, RM {m.rm_score:.3f}, "
                         f"KL {m.kl_to_start:.2f} ± {m.kl_to_start_stderr:.2f}, len {m.mean_len:.1f}, pairs {record.pairs_used}; "
-                        f"the round's traffic: {t.candidates / max(t.answered, 1):.2f} candidates per request{spread}, "
-                        f"served gold {t.gold_sum / max(t.golds, 1):.3f}"
+                        f"the round's traffic: {got['candidates_per_request'] or 0:.2f} candidates per request{spread}, "
+                        f"served gold {got['served_gold'] or 0:.3f}"
                     )
             finally:
                 await gateway.stop()

@@ -69,16 +69,18 @@ class Traffic:
         self.thumbs_up += other.thumbs_up
         self.thumbs_down += other.thumbs_down
         self.feedback_waits += other.feedback_waits
-        for version, count in other.versions.items():
-            self.versions[version] = self.versions.get(version, 0) + count
+        _add(self.versions, other.versions)
         self.candidates += other.candidates
-        for reason, count in other.adaptive.items():
-            self.adaptive[reason] = self.adaptive.get(reason, 0) + count
-        for reason, count in other.adaptive_candidates.items():
-            self.adaptive_candidates[reason] = self.adaptive_candidates.get(reason, 0) + count
+        _add(self.adaptive, other.adaptive)
+        _add(self.adaptive_candidates, other.adaptive_candidates)
         self.golds += other.golds
         self.gold_sum += other.gold_sum
         self.gold_squares += other.gold_squares
+
+
+def _add(counts: dict[str, int], more: dict[str, int]) -> None:
+    for key, count in more.items():
+        counts[key] = counts.get(key, 0) + count
 
 
 class SimulatedUser:
@@ -133,9 +135,9 @@ class SimulatedUser:
             n = int(response.headers.get("x-bon-n", "1"))
             traffic.candidates += n
             if (reason := response.headers.get("x-bon-adaptive")) is not None:
-                traffic.adaptive[reason] = traffic.adaptive.get(reason, 0) + 1
-                traffic.adaptive_candidates[reason] = traffic.adaptive_candidates.get(reason, 0) + n
-        traffic.versions[version] = traffic.versions.get(version, 0) + 1
+                _add(traffic.adaptive, {reason: 1})
+                _add(traffic.adaptive_candidates, {reason: n})
+        _add(traffic.versions, {version: 1})
         answer = data["choices"][0]["message"]["content"] or ""
         gold = gold_reward(prompt, answer)
         traffic.golds += 1
