@@ -176,22 +176,30 @@ def _evaluate_loop(args: argparse.Namespace) -> int:
 
 
 def _write_report(runs: list[Run], out: Path, meta: dict[str, object]) -> None:
-    """``report.json`` and ``loop.png`` in ``out``, a line per arm, and the report as one JSON line last."""
+    """``report.json`` and ``loop.png`` in ``out``, a line per arm (in ``ARMS``' order: later arms are compared with
+    earlier ones), and the report as one JSON line last."""
     import json
 
-    from toyworld.loop.report import arm_report, plot
+    from toyworld.loop.report import arm_report, between_arms, plot
+    from toyworld.loop.runner import ARMS
 
+    runs = sorted(runs, key=lambda run: (ARMS.index(run.arm), run.seed))
     arms = list(dict.fromkeys(run.arm for run in runs))
     reports = [arm_report([r for r in runs if r.arm == arm]) for arm in arms]
     png = out / "loop.png"
     plot(reports, png)
-    result = {"arms": reports, "plot": str(png), **meta}
+    versus = between_arms(runs)
+    result = {"arms": reports, "between_arms": versus, "plot": str(png), **meta}
     (out / "report.json").write_text(json.dumps(result, indent=2))
     for arm in reports:
         bon = arm["start_bon_gold"]
         rounds = ", ".join(f"{r['n1_gold']:.3f}" for r in arm["rounds"])
         print(f"{arm['arm']}: start N=1 {arm['start_n1_gold']:.3f}, BoN-2 {bon.get('2', float('nan')):.3f}, "
               f"BoN-4 {bon.get('4', float('nan')):.3f}; N=1 by round {rounds}; {len(arm['warnings'])} warnings")  # fmt: skip
+    for pair in versus:
+        diffs = "; ".join(f"{d['n1_gold_diff']['estimate']:+.3f} {d['n1_gold_diff']['ci95']}" for d in
+                          [{"n1_gold_diff": pair["start"]}, *pair["rounds"]]) if "start" in pair else pair["skipped"]  # fmt: skip
+        print(f"{pair['arms'][1]} - {pair['arms'][0]} (N=1 gold, paired; start, then by round): {diffs}")
     print(json.dumps(result))
 
 

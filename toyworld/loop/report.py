@@ -3,7 +3,8 @@
 Knows how runs (one arm, one seed: the start measurement and one per round) become the JSON
 the issue asks for (``start_bon_gold``, ``rounds``, ``final_n1_gold``, ``arm``,
 ``thumb_rate``, ``seeds``, ``goals``, ``warnings``), how goals are judged (differences paired
-per seed and held-out prompt, a normal 95% interval over those units), what counts as a
+per seed and held-out prompt, a normal 95% interval over those units), arms against each other
+on the same units, what counts as a
 warning sign, each on evidence (reward-model score up while gold falls, both significant:
 the reward model is being gamed; answers significantly longer; KL beyond a bound; the
 trainer's watch firing) and how to draw it. Does no sampling or training.
@@ -123,6 +124,35 @@ def arm_report(runs: Sequence[Run]) -> dict[str, Any]:
         "warnings": warnings(runs),
         "per_seed": [_run_dict(run) for run in runs],
     }
+
+
+def between_arms(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Each later arm against each earlier one (in the order the runs name them): N=1 gold of ``arms[1]`` minus
+    ``arms[0]``'s at the start and per round, paired per seed and held-out prompt, over the seeds both ran and the rounds
+    both finished. Every run of one ``--heldout`` measures the same held-out prompts in the same order, so the units
+    pair. Arms whose measurements hold different numbers of prompts are not compared (``skipped`` says why)."""
+    arms = list(dict.fromkeys(run.arm for run in runs))
+    by = {(run.arm, run.seed): run for run in runs}
+    out: list[dict[str, Any]] = []
+    for i, first in enumerate(arms):
+        for second in arms[i + 1 :]:
+            seeds = sorted(s for a, s in by if a == first and (second, s) in by)
+            entry: dict[str, Any] = {"arms": [first, second], "seeds": seeds}
+            pairs = [(by[first, s], by[second, s]) for s in seeds]
+            sizes = {len(run.start.per_prompt_n1) for pair in pairs for run in pair}
+            if not pairs or len(sizes) != 1:
+                entry["skipped"] = "no seed in common" if not pairs else f"held-out prompts differ in number ({sorted(sizes)})"
+                out.append(entry)
+                continue
+            rounds = min(len(run.rounds) for pair in pairs for run in pair)
+            entry["start"] = _paired([b.start.per_prompt_n1 for _, b in pairs], [a.start.per_prompt_n1 for a, _ in pairs])
+            entry["rounds"] = [
+                {"round": k + 1, "n1_gold_diff": _paired([b.rounds[k].measurement.per_prompt_n1 for _, b in pairs],
+                                                         [a.rounds[k].measurement.per_prompt_n1 for a, _ in pairs])}
+                for k in range(rounds)
+            ]  # fmt: skip
+            out.append(entry)
+    return out
 
 
 def served(traffic: Sequence[Traffic]) -> dict[str, Any]:

@@ -62,6 +62,11 @@ def test_loop_report_joins_invocations_and_cuts_an_arm_to_its_common_rounds(tmp_
     assert len(by_arm["thumbs"]["rounds"]) == 2  # seed 1 stopped after round 2
     assert len(by_arm["rm"]["rounds"]) == 3
     assert report["rounds_per_arm"] == {"thumbs": 2, "rm": 3}
+    [versus] = report["between_arms"]
+    assert versus["arms"] == ["rm", "thumbs"]  # in ARMS' order, whatever order the directories were found in
+    assert versus["seeds"] == [1]  # the one seed both arms ran
+    assert [r["round"] for r in versus["rounds"]] == [1, 2]
+    assert "thumbs - rm (N=1 gold, paired; start, then by round):" in done.stdout
     assert by_arm["thumbs"]["gate_vs_gold"]["agree"] == 4
     assert (tmp_path / "r" / "loop.png").stat().st_size > 0
     (tmp_path / "c" / "thumbs-seed0").mkdir(parents=True)

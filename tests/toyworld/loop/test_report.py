@@ -13,7 +13,7 @@ import pytest
 from toyworld.evaluate import mean_ci
 from toyworld.gold import gold_reward
 from toyworld.loop.measure import Measurement, summarise
-from toyworld.loop.report import RoundRecord, Run, arm_report, goals, plot, served, warnings
+from toyworld.loop.report import RoundRecord, Run, arm_report, between_arms, goals, plot, served, warnings
 from toyworld.loop.user import Traffic
 
 
@@ -142,6 +142,33 @@ def test_warnings_flag_reward_hacking_length_kl_and_refusals_on_evidence() -> No
     # what the old rule flagged: the score up a little, gold down 0.02, both within noise: no warning now
     noisy = measurement([0.7, 0.5, 0.62, 0.5], rm=1.02, length=10.5, spread=0.3)
     assert warnings([Run("rm", 3, 0.0, start, [record(1, noisy)])]) == []
+
+
+def test_between_arms_pairs_each_later_arm_with_an_earlier_one_per_seed_and_prompt() -> None:
+    def run(arm: str, seed: int, n1: list[list[float]]) -> Run:
+        return Run(arm, seed, 0.2, measurement([0.5, 0.5]), [record(k + 1, measurement(v)) for k, v in enumerate(n1)])
+
+    runs = [
+        run("thumbs", 0, [[0.6, 0.7], [0.7, 0.8]]),
+        run("thumbs", 1, [[0.6, 0.6], [0.6, 0.6]]),
+        run("grpo", 0, [[0.7, 0.7], [0.9, 0.8], [0.9, 0.9]]),  # a third round thumbs did not run: not compared
+        run("grpo", 1, [[0.6, 0.8], [0.7, 0.9]]),
+        run("grpo", 2, [[0.1, 0.1], [0.1, 0.1]]),  # a seed thumbs did not run: not compared
+    ]
+    [pair] = between_arms(runs)
+    assert pair["arms"] == ["thumbs", "grpo"]
+    assert pair["seeds"] == [0, 1]
+    assert pair["start"]["estimate"] == pytest.approx(0.0)
+    assert [r["round"] for r in pair["rounds"]] == [1, 2]
+    first, second = (r["n1_gold_diff"] for r in pair["rounds"])
+    assert first["estimate"] == pytest.approx((0.1 + 0.0 + 0.0 + 0.2) / 4)
+    assert first["units"] == 4
+    assert second["estimate"] == pytest.approx((0.2 + 0.0 + 0.1 + 0.3) / 4)
+    assert second["ci95"] == pytest.approx(list(mean_ci([0.2, 0.0, 0.1, 0.3]).ci95), abs=1e-4)  # over units, not seeds
+    other = Run("rm", 0, 0.0, measurement([0.5, 0.5, 0.5]), [record(1, measurement([0.6, 0.6, 0.6]))])
+    lonely = Run("rm", 9, 0.0, measurement([0.5, 0.5]), [])
+    assert between_arms([other, runs[0]])[0]["skipped"] == "held-out prompts differ in number ([2, 3])"
+    assert between_arms([lonely, runs[0]])[0]["skipped"] == "no seed in common"
 
 
 def test_arm_report_has_the_issue_fields_and_pools_seeds(tmp_path: Path) -> None:
