@@ -3,11 +3,11 @@
 Knows how runs (one arm, one seed: the start measurement and one per round) become the JSON
 the issue asks for (``start_bon_gold``, ``rounds``, ``final_n1_gold``, ``arm``,
 ``thumb_rate``, ``seeds``, ``goals``, ``warnings``), how goals are judged (differences paired
-per seed and held-out prompt, a normal 95% interval over those units), arms against each other
-on the same units, what counts as a
-warning sign, each on evidence (reward-model score up while gold falls, both significant:
-the reward model is being gamed; answers significantly longer; KL beyond a bound; the
-trainer's watch firing) and how to draw it. Does no sampling or training.
+per seed and held-out prompt, a normal 95% interval over those units), arms against each
+other on the same units, what counts as a warning sign, each on evidence (reward-model score
+up while gold falls, both significant: the reward model is being gamed; answers significantly
+longer; KL beyond a bound; the trainer's watch firing) and how to draw it. Does no sampling or
+training.
 """
 
 from __future__ import annotations
