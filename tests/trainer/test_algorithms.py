@@ -129,11 +129,28 @@ def test_kto_skips_under_min_pairs(deployment: Path, capsys: Any) -> None:
     assert Registry(deployment.parent / "registry").versions("policy") == []
 
 
-def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(deployment: Path, test_models: Path, capsys: Any) -> None:
-    """Users thumb up every right, polite answer, which the test preset's reward model ranks below the short
-    wrong one (checked below): the refit reward model must come to agree with them."""
+def _base_prefers_polite(test_models: Path, tokenizer: Any) -> bool:
+    """Whether the test preset's reward model, as this machine built it, ranks the right, polite answers above the short
+    wrong ones on these questions. Builds differ (each machine trains the models, and CPUs round floats differently):
+    one preferred the short ones on nearly every question, another the polite ones on every one. So each refit test
+    makes its users like the style this build's reward model ranks lower, and the refit must learn the users' side."""
+    from trainer import reward
+
+    model, rm_tokenizer = reward.load(test_models / "reward_model")
+    probe = [pair(tokenizer, f"What is {a} + {b}?", f"{a} + {b} = {a + b}. Glad to help!", f"{a + b + 1}.")
+             for a in range(1, 13) for b in (1, 5, 9)]  # fmt: skip
+    return reward.agreement(model, rm_tokenizer, probe, 256) > 0.5
+
+
+def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(
+    deployment: Path, test_models: Path, tokenizer: Any, capsys: Any
+) -> None:
+    """Every served answer is the right, polite one. Users thumb it up where the base reward model ranks it below the
+    short wrong one, and down where it ranks it above (``_base_prefers_polite``): either way the base model disagrees
+    with the thumbs (checked below), and the refit reward model must come to agree with them."""
     config = yaml.safe_load(deployment.read_text())
-    _thumbs(config["store"]["url"], {f"c-base-{i}": "up" for i in range(24)})
+    thumb = "down" if _base_prefers_polite(test_models, tokenizer) else "up"
+    _thumbs(config["store"]["url"], {f"c-base-{i}": thumb for i in range(24)})
     _configure(
         deployment,
         base_reward_model=str(test_models / "reward_model"),
@@ -171,18 +188,18 @@ def test_a_refit_without_enough_thumbs_skips(deployment: Path, capsys: Any) -> N
     assert Registry(deployment.parent / "registry").versions("reward_model") == []
 
 
-def _served_and_thumbed(url: str, tokenizer: Any, n: int) -> None:
-    """``n`` requests, each with a right polite answer and a short wrong one: the even ones served the right answer and
-    were thumbed up, the odd ones served the wrong answer (the one the test preset's reward model prefers) and were
-    thumbed down."""
+def _served_and_thumbed(url: str, tokenizer: Any, n: int, liked_polite: bool) -> None:
+    """``n`` requests, each with a right polite answer and a short wrong one: the even ones served the liked answer (the
+    polite one if ``liked_polite``) and were thumbed up, the odd ones served the other and were thumbed down."""
     from gateway.store.records import CandidateRecord, CompletionRecord
 
     records: list[Any] = []
     for i in range(n):
         a, b = 1 + i % 12, 1 + (i * 5) % 12
         good, bad = f"{a} + {b} = {a + b}. Glad to help!", f"{a + b + 1}."
-        cands = [CandidateRecord(0, good, tokens(tokenizer, good), "stop", 0.0, chosen=i % 2 == 0),
-                 CandidateRecord(1, bad, tokens(tokenizer, bad), "stop", 1.0, chosen=i % 2 == 1)]  # fmt: skip
+        liked, disliked = (good, bad) if liked_polite else (bad, good)
+        cands = [CandidateRecord(0, liked, tokens(tokenizer, liked), "stop", 0.0, chosen=i % 2 == 0),
+                 CandidateRecord(1, disliked, tokens(tokenizer, disliked), "stop", 1.0, chosen=i % 2 == 1)]  # fmt: skip
         messages = [{"role": "user", "content": f"What is {a} + {b}?"}]
         records.append(CompletionRecord(f"t{i}", time.time(), "k", messages, {}, "base", "rm-base", 2, 9, 9, {}, cands))
         records.append(FeedbackRecord(f"t{i}", "k", "up" if i % 2 == 0 else "down", None, time.time()))
@@ -197,7 +214,8 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     from trainer import reward
 
     config = yaml.safe_load(deployment.read_text())
-    _served_and_thumbed(config["store"]["url"], tokenizer, 40)
+    liked_polite = not _base_prefers_polite(test_models, tokenizer)  # users like what the base reward model ranks lower
+    _served_and_thumbed(config["store"]["url"], tokenizer, 40, liked_polite)
     _configure(deployment, base_reward_model=str(test_models / "reward_model"),
                reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 16, "max_pairs": 200})  # fmt: skip
     store = SqlStore(config["store"]["url"])
@@ -207,7 +225,7 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     train_ids = {i for p in data.train for i in p["completion_id"].split("|")}
     held_ids = {i for p in data.held_out for i in p["completion_id"].split("|")}
     assert train_ids.isdisjoint(held_ids)
-    assert all(p["chosen"][0]["content"].endswith("Glad to help!") for p in data.train + data.held_out)
+    assert all(p["chosen"][0]["content"].endswith("Glad to help!") == liked_polite for p in data.train + data.held_out)
     assert len(data.train) == 200  # 16 x 16 or so up x down combinations, 200 drawn
     assert data.held_out
     root = deployment.parent / "registry"
@@ -221,8 +239,8 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     assert (cleared.firing, cleared.cleared_by, cleared.cleared_for) == (False, "refit v0001", "v0003")
     ev = Registry(deployment.parent / "registry").verify("reward_model", "v0001").evaluation
     assert ev["pair_kind"] == "thumb_vs_thumb"
-    assert ev["agreement_before_held_out"] < 0.5  # the base reward model prefers the short wrong answers
-    assert ev["agreement_after_held_out"] > 0.9  # measured: 0.0 -> 1.0 on 4 held-out pairs, 200 trained on
+    assert ev["agreement_before_held_out"] < 0.5  # the base reward model prefers the style users dislike
+    assert ev["agreement_after_held_out"] > 0.9  # measured: 0.0 -> 1.0 on 4 held-out pairs, 200 trained on (either build)
 
 
 def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_reference(
