@@ -132,7 +132,7 @@ def test_kto_skips_under_min_pairs(deployment: Path, capsys: Any) -> None:
 def _base_prefers_polite(test_models: Path, tokenizer: Any) -> bool:
     """Whether the test preset's reward model, as this machine built it, ranks the right, polite answers above the short
     wrong ones on these questions. Builds differ (each machine trains the models, and CPUs round floats differently):
-    one preferred the short ones on nearly every question, another the polite ones on every one. So each refit test
+    on one, these tests' base agreement with users who like the polite answers was 0.0, on another 1.0. So each test
     makes its users like the style this build's reward model ranks lower, and the refit must learn the users' side."""
     from trainer import reward
 
