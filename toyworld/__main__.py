@@ -197,8 +197,8 @@ def _write_report(runs: list[Run], out: Path, meta: dict[str, object]) -> None:
         print(f"{arm['arm']}: start N=1 {arm['start_n1_gold']:.3f}, BoN-2 {bon.get('2', float('nan')):.3f}, "
               f"BoN-4 {bon.get('4', float('nan')):.3f}; N=1 by round {rounds}; {len(arm['warnings'])} warnings")  # fmt: skip
     for pair in versus:
-        diffs = "; ".join(f"{d['n1_gold_diff']['estimate']:+.3f} {d['n1_gold_diff']['ci95']}" for d in
-                          [{"n1_gold_diff": pair["start"]}, *pair["rounds"]]) if "start" in pair else pair["skipped"]  # fmt: skip
+        diffs = "; ".join(f"{d['estimate']:+.3f} {d['ci95']}" for d in [pair["start"], *(r["n1_gold_diff"] for r in
+                          pair["rounds"])]) if "start" in pair else pair["skipped"]  # fmt: skip
         print(f"{pair['arms'][1]} - {pair['arms'][0]} (N=1 gold, paired; start, then by round): {diffs}")
     print(json.dumps(result))
 
