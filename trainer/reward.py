@@ -10,13 +10,19 @@ pairs (``trainer.reward.pairs``):
   ranked orders a pair. At most ``max_pairs`` are drawn, with the round's seed.
 - ``thumb_vs_candidates``: the thumbed answer against the other candidates of its request
   (``trainer.pairs``' rules), the side the thumb did not judge ranked by the reward model.
-Thumbs are split by completion before pairing (every ``holdout_every``-th completion by a
-hash of its id is held out, and pairs are made within each part, so no answer is on both
-sides of the split); the current reward model is fine-tuned (all weights; it is small) on
-the training part, and its **agreement with thumbs**, the share of pairs it orders as the
-thumbs do, is measured before and after on both parts. A refit whose held-out agreement
-falls is registered but not made current. Conversations are rendered and tokenised exactly
-as the gateway scores them (``gateway.score.render``). Does not read the log
+Thumbs are split by completion before pairing, each thumb's side on its own: every
+``holdout_every``-th completion thumbed up and every ``holdout_every_down``-th thumbed down, by a
+hash of its id (stable, so an answer trained on in one refit is never held out in a later one).
+Downs are the scarce side (at an up-rate of ~0.9 a round brings a few), so more of them are held
+out. Pairs are made within each part, so no answer is on both sides of the split. The current
+reward model is fine-tuned (all weights; it is small) on the training part, and its **agreement
+with thumbs**, the share of pairs it orders as the thumbs do, is measured before and after on both
+parts. The check (``Check``): the held-out change, after minus before, with DeLong's interval over
+the held-out answers (``gateway.intervals.crossed``): each answer sits in many pairs, so sixteen
+ups against one down is one down's evidence, not sixteen pairs'. A refit is made current only when
+at least ``min_held_out`` answers stand on each side and the interval's lower bound is above
+``-margin``; otherwise it is registered but not made current. Conversations are rendered and
+tokenised exactly as the gateway scores them (``gateway.score.render``). Does not read the log
 (``trainer.round`` does).
 """
 
@@ -28,8 +34,10 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
+from gateway.intervals import Interval, crossed
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.adapter import fit, trainer_args
 from trainer.pairs import assistant, prompt_of
@@ -49,25 +57,29 @@ def held_out(completion_id: str, every: int) -> bool:
     return int(hashlib.sha256(completion_id.encode()).hexdigest(), 16) % every == 0
 
 
-def split(pairs: Sequence[dict[str, Any]], every: int) -> Split:
-    """Held out: the pairs of every ``every``-th completion by a hash of its id (stable across refits)."""
+def split(pairs: Sequence[dict[str, Any]], every: int, every_down: int) -> Split:
+    """Held out: the pairs of every ``every``-th completion thumbed up and every ``every_down``-th thumbed down, by a
+    hash of its id (stable across refits)."""
     out = Split([], [])
     for pair in pairs:
-        (out.held_out if held_out(str(pair["completion_id"]), every) else out.train).append(pair)
+        k = every_down if pair.get("thumb") == "down" else every
+        (out.held_out if held_out(str(pair["completion_id"]), k) else out.train).append(pair)
     return out
 
 
-def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: int) -> Split:
+def thumb_pairs(labelled: Iterable[Labelled], every: int, every_down: int, max_pairs: int, seed: int) -> Split:
     """Pairs of a served answer thumbed up and one thumbed down, made within the training and the held-out part of the
-    thumbs; each part at most ``max_pairs`` (the held-out part a ``1 / every`` share of it), drawn with ``seed``."""
+    thumbs (``split``'s rule): the training part at most ``max_pairs`` drawn with ``seed``, the held-out part every
+    up against every down (the check's answers are its units) up to ``max_pairs``."""
     parts: dict[bool, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {True: ([], []), False: ([], [])}
     for record, thumb in labelled:
         served = next((c for c in record.candidates if c.chosen), None)
         if thumb is None or served is None:
             continue
         answer = {"id": record.id, "prompt": prompt_of(record), "text": served.text}
-        ups, downs = parts[held_out(record.id, every)]
-        (ups if thumb.thumb == "up" else downs).append(answer)
+        up = thumb.thumb == "up"
+        ups, downs = parts[held_out(record.id, every if up else every_down)]
+        (ups if up else downs).append(answer)
     rng = random.Random(seed)
 
     def pairs(ups: list[dict[str, Any]], downs: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -77,11 +89,23 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, max_pairs: int, seed: 
         return [
             {"prompt": u["prompt"], "rejected_prompt": d["prompt"], "chosen": assistant(u["text"]),
              "rejected": assistant(d["text"]), "completion_id": f"{u['id']}|{d['id']}", "source": "thumb",
-             "same_prompt": u["prompt"] == d["prompt"]}
+             "same_prompt": u["prompt"] == d["prompt"], "chosen_id": u["id"], "rejected_id": d["id"]}
             for u, d in combos
         ]  # fmt: skip
 
-    return Split(pairs(*parts[False], max_pairs), pairs(*parts[True], max(1, max_pairs // every)))
+    return Split(pairs(*parts[False], max_pairs), pairs(*parts[True], max_pairs))
+
+
+def members(pair: dict[str, Any], index: int) -> tuple[str, str]:
+    """The answers a pair compares, as the check's units: thumb-vs-thumb pairs name theirs; a thumbed answer against
+    its request's candidates is its completion's served answer against one candidate (by its text)."""
+    if "chosen_id" in pair:
+        return str(pair["chosen_id"]), str(pair["rejected_id"])
+    completion, text = str(pair["completion_id"]), pair["rejected"][-1]["content"]
+    served = f"{completion}#served"
+    if pair.get("thumb") == "down":  # the served answer was thumbed down: it is the rejected side
+        return f"{completion}#{pair['chosen'][-1]['content']}#{index}", served
+    return served, f"{completion}#{text}#{index}"
 
 
 def _ids(tokenizer: Any, pair: dict[str, Any], side: str, max_length: int) -> list[int]:
@@ -104,22 +128,73 @@ def load(model_dir: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def agreement(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> float:
-    """Share of pairs scored chosen > rejected (ties count half); NaN without pairs."""
+def hits(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> list[float]:
+    """Per pair: 1 if scored chosen > rejected, ½ for a tie, else 0 (each distinct answer scored once)."""
     import torch
 
-    if not pairs:
-        return math.nan
     model.eval()
-    hits = 0.0
+    scores: dict[tuple[int, ...], float] = {}
+
+    def score(ids: list[int]) -> float:
+        key = tuple(ids)
+        if key not in scores:
+            scores[key] = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+        return scores[key]
+
+    out: list[float] = []
     with torch.inference_mode():
         for pair in pairs:
-            scores = [
-                float(model(input_ids=torch.tensor([_ids(tokenizer, pair, side, max_length)])).logits[0, 0])
-                for side in ("chosen", "rejected")
-            ]
-            hits += 1.0 if scores[0] > scores[1] else 0.5 if scores[0] == scores[1] else 0.0
-    return hits / len(pairs)
+            chosen, rejected = (score(_ids(tokenizer, pair, side, max_length)) for side in ("chosen", "rejected"))
+            out.append(1.0 if chosen > rejected else 0.5 if chosen == rejected else 0.0)
+    return out
+
+
+def agreement(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], max_length: int) -> float:
+    """Share of pairs scored chosen > rejected (ties count half); NaN without pairs."""
+    scored = hits(model, tokenizer, pairs, max_length)
+    return sum(scored) / len(scored) if scored else math.nan
+
+
+@dataclass(frozen=True)
+class Check:
+    """The held-out part before and after a refit: agreement with thumbs, and the change (after − before) with
+    DeLong's interval over the answers (``confidence``, two-sided)."""
+
+    before: float
+    after: float
+    change: Interval
+    pairs: int
+    chosen: int
+    """Distinct held-out answers on the chosen side (thumb-vs-thumb: the answers thumbed up)."""
+    rejected: int
+    """Distinct held-out answers on the rejected side (thumb-vs-thumb: the answers thumbed down)."""
+    confidence: float
+
+    @classmethod
+    def of(cls, pairs: Sequence[dict[str, Any]], before: Sequence[float], after: Sequence[float], confidence: float) -> Check:
+        keys = [members(pair, i) for i, pair in enumerate(pairs)]
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        change = crossed([a - b for a, b in zip(after, before, strict=True)], [k[0] for k in keys], [k[1] for k in keys], z)
+        return cls(_mean(before), _mean(after), change, len(pairs), len({k[0] for k in keys}), len({k[1] for k in keys}),
+                   confidence)  # fmt: skip
+
+    def verdict(self, min_answers: int, margin: float) -> str | None:
+        """None when the refit may be made current, else why not."""
+        if min(self.chosen, self.rejected) < min_answers:
+            return (f"too few held-out answers to judge ({self.chosen} on the chosen side, {self.rejected} on the "
+                    f"rejected; trainer.reward.min_held_out is {min_answers})")  # fmt: skip
+        if not self.change.low > -margin:
+            return f"the change's lower bound is not above {0.0 - margin:+.3f}"
+        return None
+
+    def describe(self) -> str:
+        """``0.462 -> 0.839, change +0.377 [+0.201, +0.553] over 41 chosen and 9 rejected answers (90%)``."""
+        return (f"{self.before:.3f} -> {self.after:.3f}, change {self.change.signed()} over {self.chosen} chosen and "
+                f"{self.rejected} rejected answers ({self.confidence:.0%})")  # fmt: skip
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 @dataclass
@@ -129,6 +204,7 @@ class Refit:
     loss: float
     before: dict[str, float]
     after: dict[str, float]
+    check: Check
 
 
 def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, work_dir: Path, *, progress: bool = True) -> Refit:
@@ -136,13 +212,11 @@ def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, wor
     import datasets
     from trl import RewardConfig, RewardTrainer  # type: ignore[attr-defined]
 
-    def measure() -> dict[str, float]:
-        return {
-            "train": agreement(model, tokenizer, data.train, settings.max_length),
-            "held_out": agreement(model, tokenizer, data.held_out, settings.max_length),
-        }
+    def measure() -> tuple[float, list[float]]:
+        scored = hits(model, tokenizer, data.held_out, settings.max_length)
+        return agreement(model, tokenizer, data.train, settings.max_length), scored
 
-    before = measure()
+    train_before, held_before = measure()
     length = settings.max_length
     rows = [
         {"chosen_ids": _ids(tokenizer, p, "chosen", length), "rejected_ids": _ids(tokenizer, p, "rejected", length)}
@@ -158,4 +232,7 @@ def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, wor
         tokenizer.pad_token = tokenizer.eos_token
     trainer = RewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     output, seconds, _ = fit(trainer, None, progress)
-    return Refit(output.global_step, seconds, float(output.training_loss), before, measure())
+    train_after, held_after = measure()
+    check = Check.of(data.held_out, held_before, held_after, settings.confidence)
+    return Refit(output.global_step, seconds, float(output.training_loss), {"train": train_before, "held_out": check.before},
+                 {"train": train_after, "held_out": check.after}, check)  # fmt: skip

@@ -76,7 +76,9 @@ class RoundResult:
                 f"{head}\n  {self.pairs} {f.get('pair_kind', 'thumb')} pairs ({f['train_pairs']} trained on, "
                 f"{f['held_out_pairs']} held out), "
                 f"loss {f['loss']:.4f}\n  agreement with thumbs: held out {f['agreement_before_held_out']:.3f} -> "
-                f"{f['agreement_after_held_out']:.3f}, trained-on {f['agreement_before_train']:.3f} -> "
+                f"{f['agreement_after_held_out']:.3f} (change {f['held_out_change']:+.3f} "
+                f"[{f['held_out_change_low']:+.3f}, {f['held_out_change_high']:+.3f}] over {f['held_out_chosen']} chosen "
+                f"and {f['held_out_rejected']} rejected answers), trained-on {f['agreement_before_train']:.3f} -> "
                 f"{f['agreement_after_train']:.3f}"
             )
         unit = {"dpo": "pairs", "kto": "KTO rows", "ppo": "prompts", "grpo": "samples"}[self.algorithm]
@@ -397,7 +399,8 @@ def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
 
 def refit_reward_model(settings: TrainerSettings, *, progress: bool = True) -> RoundResult:
     """Refit the current reward model on the window's thumb-decided pairs, under the round lock; register it
-    as a reward-model version and make it current when its held-out agreement with thumbs does not fall."""
+    as a reward-model version and make it current when its held-out agreement with thumbs rose with evidence
+    (``reward.Check``: an interval over the held-out answers, ``trainer.reward.margin``)."""
     s = settings.trainer
     if not s.registry_dir.is_dir():
         raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
@@ -449,11 +452,13 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
     since, until = parse_time(s.max_age), time.time()
     labelled = _read_window(settings, url, since, until)  # a thumb orders a pair whatever scored it
     if s.reward.pairs == "thumb_vs_thumb":
-        data = reward.thumb_pairs(labelled, s.reward.holdout_every, s.reward.max_pairs, s.reward.seed)
+        data = reward.thumb_pairs(labelled, s.reward.holdout_every, s.reward.holdout_every_down, s.reward.max_pairs,
+                                  s.reward.seed)  # fmt: skip
         kind = "thumb-vs-thumb pairs (an answer thumbed up against one thumbed down)"
     else:
         built = build(labelled, PairSettings(policy=s.pairs.policy, thumbs_override=True))
-        data = reward.split([p for p in built.pairs if p["source"] == "thumb"], s.reward.holdout_every)
+        data = reward.split([p for p in built.pairs if p["source"] == "thumb"], s.reward.holdout_every,
+                            s.reward.holdout_every_down)  # fmt: skip
         kind = "thumb-decided pairs"
     pairs = [*data.train, *data.held_out]
     if len(data.train) < s.reward.min_pairs:
@@ -480,6 +485,9 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
             "agreement_before_held_out": fitted.before["held_out"], "agreement_after_held_out": fitted.after["held_out"],
             "train_pairs": len(data.train), "held_out_pairs": len(data.held_out), "pair_kind": s.reward.pairs,
             "same_prompt_pairs": sum(1 for p in pairs if p.get("same_prompt")),
+            "held_out_change": fitted.check.change.estimate, "held_out_change_low": fitted.check.change.low,
+            "held_out_change_high": fitted.check.change.high, "held_out_chosen": fitted.check.chosen,
+            "held_out_rejected": fitted.check.rejected, "held_out_confidence": fitted.check.confidence,
         }  # fmt: skip
 
         manifest = _publish_files(
@@ -487,20 +495,19 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
             hyperparameters=s.reward.model_dump(), data_window={"since": since, "until": until, "pairs": len(pairs)},
             evaluation=figures,
         )  # fmt: skip
-    before, after = fitted.before["held_out"], fitted.after["held_out"]
+    check, after = fitted.check, fitted.check.after
     label = parent or s.base_rm_version
-    if math.isnan(after) or after < before:
-        reason = (
-            f"reward model {manifest.version} registered but not made current: held-out agreement with thumbs "
-            f"{before:.3f} -> {after:.3f} ({len(data.held_out)} pairs); {label} stays current"
-        )
+    refused = check.verdict(s.reward.min_held_out, s.reward.margin)
+    if refused is not None:
+        reason = (f"reward model {manifest.version} registered but not made current: held-out agreement with thumbs "
+                  f"{check.describe()}: {refused}; {label} stays current")  # fmt: skip
     else:
-        registry.set_pointer("reward_model", "current", manifest.version, reason=f"agreement {before:.3f} -> {after:.3f}")
-        reason = f"reward model {manifest.version} registered and set as current (was {label})"
+        registry.set_pointer("reward_model", "current", manifest.version, reason=f"held-out agreement {check.describe()}")
+        reason = (f"reward model {manifest.version} registered and set as current (was {label}): held-out agreement "
+                  f"{check.describe()}")  # fmt: skip
         watching = watch_state.read(registry.root)
         if watching.firing and after >= s.watch.min_agreement:
-            watch_state.clear(registry.root, f"refit {manifest.version}", f"held-out agreement with thumbs {before:.3f} -> "
-                              f"{after:.3f}")  # fmt: skip
+            watch_state.clear(registry.root, f"refit {manifest.version}", f"held-out agreement with thumbs {check.describe()}")
             reason += f"; it restores agreement with thumbs ({after:.3f}), so the reward-hacking watch is cleared"
     _retain(registry, "reward_model", s.keep_versions)
     return RoundResult("trained", reason, version=manifest.version, parent=parent, pairs=len(pairs),

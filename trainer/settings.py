@@ -133,7 +133,18 @@ class RewardSettings(BaseModel):
     max_pairs: int = Field(default=4096, ge=1, description="thumb_vs_thumb: up x down pairs drawn at most")
 
     min_pairs: int = Field(default=16, ge=1, description="fewer thumb-decided pairs: the refit is skipped (exit 0)")
-    holdout_every: int = Field(default=5, ge=2, description="every k-th completion's pairs are held out")
+    holdout_every: int = Field(default=5, ge=2, description="every k-th completion thumbed up is held out, with its pairs")
+    holdout_every_down: int = Field(default=2, ge=2, description="every k-th completion thumbed down is held out")
+    """Downs are the scarce side (a few a round at an up-rate of ~0.9) and bound the check's evidence, so more of them
+    are held out than of the ups."""
+    min_held_out: int = Field(default=5, ge=2)
+    """Fewer distinct held-out answers on either side of the pairs (ups or downs): the check cannot judge, and the refit
+    is registered but not made current."""
+    confidence: float = Field(default=0.9, gt=0.5, lt=1)
+    """Two-sided level of the interval on the held-out agreement's change (its lower bound is one-sided at (1 + c) / 2)."""
+    margin: float = Field(default=0.0, ge=0, le=1)
+    """A refit is made current when the change's lower bound is above ``-margin``: 0 asks for an improvement with
+    evidence; a positive margin accepts one shown to lose at most that much."""
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, ge=1)

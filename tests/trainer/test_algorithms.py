@@ -169,7 +169,8 @@ def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(
     assert ev["held_out_pairs"] >= 1
     assert ev["agreement_before_train"] < 0.5
     assert ev["agreement_after_train"] > ev["agreement_before_train"]
-    assert ev["agreement_after_held_out"] >= ev["agreement_before_held_out"]
+    assert ev["agreement_after_held_out"] > ev["agreement_before_held_out"]
+    assert ev["held_out_change_low"] > 0  # made current on evidence over the held-out answers
     pointer = registry.pointer("reward_model", "current")
     assert pointer is not None
     assert pointer.version == "v0001"
@@ -215,19 +216,19 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
 
     config = yaml.safe_load(deployment.read_text())
     liked_polite = not _base_prefers_polite(test_models, tokenizer)  # users like what the base reward model ranks lower
-    _served_and_thumbed(config["store"]["url"], tokenizer, 40, liked_polite)
+    _served_and_thumbed(config["store"]["url"], tokenizer, 60, liked_polite)
     _configure(deployment, base_reward_model=str(test_models / "reward_model"),
                reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 16, "max_pairs": 200})  # fmt: skip
     store = SqlStore(config["store"]["url"])
-    data = reward.thumb_pairs(window(store, 0.0, None), every=5, max_pairs=200, seed=0)
+    data = reward.thumb_pairs(window(store, 0.0, None), every=5, every_down=2, max_pairs=200, seed=0)
     store.close()
     # no answer is on both sides of the split, and every pair is an answer thumbed up against one thumbed down
     train_ids = {i for p in data.train for i in p["completion_id"].split("|")}
     held_ids = {i for p in data.held_out for i in p["completion_id"].split("|")}
     assert train_ids.isdisjoint(held_ids)
     assert all(p["chosen"][0]["content"].endswith("Glad to help!") == liked_polite for p in data.train + data.held_out)
-    assert len(data.train) == 200  # 16 x 16 or so up x down combinations, 200 drawn
-    assert data.held_out
+    assert len(data.train) == 200  # 25 x 12 up x down combinations, 200 drawn
+    assert len(data.held_out) == 5 * 18  # every held-out up against every held-out down (the ids' hashes decide)
     root = deployment.parent / "registry"
     state.write(root, state.WatchState(firing=True, version="v0003", reasons=["agreement: fell"]))  # as a round would
     assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
@@ -240,7 +241,23 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     ev = Registry(deployment.parent / "registry").verify("reward_model", "v0001").evaluation
     assert ev["pair_kind"] == "thumb_vs_thumb"
     assert ev["agreement_before_held_out"] < 0.5  # the base reward model prefers the style users dislike
-    assert ev["agreement_after_held_out"] > 0.9  # measured: 0.0 -> 1.0 on 4 held-out pairs, 200 trained on (either build)
+    assert ev["agreement_after_held_out"] > 0.9
+    assert (ev["held_out_chosen"], ev["held_out_rejected"]) == (5, 18)
+    assert ev["held_out_change_low"] > 0  # the check's evidence: an interval over the 23 held-out answers
+
+    # The same thumbs again, asking for more held-out answers than there are: registered, not made current.
+    _configure(deployment, base_reward_model=str(test_models / "reward_model"),
+               reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 16, "max_pairs": 200,
+                       "min_held_out": 6})  # fmt: skip
+    assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "reward model v0002 registered but not made current" in out
+    assert "too few held-out answers to judge (5 on the chosen side, 18 on the rejected" in out
+    registry = Registry(deployment.parent / "registry")
+    assert registry.verify("reward_model", "v0002").parent == "v0001"
+    pointer = registry.pointer("reward_model", "current")
+    assert pointer is not None
+    assert pointer.version == "v0001"
 
 
 def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_reference(
