@@ -98,7 +98,8 @@ def thumb_pairs(labelled: Iterable[Labelled], every: int, every_down: int, max_p
 
 def members(pair: dict[str, Any], index: int) -> tuple[str, str]:
     """The answers a pair compares, as the check's units: thumb-vs-thumb pairs name theirs; a thumbed answer against
-    its request's candidates is its completion's served answer against one candidate (by its text)."""
+    its request's candidates is its completion's served answer (one unit per completion) against the candidate, a unit
+    of its own per pair (``index``)."""
     if "chosen_id" in pair:
         return str(pair["chosen_id"]), str(pair["rejected_id"])
     completion, text = str(pair["completion_id"]), pair["rejected"][-1]["content"]
@@ -202,8 +203,9 @@ class Refit:
     steps: int
     seconds: float
     loss: float
-    before: dict[str, float]
-    after: dict[str, float]
+    train_before: float
+    """Agreement with thumbs on the training pairs before the refit (the held-out part's figures are in ``check``)."""
+    train_after: float
     check: Check
 
 
@@ -234,5 +236,4 @@ def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, wor
     output, seconds, _ = fit(trainer, None, progress)
     train_after, held_after = measure()
     check = Check.of(data.held_out, held_before, held_after, settings.confidence)
-    return Refit(output.global_step, seconds, float(output.training_loss), {"train": train_before, "held_out": check.before},
-                 {"train": train_after, "held_out": check.after}, check)  # fmt: skip
+    return Refit(output.global_step, seconds, float(output.training_loss), train_before, train_after, check)

@@ -481,8 +481,8 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
         tokenizer.save_pretrained(saved)
         figures: dict[str, Any] = {
             "loss": fitted.loss, "steps": fitted.steps, "train_seconds": fitted.seconds,
-            "agreement_before_train": fitted.before["train"], "agreement_after_train": fitted.after["train"],
-            "agreement_before_held_out": fitted.before["held_out"], "agreement_after_held_out": fitted.after["held_out"],
+            "agreement_before_train": fitted.train_before, "agreement_after_train": fitted.train_after,
+            "agreement_before_held_out": fitted.check.before, "agreement_after_held_out": fitted.check.after,
             "train_pairs": len(data.train), "held_out_pairs": len(data.held_out), "pair_kind": s.reward.pairs,
             "same_prompt_pairs": sum(1 for p in pairs if p.get("same_prompt")),
             "held_out_change": fitted.check.change.estimate, "held_out_change_low": fitted.check.change.low,
