@@ -34,7 +34,7 @@ POLICY_FIGURES = (
 )
 REFIT_FIGURES = (
     ("loss", "Bradley-Terry loss of the last reward-model refit"),
-    ("agreement_before_held_out", "held-out agreement with thumbs of the reward model the last refit would replace"),
+    ("agreement_before_held_out", "held-out agreement with thumbs of the reward model before the last refit"),
     ("agreement_after_held_out", "held-out agreement with thumbs of the last refit reward model"),
     ("held_out_change_low", "lower bound of the last refit's held-out agreement change (after - before), DeLong over answers"),
 )

@@ -14,10 +14,9 @@ Thumbs are split by completion before pairing, each thumb's side on its own: eve
 ``holdout_every``-th completion thumbed up and every ``holdout_every_down``-th thumbed down, by a
 hash of its id (stable, so an answer trained on in one refit is never held out in a later one).
 Downs are the scarce side (at an up-rate of ~0.9 a round brings a few), so more of them are held
-out. Pairs are made within each part, so no answer is on both sides of the split. The base reward
-model (``start: base``, the default) or the current one (``start: current``) is fine-tuned (all
-weights; it is small) on the training part, and its **agreement with thumbs**, the share of pairs
-it orders as the thumbs do, is measured after training against the current model's on both
+out. Pairs are made within each part, so no answer is on both sides of the split. The current
+reward model is fine-tuned (all weights; it is small) on the training part, and its **agreement
+with thumbs**, the share of pairs it orders as the thumbs do, is measured before and after on both
 parts. The check (``Check``): the held-out change, after minus before, with DeLong's interval over
 the held-out answers (``gateway.intervals.crossed``): each answer sits in many pairs, so sixteen
 ups against one down is one down's evidence, not sixteen pairs'. A refit is made current only when
@@ -199,47 +198,27 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-@dataclass(frozen=True)
-class Measured:
-    """A reward model's agreement with thumbs on a split: the training part's share, the held-out part per pair."""
-
-    train: float
-    held_out: list[float]
-
-
-def measure(model: Any, tokenizer: Any, data: Split, max_length: int) -> Measured:
-    return Measured(agreement(model, tokenizer, data.train, max_length), hits(model, tokenizer, data.held_out, max_length))
-
-
 @dataclass
 class Refit:
     steps: int
     seconds: float
     loss: float
     train_before: float
-    """Agreement with thumbs on the training pairs of the model the refit would replace (the held-out part's figures are in
-    ``check``)."""
+    """Agreement with thumbs on the training pairs before the refit (the held-out part's figures are in ``check``)."""
     train_after: float
     check: Check
 
 
-def refit(
-    model: Any,
-    tokenizer: Any,
-    data: Split,
-    settings: RewardSettings,
-    work_dir: Path,
-    *,
-    before: Measured | None = None,
-    progress: bool = True,
-) -> Refit:
-    """Fine-tune ``model`` in place on ``data.train``; agreement with thumbs after, on both parts, against ``before``: the
-    model it would replace (``measure``), or ``model`` itself before training when None."""
+def refit(model: Any, tokenizer: Any, data: Split, settings: RewardSettings, work_dir: Path, *, progress: bool = True) -> Refit:
+    """Fine-tune ``model`` in place on ``data.train``; agreement with thumbs before and after on both parts."""
     import datasets
     from trl import RewardConfig, RewardTrainer  # type: ignore[attr-defined]
 
-    if before is None:
-        before = measure(model, tokenizer, data, settings.max_length)
+    def measure() -> tuple[float, list[float]]:
+        scored = hits(model, tokenizer, data.held_out, settings.max_length)
+        return agreement(model, tokenizer, data.train, settings.max_length), scored
+
+    train_before, held_before = measure()
     length = settings.max_length
     rows = [
         {"chosen_ids": _ids(tokenizer, p, "chosen", length), "rejected_ids": _ids(tokenizer, p, "rejected", length)}
@@ -255,6 +234,6 @@ def refit(
         tokenizer.pad_token = tokenizer.eos_token
     trainer = RewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     output, seconds, _ = fit(trainer, None, progress)
-    after = measure(model, tokenizer, data, length)
-    check = Check.of(data.held_out, before.held_out, after.held_out, settings.confidence)
-    return Refit(output.global_step, seconds, float(output.training_loss), before.train, after.train, check)
+    train_after, held_after = measure()
+    check = Check.of(data.held_out, held_before, held_after, settings.confidence)
+    return Refit(output.global_step, seconds, float(output.training_loss), train_before, train_after, check)

@@ -74,9 +74,8 @@ class RoundResult:
         if self.algorithm == "reward":
             return (
                 f"{head}\n  {self.pairs} {f.get('pair_kind', 'thumb')} pairs ({f['train_pairs']} trained on, "
-                f"{f['held_out_pairs']} held out), loss {f['loss']:.4f}, trained from the "
-                f"{f.get('started_from', 'current')} reward model\n  agreement with thumbs: held out "
-                f"{f['agreement_before_held_out']:.3f} -> "
+                f"{f['held_out_pairs']} held out), "
+                f"loss {f['loss']:.4f}\n  agreement with thumbs: held out {f['agreement_before_held_out']:.3f} -> "
                 f"{f['agreement_after_held_out']:.3f} (change {f['held_out_change']:+.3f} "
                 f"[{f['held_out_change_low']:+.3f}, {f['held_out_change_high']:+.3f}] over {f['held_out_chosen']} chosen "
                 f"and {f['held_out_rejected']} rejected answers), trained-on {f['agreement_before_train']:.3f} -> "
@@ -467,18 +466,14 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
                   f"{s.reward.min_pairs}")  # fmt: skip
         return RoundResult("skipped", reason, pairs=len(pairs), completions=len(labelled), algorithm="reward")
     parent = registry.version_at("reward_model")
+    source = registry.path("reward_model", parent) if parent else s.base_reward_model
     if parent is not None:
         registry.verify("reward_model", parent)
-    if (parent is None or s.reward.start == "base") and not (s.base_reward_model / "config.json").is_file():
-        raise RoundError(f"no reward model at {s.base_reward_model} (set trainer.base_reward_model)")
-    model, tokenizer = reward.load(registry.path("reward_model", parent) if parent else s.base_reward_model)
-    before = None  # the model refit is the one it would replace: measured before training
-    if parent is not None and s.reward.start == "base":  # measure the current version, then train the base afresh
-        before = reward.measure(model, tokenizer, data, s.reward.max_length)
-        del model
-        model, tokenizer = reward.load(s.base_reward_model)
+    elif not (source / "config.json").is_file():
+        raise RoundError(f"no reward model at {source} (set trainer.base_reward_model)")
+    model, tokenizer = reward.load(source)
     with tempfile.TemporaryDirectory(prefix="reward-") as work:
-        fitted = reward.refit(model, tokenizer, data, s.reward, Path(work), before=before, progress=progress)
+        fitted = reward.refit(model, tokenizer, data, s.reward, Path(work), progress=progress)
         if not math.isfinite(fitted.loss):
             raise RoundError(f"reward-model training diverged (loss {fitted.loss}); nothing registered")
         saved = Path(work) / "model"
@@ -486,7 +481,6 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
         tokenizer.save_pretrained(saved)
         figures: dict[str, Any] = {
             "loss": fitted.loss, "steps": fitted.steps, "train_seconds": fitted.seconds,
-            "started_from": "base" if parent is None or s.reward.start == "base" else "current",
             "agreement_before_train": fitted.train_before, "agreement_after_train": fitted.train_after,
             "agreement_before_held_out": fitted.check.before, "agreement_after_held_out": fitted.check.after,
             "train_pairs": len(data.train), "held_out_pairs": len(data.held_out), "pair_kind": s.reward.pairs,

@@ -145,11 +145,6 @@ class RewardSettings(BaseModel):
     margin: float = Field(default=0.0, ge=0, le=1)
     """A refit is made current when the change's lower bound is above ``-margin``: 0 asks for an improvement with
     evidence; a positive margin accepts one shown to lose at most that much."""
-    start: Literal["base", "current"] = "base"
-    """What a refit fine-tunes: ``base``, the base reward model (``trainer.base_reward_model``) trained afresh on every
-    thumb within ``trainer.max_age``; ``current``, the current version trained further on them (thumbs of earlier
-    windows then train it again, and it learns those few downs by heart). Either way the check compares the refit with
-    the current version."""
     learning_rate: float = Field(default=5e-5, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=16, ge=1)

@@ -254,25 +254,10 @@ def test_a_refit_on_thumb_vs_thumb_pairs_learns_what_users_judged(
     assert "reward model v0002 registered but not made current" in out
     assert "too few held-out answers to judge (5 on the chosen side, 18 on the rejected" in out
     registry = Registry(deployment.parent / "registry")
-    second = registry.verify("reward_model", "v0002")
-    assert second.parent == "v0001"
+    assert registry.verify("reward_model", "v0002").parent == "v0001"
     pointer = registry.pointer("reward_model", "current")
     assert pointer is not None
     assert pointer.version == "v0001"
-    # By default a refit trains the base afresh, but the check compares it with the current version (v0001), not the base.
-    assert second.evaluation["started_from"] == "base"
-    assert second.evaluation["agreement_before_held_out"] == pytest.approx(ev["agreement_after_held_out"], abs=1e-9)
-    assert second.evaluation["agreement_before_held_out"] > 0.9
-
-    # start: current trains the current version further.
-    _configure(deployment, base_reward_model=str(test_models / "reward_model"),
-               reward={"min_pairs": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 16, "max_pairs": 200,
-                       "min_held_out": 6, "start": "current"})  # fmt: skip
-    assert main(["run", "--config", str(deployment), "--refit-reward-model", "--quiet"]) == 0
-    assert "trained from the current reward model" in capsys.readouterr().out
-    third = registry.verify("reward_model", "v0003")
-    assert (third.parent, third.evaluation["started_from"]) == ("v0001", "current")
-    assert third.evaluation["agreement_before_held_out"] == pytest.approx(ev["agreement_after_held_out"], abs=1e-9)
 
 
 def test_a_full_fine_tune_continues_a_lora_parent_and_keeps_the_base_as_reference(
