@@ -20,8 +20,10 @@ with thumbs**, the share of pairs it orders as the thumbs do, is measured before
 parts. The check (``Check``): the held-out change, after minus before, with DeLong's interval over
 the held-out answers (``gateway.intervals.crossed``): each answer sits in many pairs, so sixteen
 ups against one down is one down's evidence, not sixteen pairs'. A refit is made current only when
-at least ``min_held_out`` answers stand on each side and the interval's lower bound is above
-``-margin``; otherwise it is registered but not made current. Conversations are rendered and
+at least ``min_held_out`` answers stand on each side and (``accept``) the interval's upper bound is
+not below ``-margin`` (``no_loss``, the default: refused on evidence that it lost) or its lower
+bound is above ``-margin`` (``gain``: made current on evidence that it gained); otherwise it is
+registered but not made current. Conversations are rendered and
 tokenised exactly as the gateway scores them (``gateway.score.render``). Does not read the log
 (``trainer.round`` does).
 """
@@ -41,7 +43,7 @@ from gateway.intervals import Interval, crossed
 from gateway.store.records import CompletionRecord, FeedbackRecord
 from trainer.adapter import fit, trainer_args
 from trainer.pairs import assistant, prompt_of
-from trainer.settings import RewardSettings
+from trainer.settings import Accept, RewardSettings
 
 Labelled = tuple[CompletionRecord, FeedbackRecord | None]
 
@@ -179,12 +181,15 @@ class Check:
         return cls(_mean(before), _mean(after), change, len(pairs), len({k[0] for k in keys}), len({k[1] for k in keys}),
                    confidence)  # fmt: skip
 
-    def verdict(self, min_answers: int, margin: float) -> str | None:
-        """None when the refit may be made current, else why not."""
+    def verdict(self, min_answers: int, margin: float, accept: Accept = "no_loss") -> str | None:
+        """None when the refit may be made current, else why not. ``no_loss``: unless the change's upper bound is below
+        ``-margin`` (shown to lose more than the margin); ``gain``: only when its lower bound is above ``-margin``."""
         if min(self.chosen, self.rejected) < min_answers:
             return (f"too few held-out answers to judge ({self.chosen} on the chosen side, {self.rejected} on the "
                     f"rejected; trainer.reward.min_held_out is {min_answers})")  # fmt: skip
-        if not self.change.low > -margin:
+        if accept == "no_loss" and self.change.high < -margin:
+            return f"the change's upper bound is below {0.0 - margin:+.3f}: it lost agreement"
+        if accept == "gain" and not self.change.low > -margin:
             return f"the change's lower bound is not above {0.0 - margin:+.3f}"
         return None
 

@@ -399,8 +399,8 @@ def _step_scaled(settings: TrainerSettings, factor: float) -> TrainerSettings:
 
 def refit_reward_model(settings: TrainerSettings, *, progress: bool = True) -> RoundResult:
     """Refit the current reward model on the window's thumb-decided pairs, under the round lock; register it
-    as a reward-model version and make it current when its held-out agreement with thumbs rose with evidence
-    (``reward.Check``: an interval over the held-out answers, ``trainer.reward.margin``)."""
+    as a reward-model version and make it current unless its held-out agreement with thumbs fell with evidence
+    (``reward.Check``: an interval over the held-out answers; ``trainer.reward.accept`` and ``margin``)."""
     s = settings.trainer
     if not s.registry_dir.is_dir():
         raise RoundError(f"no registry at {s.registry_dir} (create it with `python -m trainer registry init`)")
@@ -497,7 +497,7 @@ def _refit_locked(settings: TrainerSettings, url: str, progress: bool) -> RoundR
         )  # fmt: skip
     check, after = fitted.check, fitted.check.after
     label = parent or s.base_rm_version
-    refused = check.verdict(s.reward.min_held_out, s.reward.margin)
+    refused = check.verdict(s.reward.min_held_out, s.reward.margin, s.reward.accept)
     if refused is not None:
         reason = (f"reward model {manifest.version} registered but not made current: held-out agreement with thumbs "
                   f"{check.describe()}: {refused}; {label} stays current")  # fmt: skip
