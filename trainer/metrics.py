@@ -37,6 +37,7 @@ REFIT_FIGURES = (
     ("agreement_before_held_out", "held-out agreement with thumbs of the reward model before the last refit"),
     ("agreement_after_held_out", "held-out agreement with thumbs of the last refit reward model"),
     ("held_out_change_low", "lower bound of the last refit's held-out agreement change (after - before), DeLong over answers"),
+    ("held_out_change_high", "upper bound of the last refit's held-out agreement change (no_loss refuses it below -margin)"),
 )
 
 

@@ -176,6 +176,7 @@ def test_a_reward_model_refit_learns_the_thumbs_and_becomes_current(
     assert pointer.version == "v0001"
     metrics = (deployment.parent / "registry" / "metrics" / "reward_refit.prom").read_text()
     assert 'trainer_reward_refit_outcome{outcome="trained"} 1.0' in metrics
+    assert "trainer_reward_refit_held_out_change_high " in metrics  # the bound no_loss judges by
     assert not (deployment.parent / "registry" / "metrics" / "trainer.prom").exists()  # the policy round's own file
 
     # The next policy round's window is what the new reward model scored (nothing yet) plus thumbed completions.
