@@ -23,9 +23,8 @@ ups against one down is one down's evidence, not sixteen pairs'. A refit is made
 at least ``min_held_out`` answers stand on each side and (``accept``) the interval's upper bound is
 not below ``-margin`` (``no_loss``, the default: refused on evidence that it lost) or its lower
 bound is above ``-margin`` (``gain``: made current on evidence that it gained); otherwise it is
-registered but not made current. Conversations are rendered and
-tokenised exactly as the gateway scores them (``gateway.score.render``). Does not read the log
-(``trainer.round`` does).
+registered but not made current. Conversations are rendered and tokenised exactly as the gateway
+scores them (``gateway.score.render``). Does not read the log (``trainer.round`` does).
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ class Check:
         return cls(_mean(before), _mean(after), change, len(pairs), len({k[0] for k in keys}), len({k[1] for k in keys}),
                    confidence)  # fmt: skip
 
-    def verdict(self, min_answers: int, margin: float, accept: Accept = "no_loss") -> str | None:
+    def verdict(self, min_answers: int, margin: float, accept: Accept) -> str | None:
         """None when the refit may be made current, else why not. ``no_loss``: unless the change's upper bound is below
         ``-margin`` (shown to lose more than the margin); ``gain``: only when its lower bound is above ``-margin``."""
         if min(self.chosen, self.rejected) < min_answers:

@@ -70,7 +70,7 @@ def test_a_check_passes_on_an_improvement_shown_over_enough_answers() -> None:
     pairs = _grid(8, 6)
     check = reward.Check.of(pairs, [0.0] * len(pairs), [1.0] * len(pairs), 0.9)
     assert (check.before, check.after, check.chosen, check.rejected, check.pairs) == (0.0, 1.0, 8, 6, 48)
-    assert check.verdict(min_answers=5, margin=0.0) is None
+    assert check.verdict(min_answers=5, margin=0.0, accept="no_loss") is None
     assert check.verdict(min_answers=5, margin=0.0, accept="gain") is None
     assert check.describe() == "0.000 -> 1.000, change +1.000 [+1.000, +1.000] over 8 chosen and 6 rejected answers (90%)"
 
@@ -81,11 +81,11 @@ def test_sixteen_ups_against_one_down_cannot_pass() -> None:
     check = reward.Check.of(pairs, [0.0] * 16, [1.0] * 16, 0.9)
     assert check.after == 1.0
     assert (check.change.low, check.change.high) == (-math.inf, math.inf)
-    assert check.verdict(min_answers=5, margin=0.0) == (
+    assert check.verdict(min_answers=5, margin=0.0, accept="no_loss") == (
         "too few held-out answers to judge (16 on the chosen side, 1 on the rejected; trainer.reward.min_held_out is 5)"
     )
     assert check.verdict(min_answers=1, margin=0.0, accept="gain") == "the change's lower bound is not above +0.000"
-    assert check.verdict(min_answers=1, margin=0.0) is None  # judged on one down: no evidence that it lost
+    assert check.verdict(min_answers=1, margin=0.0, accept="no_loss") is None  # judged on one down: no evidence that it lost
 
 
 def test_no_change_is_not_an_improvement_but_a_margin_can_accept_it() -> None:
@@ -98,7 +98,7 @@ def test_no_change_is_not_an_improvement_but_a_margin_can_accept_it() -> None:
     assert check.verdict(min_answers=5, margin=0.0, accept="gain") == "the change's lower bound is not above +0.000"
     assert check.change.low == pytest.approx(0.0)  # every answer's mean change is 0: no spread at all
     assert check.verdict(min_answers=5, margin=0.1, accept="gain") is None  # shown to lose at most 0.1 (nothing, here)
-    assert check.verdict(min_answers=5, margin=0.0) is None  # no_loss: not shown to lose
+    assert check.verdict(min_answers=5, margin=0.0, accept="no_loss") is None  # no_loss: not shown to lose
     wide = reward.Check.of(pairs, before[:50] + [1.0] * 50, after[:50] + [0.0] * 50, 0.9)  # the second half of ups lost
     assert wide.change.estimate == pytest.approx(-0.5)
     assert wide.change.low < -0.5 < wide.change.high
@@ -112,9 +112,13 @@ def test_no_loss_refuses_a_refit_shown_to_lose_and_a_margin_tolerates_a_small_lo
     check = reward.Check.of(pairs, [1.0] * len(pairs), after, 0.9)
     assert check.change.estimate == pytest.approx(-0.75)
     assert check.change.high < -0.5
-    assert check.verdict(min_answers=5, margin=0.0) == "the change's upper bound is below +0.000: it lost agreement"
-    assert check.verdict(min_answers=5, margin=0.5) == "the change's upper bound is below -0.500: it lost agreement"
-    assert check.verdict(min_answers=5, margin=0.99) is None  # a loss within the margin
-    assert check.verdict(min_answers=7, margin=0.0) == (
+    assert check.verdict(min_answers=5, margin=0.0, accept="no_loss") == (
+        "the change's upper bound is below +0.000: it lost agreement"
+    )
+    assert check.verdict(min_answers=5, margin=0.5, accept="no_loss") == (
+        "the change's upper bound is below -0.500: it lost agreement"
+    )
+    assert check.verdict(min_answers=5, margin=0.99, accept="no_loss") is None  # a loss within the margin
+    assert check.verdict(min_answers=7, margin=0.0, accept="no_loss") == (
         "too few held-out answers to judge (8 on the chosen side, 6 on the rejected; trainer.reward.min_held_out is 7)"
     )
