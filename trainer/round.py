@@ -13,8 +13,9 @@ Knows the round's order and its rules:
 - before registering, it measures the adapter (loss, reward margin, KL to the reference and
   answer length on sampled answers) and computes the swap probe (``versioning.probe``);
 - with a KL budget (``trainer.kl_budget``), a version further from the reference than the
-  budget is trained again from the same parent at a smaller learning rate, scaled from the
-  KL it measured (``aim``); if no try fits, the round is skipped and nothing is registered;
+  budget is trained again from the same parent at a smaller learning rate, aimed at the room
+  its parent left from the KL it measured (``aim``); if no try fits, the round is skipped and
+  nothing is registered, and a round whose parent has no room left (``min_room``) skips first;
 - it publishes through the registry (nothing half-registered after a crash) and only then
   moves the pointer that gateways follow;
 - its outcome goes to Prometheus metrics (a textfile, and a Pushgateway when configured).
@@ -234,12 +235,17 @@ def _train(
     s = settings.trainer
     tokenizer = AutoTokenizer.from_pretrained(s.base_policy)
     parent_dir = registry.path("policy", parent) if parent else None
-    parent_format = registry.verify("policy", parent).format if parent is not None else None
+    parent_manifest = registry.verify("policy", parent) if parent is not None else None
+    parent_format = parent_manifest.format if parent_manifest is not None else None
     if s.format == "full" and algorithm != "dpo":
         raise RoundError(f"trainer.format full is implemented for dpo only, not {algorithm}")
     if s.format == "lora" and parent_format == "full":
         raise RoundError(f"the current version {parent} is a full fine-tune; trainer.format lora cannot continue it")
     budget = s.kl_budget
+    parent_kl = _parent_kl(parent_manifest)
+    if (room := _no_room(budget, parent, parent_kl)) is not None:
+        return RoundResult("skipped", room, parent=parent, pairs=data_window["pairs"],
+                           completions=data_window["completions"], algorithm=algorithm)  # fmt: skip
     tries: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix=f"{algorithm}-") as work:
         factor = 1.0
@@ -283,7 +289,7 @@ def _train(
                 (fitted, trained, model, used, hyperparameters, saved, served, drift), kept = kept, None
                 decided = (True, factor)
             elif team.main and not within:
-                decided = (False, factor * _backoff(budget, drift.kl))
+                decided = (False, factor * _backoff(budget, drift.kl, parent_kl))
             elif team.main and kept is None and attempt + 1 < attempts and (refined := _refined(budget, tries)) is not None:
                 kept = (fitted, trained, model, used, hyperparameters, saved, served, drift)
                 decided = (False, refined)
@@ -360,12 +366,33 @@ def check_watch(settings: TrainerSettings) -> WatchState:
         return _watch(settings, url, registry, registry.version_at("policy"), rm_label(settings, registry), time.time())
 
 
-def _backoff(budget: KlBudgetSettings, kl: float) -> float:
-    """How much smaller the next try's step is than one that went ``kl`` nats from the reference (over the budget)."""
+def _parent_kl(parent: Manifest | None) -> float:
+    """The parent version's KL to the reference, as its round measured it (0: the round starts from the reference, or
+    the parent's is unknown)."""
+    kl = finite(parent.evaluation.get("kl_to_reference")) if parent is not None else None
+    return kl if kl is not None and kl > 0 else 0.0
+
+
+def _no_room(budget: KlBudgetSettings, parent: str | None, parent_kl: float) -> str | None:
+    """Why a round skips before training: its parent is already within ``min_room`` of the KL budget (None: it may
+    train). Every try of such a round went over in the loop's runs, or fitted by barely moving the policy."""
+    if budget.max_nats is None or budget.min_room is None or parent_kl <= (1 - budget.min_room) * budget.max_nats:
+        return None
+    return (f"the current version {parent} is already {parent_kl:.3g} nats from the reference, within "
+            f"trainer.kl_budget.min_room ({budget.min_room:g}) of the {budget.max_nats:g}-nat budget: no room to train; "
+            "nothing registered")  # fmt: skip
+
+
+def _backoff(budget: KlBudgetSettings, kl: float, parent_kl: float = 0.0) -> float:
+    """How much smaller the next try's step is than one that went ``kl`` nats from the reference (over the budget).
+    Aimed at the round's own move: a try starts from its parent, ``parent_kl`` from the reference, and the step scales
+    the way from there, so the next try aims at ``aim`` x the room left (``max_nats - parent_kl``) over the way this
+    try went (``kl - parent_kl``); from the reference the two are the same aim."""
     assert budget.max_nats is not None
     if budget.aim is None or not math.isfinite(kl) or kl <= 0:
         return budget.backoff
-    return min(budget.backoff, budget.aim * budget.max_nats / kl)
+    start = parent_kl if 0 <= parent_kl < budget.max_nats < kl else 0.0
+    return min(budget.backoff, budget.aim * (budget.max_nats - start) / (kl - start))
 
 
 def _refined(budget: KlBudgetSettings, tries: list[dict[str, float]]) -> float | None:

@@ -178,10 +178,16 @@ class KlBudgetSettings(BaseModel):
     max_nats: float | None = Field(default=None, gt=0, description="None: no budget")
     backoff: float = Field(default=0.5, gt=0, lt=1, description="over budget: train again from the parent at lr x this")
     aim: float | None = Field(default=0.5, gt=0, lt=1)
-    """Over budget, the next try's learning-rate scale is this try's times ``min(backoff, aim * max_nats / kl)``: KL grew at
-    least about linearly with the step here (run 5, seed 0, round 3: 18.8, 10.6 and 3.9 nats at 1, 0.5 and 0.25x), so a
-    try aimed at half the budget lands under it where halving the step twice did not; None: ``backoff`` alone."""
+    """Over budget, the next try's learning-rate scale is this try's times ``min(backoff, aim * (max_nats - p) / (kl - p))``,
+    ``p`` the parent's KL to the reference (0 in a first round): the step scales the round's own move from its parent.
+    KL grew at least about linearly with the step here (run 5, seed 0, round 3: 18.8, 10.6 and 3.9 nats at 1, 0.5 and
+    0.25x), so a try aimed at half the room lands under the budget where halving the step twice did not; None:
+    ``backoff`` alone."""
     retries: int = Field(default=2, ge=0, description="tries after the first; over budget on all: the round is skipped")
+    min_room: float | None = Field(default=0.1, gt=0, lt=1)
+    """A round whose parent is already within this share of the budget (its KL to the reference, as its own round
+    measured it, over ``(1 - min_room) x max_nats``) is skipped before training: in the loop's runs such rounds' tries
+    all went over, or one fitted by barely moving the policy. None: every round trains."""
     refine_below: float | None = Field(default=0.1, gt=0, lt=1)
     """A try that fits at under this share of the budget, after one over it, is aimed again when a retry remains: at
     ``aim`` x the budget on the line through the two tries' (log step, log KL); the refined try is the round's if it

@@ -263,6 +263,67 @@ def test_a_try_far_under_the_kl_budget_is_aimed_again_from_the_two_measured(depl
     assert manifest.hyperparameters["learning_rate"] == pytest.approx(STEP_LR * kept["step_scale"])
 
 
+def _second_round(deployment: Path, tokenizer: Any, times: float, **kl_budget: float | None) -> tuple[float, Registry]:
+    """Round 1 without a budget (v0001, its KL to the reference measured), then a log of what v0001 served, and round
+    2's budget: ``times`` v0001's KL, at a large step."""
+    from trainer.settings import load
+
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    registry = Registry(load(deployment).trainer.registry_dir)
+    parent_kl = float(registry.verify("policy", "v0001").evaluation["kl_to_reference"])
+    assert parent_kl > 0
+    config = yaml.safe_load(deployment.read_text())
+    write_log(config["store"]["url"], tokenizer, 16, policy_version="v0001", seed=1)
+    config["trainer"]["dpo"]["learning_rate"] = STEP_LR
+    config["trainer"]["kl_budget"] = {**kl_budget, "max_nats": parent_kl * times}
+    deployment.write_text(yaml.safe_dump(config))
+    return parent_kl, registry
+
+
+def test_the_next_try_is_aimed_at_the_room_the_parent_left() -> None:
+    from trainer.round import _backoff, _no_room
+    from trainer.settings import KlBudgetSettings
+
+    budget = KlBudgetSettings(max_nats=1.0, aim=0.5, backoff=0.5, min_room=0.1)
+    assert _backoff(budget, 2.0) == _backoff(budget, 2.0, 0.0) == pytest.approx(0.25)  # from the reference
+    # run 6's seed 1, round 3: the parent at 0.794 nats, the full step at 1.568; aimed from the reference the next try
+    # was 0.319x (1.19 nats, over again); aimed at the room left it is 0.133x (the third try's 0.134x fitted: 0.978)
+    assert _backoff(budget, 1.568, 0.794) == pytest.approx(0.5 * 0.206 / 0.774)
+    assert _backoff(budget, 1.5, 1.2) == pytest.approx(0.5 / 1.5)  # a parent over the budget: no room to aim at
+    assert _backoff(budget.model_copy(update={"aim": None}), 1.5, 0.8) == 0.5
+    assert _no_room(budget, "v0003", 0.95) is not None
+    assert _no_room(budget, "v0003", 0.9) is None
+    assert _no_room(budget.model_copy(update={"min_room": None}), "v0003", 0.99) is None
+    assert _no_room(KlBudgetSettings(), "v0003", 5.0) is None  # no budget
+
+
+def test_a_round_whose_parent_is_within_min_room_of_the_kl_budget_skips_before_training(
+    deployment: Path, tokenizer: Any, capsys: Any
+) -> None:
+    parent_kl, registry = _second_round(deployment, tokenizer, 1 / 0.95, min_room=0.1)  # the parent at 95%
+    capsys.readouterr()
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "round skipped" in out
+    assert f"v0001 is already {parent_kl:.3g} nats from the reference, within trainer.kl_budget.min_room (0.1)" in out
+    assert "no room to train" in out
+    assert [m.version for m in registry.versions("policy")] == ["v0001"]
+
+
+def test_a_child_rounds_next_try_is_aimed_at_the_room_its_parent_left(deployment: Path, tokenizer: Any) -> None:
+    # round 2 at a large step from a parent at a third of the budget: the first try goes over (~90x the parent's KL
+    # here), the second is aimed at half the room left over the way the first went from the parent
+    parent_kl, registry = _second_round(deployment, tokenizer, 3.0, min_room=0.1, backoff=0.5, retries=1, aim=0.5,
+                                        refine_below=None)  # fmt: skip
+    assert main(["run", "--config", str(deployment), "--quiet"]) == 0
+    child = registry.verify("policy", "v0002")
+    first, second = child.evaluation["kl_budget_tries"]
+    budget = 3.0 * parent_kl
+    assert first["kl_to_reference"] > budget
+    assert second["step_scale"] == pytest.approx(0.5 * (budget - parent_kl) / (first["kl_to_reference"] - parent_kl))
+    assert child.evaluation["kl_to_reference"] == second["kl_to_reference"] <= budget
+
+
 def test_bad_input_is_one_line(deployment: Path, tmp_path: Path) -> None:
     config = str(deployment)
     assert_one_line_error(run_cli("run", "--config", config, "--algo", "sgd"), "invalid choice", "sgd")
