@@ -268,15 +268,13 @@ def _second_round(deployment: Path, tokenizer: Any, times: float, **kl_budget: f
     2's budget: ``times`` v0001's KL, at a large step."""
     from trainer.settings import load
 
+    settings = load(deployment)
     assert main(["run", "--config", str(deployment), "--quiet"]) == 0
-    registry = Registry(load(deployment).trainer.registry_dir)
+    registry = Registry(settings.trainer.registry_dir)
     parent_kl = float(registry.verify("policy", "v0001").evaluation["kl_to_reference"])
     assert parent_kl > 0
-    config = yaml.safe_load(deployment.read_text())
-    write_log(config["store"]["url"], tokenizer, 16, policy_version="v0001", seed=1)
-    config["trainer"]["dpo"]["learning_rate"] = STEP_LR
-    config["trainer"]["kl_budget"] = {**kl_budget, "max_nats": parent_kl * times}
-    deployment.write_text(yaml.safe_dump(config))
+    write_log(settings.store.database_url(), tokenizer, 16, policy_version="v0001", seed=1)
+    _stepped(deployment, **kl_budget, max_nats=parent_kl * times)
     return parent_kl, registry
 
 
