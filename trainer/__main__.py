@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     import traceback
 
     from gateway.settings import ConfigError
-    from trainer import distributed
+    from trainer import cpu, distributed
     from trainer.metrics import report
     from trainer.round import RoundError, RoundResult, refit_reward_model, run
     from versioning.lock import LockHeld
@@ -115,6 +115,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
     s = settings.trainer
+    try:
+        cpu.apply(s.cpus, s.threads)  # before anything loads torch
+    except cpu.CpuError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
     refit = bool(getattr(args, "refit_reward_model", False))
     kind = "reward" if refit else (args.algo or s.algorithm)  # which metrics a failure is reported under
     team = distributed.team()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -258,6 +258,12 @@ class TrainerSection(BaseModel):
     publish_to: Literal["current", "canary"] = "current"
     """The pointer a trained version is set to; gateways follow it."""
     keep_versions: int = Field(default=10, ge=1, description="registry retention after each round")
+    cpus: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    """The CPUs a round runs on (its process's affinity, set before torch loads; None: every CPU it is given). Beside a
+    busy vLLM on one machine, the cores vLLM's pinned worker leaves free (``trainer.cpu`` has what was measured)."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch's CPU threads for the round (None: one per CPU in ``cpus``, or torch's default, one per core). Set it to the
+    pod's CPU request where the pod has no CPU limit: torch would start one thread per core of the node."""
     metrics_file: Path | None = None
     """Prometheus textfile the round's outcome is written to (node-exporter's textfile collector);
     None: ``<registry_dir>/metrics/trainer.prom``."""

@@ -11,6 +11,7 @@ version, and what vLLM serves under the new name reproduces the trainer's probe 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -58,6 +59,9 @@ def test_a_trained_version_is_swapped_in_under_traffic(policy_vllm: str, test_mo
                     "registry_dir": str(registry),
                     "base_policy": str(test_models / "policy"),
                     "min_pairs": 8,
+                    # The core vLLM's auto binding leaves free (it reserves the last): on vLLM's busy core, torch's start
+                    # waited minutes for its core count and 2 threads made DPO steps ~30x slower (trainer.cpu).
+                    "cpus": [max(os.sched_getaffinity(0))],
                     "adapter": {"lora_r": 8, "lora_alpha": 16},
                     "dpo": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3},
                     "evaluation": {"prompts": 4, "max_new_tokens": 12},

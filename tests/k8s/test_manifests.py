@@ -211,6 +211,9 @@ def test_vllm_serves_the_registry_the_gateway_and_trainer_write(overlay: str, tm
     settings = load(configmap_file(docs, "bon-trainer-config", Path(run.config).name, tmp_path)).trainer
     assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == str(settings.registry_dir / "policy" / "versions")
     assert f"--model={settings.base_policy}" in args  # a version's base_model_name_or_path must be vLLM's --model
+    # no CPU limit: torch's threads are set, within the CPUs the pod requests, or torch starts one per core of the node
+    assert settings.threads is not None
+    assert settings.threads <= float(trainer["resources"]["requests"]["cpu"])
     init = container(docs, "bon-registry-init", "init")
     assert trainer_parser().parse_args(init["command"][3:]).action == "init"
     cron = of_kind(docs, "CronJob")["bon-trainer"]["spec"]

@@ -27,3 +27,10 @@ def test_registry_init_lays_out_what_vllm_s_resolver_needs_before_any_round(tmp_
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "registry" / "policy" / "versions").is_dir()  # VLLM_LORA_RESOLVER_CACHE_DIR: vLLM needs it to start
     assert (tmp_path / "registry" / "reward_model" / "versions").is_dir()
+
+
+def test_a_round_on_cpus_it_may_not_use_is_refused_before_it_starts(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"trainer:\n  registry_dir: {tmp_path / 'registry'}\n  cpus: [4096]\n")
+    assert_one_line_error(run_cli("run", "--config", str(config)), "trainer.cpus names CPU 4096")
+    assert not (tmp_path / "registry").exists()
