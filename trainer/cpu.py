@@ -4,9 +4,9 @@ Knows two measured ways a round beside a busy vLLM (one machine; a node where th
 CPU limit) loses its time, and what avoids each:
 - Loading torch pins the loading thread to each CPU it may use in turn (MKL counts the cores:
   ``MKL_Read_ThreadENV_Count_Cores`` under ``at::init_num_threads``). On the core that vLLM's
-  pinned CPU worker keeps busy, that pin waited 11-217 s before the round read its first row.
-  A round restricted to the other cores (``trainer.cpus``, applied here before torch loads)
-  never goes there.
+  pinned CPU worker keeps busy, single pins waited 10.7 and 56.9 s and ``import torch`` took
+  51-217 s of a round. A round restricted to the other cores (``trainer.cpus``, applied here
+  before torch loads) never goes there.
 - torch's default threads are one per core; each parallel region waits for all of them, so a
   thread on vLLM's core makes every step wait for vLLM: DPO steps took 31-35 s with 2 threads
   and 0.7-1.5 s with 1 (``trainer.threads``; with ``cpus`` it defaults to one per CPU).
